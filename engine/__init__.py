@@ -1,0 +1,3 @@
+"""chatapp's inference engine: checkpoints, the Llama model, decoding, the worker.
+
+Nothing here imports the UI (``chatapp``)."""
