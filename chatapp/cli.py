@@ -1,0 +1,93 @@
+"""The ``chatapp`` command: the chat screen by default, and headless subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DESCRIPTION = "Terminal chat with a local inference engine (Llama-family models, CPU or NVIDIA GPU)."
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chatapp", description=DESCRIPTION)
+    p.add_argument("--model", help="model id or checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    sub = p.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="answer one prompt without the UI")
+    run.add_argument("--model", default=argparse.SUPPRESS, help="model id or checkpoint folder")
+    run.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
+    run.add_argument("--prompt", required=True)
+    run.add_argument("--system", help="system prompt")
+    run.add_argument("--max-new-tokens", type=int, default=512)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens tokens")
+    run.add_argument("--context", type=int, help="KV cache length in tokens")
+    run.add_argument("--json", action="store_true", help="print one JSON object with the reply and its figures")
+
+    sub.add_parser("models", help="list the known and the locally available models")
+    return p
+
+
+def _run(args) -> int:
+    from engine.errors import EngineError
+    from engine.events import Done, LoadModel, SamplingParams, Token
+    from engine.session import Session
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+    try:
+        session = Session.load(LoadModel(args.model, args.device, args.context), progress)
+        for ev in session.generate(messages, params):
+            if isinstance(ev, Token) and not args.json:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+            elif isinstance(ev, Done):
+                if args.json:
+                    print(json.dumps(ev.stats.to_dict(), ensure_ascii=False))
+                else:
+                    sys.stdout.write("\n")
+                    s = ev.stats
+                    progress(f"[{s.n_generated} tokens, {s.decode_tokens_per_s:.1f} tok/s, "
+                             f"first token {s.time_to_first_token_s:.2f} s, {s.device}]")
+    except EngineError as e:
+        print(f"chatapp: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _models() -> int:
+    from engine.models import list_models
+
+    for m in list_models():
+        size = f"{m.params_b:g}B" if m.params_b else "?"
+        where = m.local_path or "not downloaded"
+        print(f"{m.id:58s} {m.format:28s} {size:>7s}  {where}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "models":
+        return _models()
+    from .app import ChatApp
+
+    ChatApp(model=args.model, device=args.device).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Requests the front end sends to the engine and the events it gets back: plain dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+# ---- requests ------------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class LoadModel:
+    model: str | None = None  # id or path; None = the embedded default model
+    device: str | None = None  # cpu | cuda; None = cuda when available
+    context: int | None = None  # KV cache length; None = min(model's context, 8192)
+
+
+@dataclass
+class Generate:
+    messages: list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+# ---- events --------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    message: str
+    fraction: float | None = None
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str
+    device: str
+    dtype: str
+    n_params: int
+    weight_bytes: int
+    context: int
+    decoding: str = "plain"
+
+
+@dataclass
+class Loaded:
+    info: ModelInfo
+
+
+@dataclass
+class Token:
+    text: str  # new text; may be "" while a multi-byte character is incomplete
+    token_ids: list[int]
+    n_accepted: int  # tokens this step produced (1 for plain decoding)
+
+
+@dataclass
+class Step:
+    accepted: int
+    tok_per_s: float  # decode rate so far
+    vram_used: int  # bytes in use on the device (process RSS on CPU)
+    vram_total: int
+    kv_bytes: int
+
+
+@dataclass
+class GenerationStats:
+    text: str
+    token_ids: list[int]
+    n_prompt_tokens: int
+    n_generated: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    steps: int
+    accepted_per_step: list[int]
+    peak_memory_bytes: int
+    device: str
+    model: str
+    decoding: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Done:
+    reason: str  # eos | length | cancelled
+    stats: GenerationStats
+
+
+@dataclass
+class Error:
+    message: str
+
+
+Event = Progress | Loaded | Token | Step | Done | Error

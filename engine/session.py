@@ -1,0 +1,144 @@
+"""A loaded model and its KV cache: turns a conversation into a stream of events.
+
+The same code serves the CLI (called directly) and the UI (through the worker)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from . import memory
+from .errors import EngineError
+from .events import Done, GenerationStats, LoadModel, ModelInfo, SamplingParams, Step, Token
+from .llama import LlamaModel
+from .models import resolve
+from .sampling import Sampler
+from .tokenizer import ChatTokenizer
+
+DEFAULT_CONTEXT = 8192
+PREFILL_CHUNK = 512
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise EngineError(f"device {name!r} is not supported (use cpu or cuda)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here")
+    return torch.device(name)
+
+
+class Session:
+    def __init__(self, name: str, path: Path, model: LlamaModel, tokenizer: ChatTokenizer, context: int):
+        self.name = name
+        self.path = path
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.device
+        self.cache = model.new_cache(context)
+        self.cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
+
+    @classmethod
+    def load(cls, req: LoadModel, progress=lambda msg: None) -> "Session":
+        device = pick_device(req.device)
+        name, path = resolve(req.model, progress)
+        progress(f"loading {name} on {device.type}")
+        model = LlamaModel.from_dir(path, device)
+        tokenizer = ChatTokenizer(path, model.cfg)
+        context = req.context or min(model.cfg.max_position_embeddings, DEFAULT_CONTEXT)
+        if context < 16:
+            raise EngineError(f"context {context} is too small")
+        return cls(name, path, model, tokenizer, context)
+
+    def info(self) -> ModelInfo:
+        m = self.model
+        n_params = m.embed.numel() + sum(
+            t.numel() for layer in m.layers for t in
+            (layer.qkv.weight_t, layer.o.weight_t, layer.gate_up.weight_t, layer.down.weight_t))
+        if not m.cfg.tie_word_embeddings:
+            n_params += m.lm_head.weight_t.numel()
+        return ModelInfo(self.name, str(self.path), self.device.type, str(m.dtype).removeprefix("torch."),
+                         n_params, m.weight_bytes(), self.cache.max_len)
+
+    def close(self) -> None:
+        self.cache = None
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- generation --------------------------------------------------------------------------
+    def _prefill(self, ids: list[int]) -> torch.Tensor:
+        """Bring the cache to hold ``ids`` and return the logits after the last one. The longest
+        prefix already in the cache (the earlier turns of a chat) is reused."""
+        reuse = 0
+        for a, b in zip(self.cached_ids, ids[:-1]):
+            if a != b:
+                break
+            reuse += 1
+        pos, logits = reuse, None
+        self.cached_ids = self.cached_ids[:reuse]
+        while pos < len(ids):
+            chunk = ids[pos:pos + PREFILL_CHUNK]
+            logits = self.model.forward(torch.tensor([chunk], device=self.device), self.cache, pos)
+            pos += len(chunk)
+        self.cached_ids = list(ids)
+        return logits[0, -1]
+
+    def generate(self, messages: list[dict], params: SamplingParams | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[Token | Step | Done]:
+        params = params or SamplingParams()
+        sampler = Sampler(params, self.device)
+        prompt = self.tokenizer.encode_chat(messages)
+        ctx = self.cache.max_len
+        if len(prompt) >= ctx:
+            raise EngineError(f"prompt has {len(prompt)} tokens, more than the context of {ctx} tokens allows")
+        memory.reset_peak(self.device)
+        detok = self.tokenizer.stream()
+        eos = frozenset() if params.ignore_eos else self.tokenizer.eos_ids
+        out_ids: list[int] = []
+        pieces: list[str] = []
+        accepted: list[int] = []
+        t0 = time.perf_counter()
+        t_first = t_last = None
+        reason = "length"
+        with torch.inference_mode():
+            logits = self._prefill(prompt)
+            while True:
+                if cancel is not None and cancel.is_set():
+                    reason = "cancelled"
+                    break
+                tok = sampler(logits)
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                if tok in eos:
+                    reason = "eos"
+                    break
+                t_last = now
+                accepted.append(1)
+                out_ids.append(tok)
+                text = detok.step(tok)
+                pieces.append(text)
+                yield Token(text, [tok], 1)
+                used, total = memory.in_use(self.device)
+                rate = (len(out_ids) - 1) / (now - t_first) if len(out_ids) > 1 else 0.0
+                yield Step(1, rate, used, total, self.cache.nbytes_used())
+                if len(out_ids) >= params.max_new_tokens or self.cache.length >= ctx:
+                    break
+                logits = self.model.forward(torch.tensor([[tok]], device=self.device), self.cache,
+                                            self.cache.length)[0, -1]
+                self.cached_ids.append(tok)
+        n = len(out_ids)
+        decode_rate = (n - 1) / (t_last - t_first) if n > 1 else 0.0
+        stats = GenerationStats(
+            text="".join(pieces), token_ids=out_ids, n_prompt_tokens=len(prompt), n_generated=n,
+            time_to_first_token_s=(t_first - t0) if t_first is not None else 0.0,
+            decode_tokens_per_s=decode_rate, steps=len(accepted), accepted_per_step=accepted,
+            peak_memory_bytes=memory.peak(self.device), device=self.device.type, model=self.name,
+            decoding="plain")
+        yield Done(reason, stats)
