@@ -16,7 +16,7 @@ from .checkpoint import TensorSource
 from .config import ModelConfig, load_config
 from .errors import EngineError
 from .kv_cache import KVCache
-from .rope import apply_rope, cos_sin_table
+from .rope import cos_sin_table
 
 
 class Linear:
@@ -26,20 +26,20 @@ class Linear:
         self.weight_t = weight_t
         self.bias = bias
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W + b (+ residual), in one GEMM call where possible."""
+        if residual is not None and self.bias is None:
+            out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), self.weight_t)
+            return out.view(residual.shape)
         if self.bias is None:
-            return x @ self.weight_t
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight_t).view(*x.shape[:-1], -1)
+            out = x @ self.weight_t
+        else:
+            out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight_t).view(*x.shape[:-1], -1)
+        return out if residual is None else out + residual
 
     def nbytes(self) -> int:
         n = self.weight_t.numel() * self.weight_t.element_size()
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 @dataclass
@@ -120,60 +120,63 @@ class LlamaModel:
 
     def _rope_tables(self, length: int):
         if self._cos is None or self._cos.shape[0] < length:
-            self._cos, self._sin = cos_sin_table(self.cfg, max(length, 256), self.device, self.dtype)
+            self._cos, self._sin = cos_sin_table(self.cfg, max(length, 2 * self._cos.shape[0] if self._cos is not None else 256), self.device, self.dtype)
         return self._cos, self._sin
 
     def forward(self, ids: torch.Tensor, cache: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:
         """Run tokens ``ids`` [B, T] at positions start..start+T-1 (earlier positions come from
-        ``cache``), store their keys/values and return logits [B, T or 1, vocab] in float32."""
+        ``cache``), store their keys/values and return logits [B, T or 1, vocab] in float32.
+
+        Written for few dispatched ops per layer: at batch 1 on a CPU, per-op overhead is a
+        large part of a decode step."""
         cfg = self.cfg
         bsz, t = ids.shape
         end = start + t
         if end > cache.max_len:
             raise EngineError(f"context full: {end} tokens exceed the context size of {cache.max_len}")
+        h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qk_size = cfg.q_size + cfg.kv_size
+        groups = nh // nkv
         cos, sin = self._rope_tables(end)
-        cos, sin = cos[start:end], sin[start:end]
-        groups = cfg.num_heads // cfg.num_kv_heads
-        mask = None
-        if t > 1 and start > 0:
-            q_pos = torch.arange(start, end, device=self.device)
-            mask = torch.arange(end, device=self.device)[None, :] <= q_pos[:, None]
-            mask = mask.repeat(groups, 1)
-        causal = t > 1 and start == 0
+        cos, sin = cos[start:end, None], sin[start:end, None]  # [T, 1, D]: broadcast over heads
+        mask = self._mask(start, t, groups)
+        eps = cfg.rms_norm_eps
         x = F.embedding(ids, self.embed)
         for li, layer in enumerate(self.layers):
-            hn = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-            qkv = layer.qkv(hn)
-            q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
-            q = apply_rope(q.view(bsz, t, cfg.num_heads, cfg.head_dim).transpose(1, 2), cos, sin)
-            k = apply_rope(k.view(bsz, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2), cos, sin)
-            v = v.view(bsz, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            qkv = layer.qkv(F.rms_norm(x, (h,), layer.attn_norm, eps))
+            # q and k heads rotated together: x*cos + rotate_half(x)*sin, with rotate_half done as
+            # a roll by D/2 against a sin table whose first half is negated.
+            qk = qkv[..., :qk_size].view(bsz, t, nh + nkv, d)
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
+            q = qk[:, :, :nh].transpose(1, 2)
+            k = qk[:, :, nh:].transpose(1, 2)
+            v = qkv[..., qk_size:].view(bsz, t, nkv, d).transpose(1, 2)
             keys, values = cache.write(li, start, k, v)
             # Grouped-query attention without copying K/V: the query heads that share a KV head
             # become extra query rows of that head.
-            qg = q.reshape(bsz, cfg.num_kv_heads, groups * t, cfg.head_dim)
-            if causal:
-                attn = self._causal_grouped(qg, keys, values, groups, t)
+            qg = q.reshape(bsz, nkv, groups * t, d).contiguous()
+            if mask is None and t > 1:
+                attn = F.scaled_dot_product_attention(qg, keys, values, is_causal=True)
             else:
                 attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-            attn = attn.view(bsz, cfg.num_heads, t, cfg.head_dim).transpose(1, 2).reshape(bsz, t, cfg.q_size)
-            x = x + layer.o(attn)
-            hn = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-            gate, up = layer.gate_up(hn).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            attn = attn.view(bsz, nh, t, d).transpose(1, 2).reshape(bsz, t, cfg.q_size)
+            x = layer.o(attn, residual=x)
+            gate, up = layer.gate_up(F.rms_norm(x, (h,), layer.mlp_norm, eps)).chunk(2, dim=-1)
+            x = layer.down(F.silu(gate) * up, residual=x)
         cache.length = end
         if not all_logits:
             x = x[:, -1:]
-        x = rms_norm(x, self.norm, cfg.rms_norm_eps)
-        return self.lm_head(x).float()
+        return self.lm_head(F.rms_norm(x, (h,), self.norm, eps)).float()
 
-    def _causal_grouped(self, qg, keys, values, groups, t):
-        # is_causal aligns the mask to the top-left, which is right only when keys == queries;
-        # with grouped rows the query count is groups * t, so build the mask explicitly.
-        if groups == 1:
-            return F.scaled_dot_product_attention(qg, keys, values, is_causal=True)
-        mask = torch.ones(t, t, dtype=torch.bool, device=qg.device).tril().repeat(groups, 1)
-        return F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+    def _mask(self, start: int, t: int, groups: int) -> torch.Tensor | None:
+        """Boolean attention mask for T > 1 new tokens (rows ordered group-major, as the grouped
+        query rows are); None where SDPA needs none (one token) or is_causal is right."""
+        if t == 1 or (start == 0 and groups == 1):
+            return None
+        end = start + t
+        q_pos = torch.arange(start, end, device=self.device)
+        mask = torch.arange(end, device=self.device)[None, :] <= q_pos[:, None]
+        return mask.repeat(groups, 1)
 
     def weight_bytes(self) -> int:
         n = self.embed.numel() * self.embed.element_size() + self.norm.numel() * self.norm.element_size()

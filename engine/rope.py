@@ -30,16 +30,15 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 def cos_sin_table(cfg: ModelConfig, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions 0..length-1, shape [length, head_dim] (halves repeated)."""
+    """cos and signed sin for positions 0..length-1, each [length, head_dim].
+
+    Rotation of pairs (i, i + D/2), as Hugging Face Llama does: x*cos + rotate_half(x)*sin with
+    rotate_half(x) = (-x2, x1). The sin returned here has its first half negated, so that the
+    rotation is x*cos + roll(x, D/2)*sin, one op fewer."""
     inv = inv_frequencies(cfg).to(device)
     pos = torch.arange(length, device=device, dtype=torch.float32)
     freqs = pos[:, None] * inv[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [T, D]. Rotates pairs (i, i + D/2) as Hugging Face Llama does."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    sin = emb.sin()
+    sin[:, : cfg.head_dim // 2].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)

@@ -1,0 +1,57 @@
+"""Greedy decoding of the embedded model: token-identical to transformers' greedy generate."""
+
+import pytest
+import torch
+
+from engine.events import SamplingParams
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a prime number is.",
+    "Translate 'good morning' into Spanish.",
+]
+N = 48
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_matches_transformers_generate(embedded_session, hf_reference, prompt):
+    messages = [{"role": "user", "content": prompt}]
+    ids = embedded_session.tokenizer.encode_chat(messages)
+    with torch.inference_mode():
+        ref = hf_reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=N, do_sample=False, pad_token_id=0)
+    expected = ref[0, len(ids):].tolist()
+    expected = expected[:-1] if expected[-1] in embedded_session.tokenizer.eos_ids else expected
+    done = list(embedded_session.generate(messages, SamplingParams(max_new_tokens=N)))[-1]
+    assert done.stats.token_ids == expected
+    assert done.stats.text == embedded_session.tokenizer.decode(expected)
+
+
+def test_answers_paris(embedded_session):
+    done = list(embedded_session.generate([{"role": "user", "content": "What is the capital of France?"}]))[-1]
+    assert done.reason == "eos"
+    assert "Paris" in done.stats.text
+
+
+def test_follow_up_turn_reuses_the_cache_and_matches_a_fresh_run(embedded_session):
+    """A second turn reuses the first turn's KV entries; the reply equals a run from scratch."""
+    s = embedded_session
+    first = [{"role": "user", "content": "Name a fruit."}]
+    reply = list(s.generate(first, SamplingParams(max_new_tokens=16)))[-1].stats.text
+    convo = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And a vegetable?"}]
+    prompt = s.tokenizer.encode_chat(convo)
+    cached_before = list(s.cached_ids)
+    shared = next(i for i, (a, b) in enumerate(zip(cached_before + [None], prompt)) if a != b)
+    assert shared > 20  # the first turn is reused
+    warm = list(s.generate(convo, SamplingParams(max_new_tokens=16)))[-1].stats.token_ids
+    s.cached_ids = []
+    cold = list(s.generate(convo, SamplingParams(max_new_tokens=16)))[-1].stats.token_ids
+    assert warm == cold
+
+
+def test_prompt_longer_than_context_is_a_clear_error(embedded_session):
+    from engine.errors import EngineError
+
+    with pytest.raises(EngineError, match=r"prompt has \d+ tokens, more than the context of \d+ tokens"):
+        list(embedded_session.generate([{"role": "user", "content": "word " * 9000}]))
