@@ -37,7 +37,7 @@ class Worker:
 
     def stop(self) -> None:
         self._jobs.put(None)
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=2)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:

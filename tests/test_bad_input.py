@@ -1,0 +1,100 @@
+"""Bad checkpoints give one clear line that names the file, tensor or field, from the engine
+and from the CLI."""
+
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from engine.errors import EngineError
+from engine.events import LoadModel, SamplingParams
+from engine.session import Session
+
+
+def load(path):
+    return Session.load(LoadModel(model=str(path), device="cpu"))
+
+
+def cli_error(path) -> str:
+    r = subprocess.run([sys.executable, "-m", "chatapp", "run", "--model", str(path), "--prompt", "hi"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    lines = [l for l in r.stderr.splitlines() if l.startswith("chatapp: error:")]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(EngineError, match="no such folder"):
+        load(tmp_path / "nope")
+    assert str(tmp_path / "nope") in cli_error(tmp_path / "nope")
+
+
+def test_corrupt_safetensors_header(tiny_checkpoint):
+    f = tiny_checkpoint / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"{this is not json at all........"
+    f.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match=r"model\.safetensors: not a valid safetensors file"):
+        load(tiny_checkpoint)
+    assert "model.safetensors" in cli_error(tiny_checkpoint)
+
+
+def test_truncated_safetensors(tiny_checkpoint):
+    f = tiny_checkpoint / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EngineError, match=r"model\.safetensors: not a valid safetensors file"):
+        load(tiny_checkpoint)
+
+
+def test_header_length_beyond_the_file(tiny_checkpoint):
+    f = tiny_checkpoint / "model.safetensors"
+    f.write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(EngineError, match=r"model\.safetensors"):
+        load(tiny_checkpoint)
+
+
+def test_tensor_with_wrong_shape(tiny_checkpoint):
+    f = tiny_checkpoint / "model.safetensors"
+    tensors = load_file(f)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = tensors[name][:100].contiguous()
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(EngineError, match=rf"tensor '{name}' has shape \[100, 64\], the config implies \[128, 64\]"):
+        load(tiny_checkpoint)
+    assert name in cli_error(tiny_checkpoint)
+
+
+def test_missing_tensor(tiny_checkpoint):
+    f = tiny_checkpoint / "model.safetensors"
+    tensors = load_file(f)
+    del tensors["model.layers.0.self_attn.k_proj.weight"]
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(EngineError, match=r"tensor 'model.layers.0.self_attn.k_proj.weight' is missing"):
+        load(tiny_checkpoint)
+
+
+def test_config_missing_field(tiny_checkpoint):
+    cfg_file = tiny_checkpoint / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    del cfg["num_attention_heads"]
+    cfg_file.write_text(json.dumps(cfg))
+    assert "config.json: missing required field 'num_attention_heads'" in cli_error(tiny_checkpoint)
+
+
+def test_config_not_json(tiny_checkpoint):
+    (tiny_checkpoint / "config.json").write_text("{ broken")
+    with pytest.raises(EngineError, match=r"config.json: not valid JSON"):
+        load(tiny_checkpoint)
+
+
+def test_tiny_checkpoint_runs(tiny_checkpoint):
+    """The fixture itself is a working model: the errors above come from the damage alone."""
+    session = load(tiny_checkpoint)
+    done = list(session.generate([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=8)))[-1]
+    assert done.stats.n_prompt_tokens > 0
