@@ -58,10 +58,9 @@ class Session:
     def info(self) -> ModelInfo:
         m = self.model
         n_params = m.embed.numel() + sum(
-            t.numel() for layer in m.layers for t in
-            (layer.qkv.weight_t, layer.o.weight_t, layer.gate_up.weight_t, layer.down.weight_t))
+            lin.weight.numel() for layer in m.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
         if not m.cfg.tie_word_embeddings:
-            n_params += m.lm_head.weight_t.numel()
+            n_params += m.lm_head.weight.numel()
         return ModelInfo(self.name, str(self.path), self.device.type, str(m.dtype).removeprefix("torch."),
                          n_params, m.weight_bytes(), self.cache.max_len)
 
