@@ -1,5 +1,5 @@
-"""Streaming detokenization: pieces concatenate to exactly the text, for multi-byte characters
-split across tokens and for leading spaces."""
+"""The tokenizer: streaming detokenization exact for multi-byte characters split across tokens and
+for leading spaces; chat templates rendered as transformers renders them."""
 
 import pytest
 
@@ -33,3 +33,23 @@ def test_some_emoji_span_several_tokens(embedded_session):
     stream = tok.stream()
     assert len(ids) > 1
     assert [stream.step(i) for i in ids].count("") >= 1
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in French."},
+     {"role": "user", "content": "Hello!"},
+     {"role": "assistant", "content": "Bonjour ! 😊"},
+     {"role": "user", "content": "日本はどこ?"}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_chat_template_matches_transformers(embedded_session, messages):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(embedded_session.path))
+    expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert embedded_session.tokenizer.encode_chat(messages) == list(expected)
+    assert embedded_session.tokenizer.eos_ids == {hf.eos_token_id}
