@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -10,10 +12,12 @@ from textual.reactive import reactive
 from textual.widgets import Footer, Input, Markdown
 
 from engine.client import EngineClient
+from engine.worker import ProcessWorker
 from engine.events import Done, Error, Generate, Loaded, LoadModel, ModelInfo, Progress, Step, Token
 
 from .widgets import AssistantMessage, ErrorMessage, Note, StatusBar, UserMessage
 
+REPLY_FPS = 15
 STATE_LABELS = {"loading": "loading…", "ready": "ready", "generating": "generating…",
                 "cancelled": "cancelled", "error": "error"}
 
@@ -37,7 +41,7 @@ class ChatApp(App):
                  client: EngineClient | None = None):
         super().__init__()
         self.load_request = LoadModel(model, device)
-        self.client = client or EngineClient()
+        self.client = client or EngineClient(ProcessWorker())
         self.info: ModelInfo | None = None  # set once the model is loaded
         self.conversation: list[dict] = []  # [{"role": ..., "content": ...}], as sent to the engine
         self.error = ""  # the last error message
@@ -125,18 +129,28 @@ class ChatApp(App):
         self.chat.anchor()
         stream = Markdown.get_stream(reply)
         received: list[str] = []
+        pending: list[str] = []  # text not yet handed to the Markdown stream
+        flushed_at = 0.0
         end: Done | Error | None = None
         try:
             async for event in self.client.generate(Generate(messages=list(self.conversation))):
                 if isinstance(event, Token):
                     received.append(event.text)
-                    await stream.write(event.text)
+                    pending.append(event.text)
+                    # Re-render at most REPLY_FPS times a second: rendering competes with the
+                    # engine for the CPU, and nobody reads faster than that.
+                    if time.monotonic() - flushed_at >= 1 / REPLY_FPS:
+                        await stream.write("".join(pending))
+                        pending.clear()
+                        flushed_at = time.monotonic()
                 elif isinstance(event, Step):
                     self.status_bar.set(speed=f"{event.tok_per_s:.1f} tok/s",
                                         memory=f"{gib(event.vram_used)} / {gib(event.vram_total)}")
                 elif isinstance(event, (Done, Error)):
                     end = event
         finally:
+            if pending:
+                await stream.write("".join(pending))
             await stream.stop()
 
         if isinstance(end, Done):

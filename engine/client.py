@@ -8,24 +8,23 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator
 
 from .events import Done, Error, Event, Generate, LoadModel, Loaded
-from .worker import Worker
+from .worker import ProcessWorker, Worker
 
 _FINAL = (Done, Error, Loaded)
 
 
 class EngineClient:
-    def __init__(self, worker: Worker | None = None):
+    def __init__(self, worker: Worker | ProcessWorker | None = None):
         self._worker = worker or Worker()
-        self._cancels: set[threading.Event] = set()
+        self._cancels: set = set()
 
     async def _events(self, request) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
+        cancel = self._worker.make_cancel()
         self._cancels.add(cancel)
 
         def sink(ev: Event) -> None:

@@ -34,6 +34,9 @@ class FakeWorker:
         self.requests: list = []
         self._threads: list[threading.Thread] = []
 
+    def make_cancel(self) -> threading.Event:
+        return threading.Event()
+
     def submit(self, request, sink, cancel: threading.Event) -> None:
         self.requests.append(request)
         t = threading.Thread(target=self._run, args=(request, sink, cancel), daemon=True)

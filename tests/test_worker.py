@@ -108,3 +108,44 @@ async def test_event_loop_stays_responsive_during_generation(embedded_session):
     worker.session = None
     worker.stop()
     assert ticks > 0.3 * elapsed / 0.01  # the loop kept ticking while the worker decoded
+
+
+async def test_process_worker_streams_cancels_and_survives_a_crash(tiny_checkpoint):
+    import os
+    import signal
+
+    from engine.worker import ProcessWorker
+
+    worker = ProcessWorker()
+    client = EngineClient(worker)
+    try:
+        events = await collect(client.load(LoadModel(model=str(tiny_checkpoint), device="cpu")))
+        assert isinstance(events[-1], Loaded), events[-1]
+        events = await collect(client.generate(Generate([{"role": "user", "content": "hi"}],
+                                                        SamplingParams(max_new_tokens=6, ignore_eos=True))))
+        assert isinstance(events[-1], Done) and events[-1].stats.n_generated == 6
+        assert sum(isinstance(e, Token) for e in events) == 6
+
+        # cancel crosses the process boundary
+        n = 0
+        async for ev in client.generate(Generate([{"role": "user", "content": "hi"}],
+                                                 SamplingParams(max_new_tokens=5000, ignore_eos=True))):
+            if isinstance(ev, Token):
+                n += 1
+                if n == 3:
+                    client.cancel()
+            if isinstance(ev, Done):
+                assert ev.reason == "cancelled" and ev.stats.n_generated < 100
+
+        # the engine process dies mid-reply: the UI side gets an Error, the next request works again
+        got = []
+        async for ev in client.generate(Generate([{"role": "user", "content": "hi"}],
+                                                 SamplingParams(max_new_tokens=100000, ignore_eos=True))):
+            got.append(ev)
+            if len(got) == 4:
+                os.kill(worker._proc.pid, signal.SIGKILL)
+        assert isinstance(got[-1], Error) and "engine process stopped" in got[-1].message
+        events = await collect(client.load(LoadModel(model=str(tiny_checkpoint), device="cpu")))
+        assert isinstance(events[-1], Loaded)
+    finally:
+        client.close()
