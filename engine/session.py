@@ -64,6 +64,17 @@ class Session:
         return ModelInfo(self.name, str(self.path), self.device.type, str(m.dtype).removeprefix("torch."),
                          n_params, m.weight_bytes(), self.cache.max_len)
 
+    def recommended_params(self) -> SamplingParams:
+        """Sampling settings from the checkpoint's generation_config.json (greedy when it has none)."""
+        gen = self.model.cfg.generation
+        if not gen.get("do_sample"):
+            return SamplingParams()
+        try:
+            return SamplingParams(temperature=float(gen.get("temperature", 1.0)), top_p=float(gen.get("top_p", 1.0)),
+                                  top_k=int(gen.get("top_k") or 0))
+        except (TypeError, ValueError) as e:
+            raise EngineError(f"{self.path / 'generation_config.json'}: bad sampling setting ({e})") from None
+
     def close(self) -> None:
         self.cache = None
         self.model = None
@@ -90,7 +101,7 @@ class Session:
 
     def generate(self, messages: list[dict], params: SamplingParams | None = None,
                  cancel: threading.Event | None = None) -> Iterator[Token | Step | Done]:
-        params = params or SamplingParams()
+        params = params or self.recommended_params()
         sampler = Sampler(params, self.device)
         prompt = self.tokenizer.encode_chat(messages)
         ctx = self.cache.max_len

@@ -29,7 +29,8 @@ def test_greedy_matches_transformers_generate(embedded_session, hf_reference, pr
 
 
 def test_answers_paris(embedded_session):
-    done = list(embedded_session.generate([{"role": "user", "content": "What is the capital of France?"}]))[-1]
+    done = list(embedded_session.generate([{"role": "user", "content": "What is the capital of France?"}],
+                                          SamplingParams()))[-1]
     assert done.reason == "eos"
     assert "Paris" in done.stats.text
 
@@ -55,3 +56,18 @@ def test_prompt_longer_than_context_is_a_clear_error(embedded_session):
 
     with pytest.raises(EngineError, match=r"prompt has \d+ tokens, more than the context of \d+ tokens"):
         list(embedded_session.generate([{"role": "user", "content": "word " * 9000}]))
+
+
+def test_recommended_sampling_comes_from_generation_config(tiny_checkpoint):
+    import json
+
+    from engine.events import LoadModel
+    from engine.session import Session
+
+    gen = tiny_checkpoint / "generation_config.json"
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    session = Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu"))
+    p = session.recommended_params()
+    assert (p.temperature, p.top_p, p.top_k) == (0.6, 0.9, 0)
+    gen.write_text(json.dumps({"eos_token_id": 2}))
+    assert Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu")).recommended_params().temperature == 0
