@@ -220,3 +220,15 @@ async def test_missing_model_folder_is_reported():
         assert "/nonexistent/model" in shown
         await wait_for(pilot, lambda: "/nonexistent/model" in app.status_bar.text, 2, "the status line")
         assert app.prompt.disabled and app.is_running
+
+
+async def test_corrupt_checkpoint_is_reported(tiny_checkpoint):
+    f = tiny_checkpoint / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])  # truncated
+    app = ChatApp(model=str(tiny_checkpoint))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state != "loading", 60, "the load to fail")
+        assert app.state == "error"
+        [shown] = errors(app)
+        assert str(f) in shown and "not a valid safetensors file" in shown and "\n" not in shown
+        assert app.is_running

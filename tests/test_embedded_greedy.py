@@ -71,3 +71,22 @@ def test_recommended_sampling_comes_from_generation_config(tiny_checkpoint):
     assert (p.temperature, p.top_p, p.top_k) == (0.6, 0.9, 0)
     gen.write_text(json.dumps({"eos_token_id": 2}))
     assert Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu")).recommended_params().temperature == 0
+
+
+def test_stops_on_any_of_several_eos_ids(tiny_checkpoint):
+    """Llama 3.1 lists three EOS ids in generation_config.json; any of them ends the reply."""
+    import json
+
+    from engine.events import LoadModel
+    from engine.session import Session
+
+    msgs = [{"role": "user", "content": "hi"}]
+    free = list(Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu")).generate(
+        msgs, SamplingParams(max_new_tokens=12, ignore_eos=True)))[-1].stats.token_ids
+    stop = free[6]
+    (tiny_checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": [49000, stop, 49001]}))
+    session = Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu"))
+    assert {49000, stop, 49001} <= session.tokenizer.eos_ids
+    done = list(session.generate(msgs, SamplingParams(max_new_tokens=12)))[-1]
+    assert done.reason == "eos"
+    assert done.stats.token_ids == free[: free.index(stop)]

@@ -64,3 +64,19 @@ def test_incremental_decode_matches_full_forward(tmp_path, name):
     parts += [ours.forward(ids[:, p:p + 1], cache, p) for p in range(70, 90)]
     torch.testing.assert_close(torch.cat(parts, dim=1), expected, atol=2e-5, rtol=1e-4)
     assert cache.length == 90
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints_load(tmp_path, dtype):
+    """bf16 / fp16 checkpoints are read and computed in fp32 on the CPU: the same logits as the
+    reference model with the same (rounded) weights."""
+    ref = write_checkpoint(tmp_path / "fp32", CONFIGS["llama31_gqa_rope_scaling"])
+    ref.to(dtype).save_pretrained(tmp_path / "half")
+    ref = ref.to(dtype).float()
+    ours = LlamaModel.from_dir(tmp_path / "half")
+    assert ours.dtype == torch.float32
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    torch.testing.assert_close(ours.forward(ids, ours.new_cache(64), 0, all_logits=True), expected,
+                               atol=2e-5, rtol=1e-4)
