@@ -138,8 +138,10 @@ class LlamaModel:
         return KVCache(self.cfg, max_len, batch, self.device, self.dtype)
 
     def _rope_tables(self, length: int):
-        if self._cos is None or self._cos.shape[0] < length:
-            self._cos, self._sin = cos_sin_table(self.cfg, max(length, 2 * self._cos.shape[0] if self._cos is not None else 256), self.device, self.dtype)
+        """cos / signed sin for positions 0..length-1 at least; grown by doubling."""
+        have = 0 if self._cos is None else self._cos.shape[0]
+        if have < length:
+            self._cos, self._sin = cos_sin_table(self.cfg, max(length, 2 * have, 256), self.device, self.dtype)
         return self._cos, self._sin
 
     def forward(self, ids: torch.Tensor, cache: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:
