@@ -12,6 +12,7 @@ from textual.reactive import reactive
 from textual.widgets import Footer, Input, Markdown
 
 from engine.client import EngineClient
+from engine.embedded import EMBEDDED_ID
 from engine.worker import ProcessWorker
 from engine.events import Done, Error, Generate, Loaded, LoadModel, ModelInfo, Progress, Step, Token
 
@@ -66,7 +67,7 @@ class ChatApp(App):
 
     def on_mount(self) -> None:
         self.chat.anchor()
-        self.status_bar.set(model=self.load_request.model or "default model", state=STATE_LABELS["loading"])
+        self.status_bar.set(model=self.load_request.model or EMBEDDED_ID, state=STATE_LABELS["loading"])
         self.load_model()
 
     def on_unmount(self) -> None:

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from .errors import EngineError
 from .events import Done, Error, Event, Generate, LoadModel, Loaded, Progress
 from .paths import cache_dir
-from .session import Session
 
 Sink = Callable[[Event], None]
 
@@ -40,7 +39,7 @@ class Jobs:
     """Runs one request against the loaded session; shared by both workers."""
 
     def __init__(self):
-        self.session: Session | None = None
+        self.session = None  # engine.session.Session once a model is loaded
 
     def run(self, request, sink: Sink, cancel) -> None:
         try:
@@ -56,6 +55,8 @@ class Jobs:
             sink(Error(describe(exc)))
 
     def _load(self, request: LoadModel, sink: Sink) -> None:
+        from .session import Session  # torch is imported here, not where the UI imports this module
+
         self.close()  # free the old model before loading the next one
         self.session = Session.load(request, lambda msg: sink(Progress(msg)))
         sink(Loaded(self.session.info()))
@@ -84,11 +85,11 @@ class Worker:
         self._thread.start()
 
     @property
-    def session(self) -> Session | None:
+    def session(self):
         return self.jobs.session
 
     @session.setter
-    def session(self, value: Session | None) -> None:
+    def session(self, value) -> None:
         self.jobs.session = value
 
     def make_cancel(self) -> threading.Event:

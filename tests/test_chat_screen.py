@@ -232,3 +232,13 @@ async def test_corrupt_checkpoint_is_reported(tiny_checkpoint):
         [shown] = errors(app)
         assert str(f) in shown and "not a valid safetensors file" in shown and "\n" not in shown
         assert app.is_running
+
+
+def test_the_ui_process_does_not_import_torch():
+    """The chat screen opens at once: PyTorch (seconds to import) is loaded by the engine process."""
+    import subprocess
+    import sys
+
+    code = "import sys, chatapp.cli, chatapp.app; assert 'torch' not in sys.modules, 'torch imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
