@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Triton kernels run in the interpreter on machines without a GPU; it must be set before the
+# first import of triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.events import LoadModel
 from engine.session import Session

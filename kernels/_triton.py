@@ -1,0 +1,18 @@
+"""Triton, where it is installed (it comes with PyTorch's CUDA builds; CPU-only installs may
+lack it), and the dispatch rule: Triton kernels on CUDA tensors, PyTorch references elsewhere.
+
+Tests run the Triton kernels on the CPU by calling the ``*_triton`` functions directly with
+TRITON_INTERPRET=1 set before triton is imported."""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+
+def use_triton(x) -> bool:
+    return triton is not None and x.is_cuda

@@ -1,0 +1,162 @@
+"""FP8 x FP8 GEMM with fp32 accumulation and a scaled epilogue:
+
+    out[m, n] = (sum_k a[m, k] * w[n, k]) * scale_a[m or 0] * scale_w[n or 0] (+ bias[n]),
+
+computed in fp32 and rounded once to the output type
+
+a: [M, K] fp8 activations; w: [N, K] fp8 weights as stored in checkpoints (read K-major through
+strides, never transposed in memory); scale_a: scalar (per-tensor, modelopt) or [M, 1] (per-token,
+compressed-tensors); scale_w: scalar or [N, 1] (per-channel); output bf16 (or fp16/fp32).
+
+Two launch shapes of one kernel: decode (M <= 16) uses a 16-row tile and split-K, so that a
+weight-read-bound GEMV spreads over all SMs; prefill uses large tiles. With split-K the partial
+sums go to an fp32 buffer and a second kernel reduces them and applies the epilogue
+(deterministic, unlike atomics)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import tl, triton, use_triton
+
+
+# ---- reference -----------------------------------------------------------------------------
+def fp8_gemm_ref(a: torch.Tensor, w: torch.Tensor, scale_a: torch.Tensor, scale_w: torch.Tensor,
+                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    acc = a.float() @ w.float().t()
+    acc = acc * scale_a.float().reshape(-1, 1) * scale_w.float().reshape(1, -1)
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype)
+
+
+# ---- Triton --------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, out_ptr, stride_om,
+                  SA_ROWS: tl.constexpr, SW_COLS: tl.constexpr, HAS_BIAS: tl.constexpr):
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        if SA_ROWS:
+            sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        else:
+            sa = tl.load(sa_ptr)
+        if SW_COLS:
+            sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        else:
+            sw = tl.load(sw_ptr)
+        out = acc * sa * sw
+        if HAS_BIAS:  # fp32 bias, added before the one rounding to the output type
+            out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        out = out.to(out_ptr.dtype.element_ty)
+        ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _fp8_gemm_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, out_ptr, part_ptr,
+                         M, N, K, stride_am, stride_wn, stride_om, k_per_split,
+                         SA_ROWS: tl.constexpr, SW_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        # grouped ordering of the output tiles: consecutive programs share rows of A / tiles of W
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % rows_in_group)
+        pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        k_start = split * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + (k_start + offs_k)[None, :]
+        # W is [N, K] row-major; the tile is read as [BLOCK_K, BLOCK_N] (K-major operand)
+        w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_start + offs_k)[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_start, k_end, BLOCK_K):
+            k_mask = (k + offs_k) < k_end
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & (offs_n[None, :] < N), other=0.0)
+            acc = tl.dot(a, w, acc, out_dtype=tl.float32)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if SPLIT_K == 1:
+            _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, out_ptr, stride_om,
+                      SA_ROWS, SW_COLS, HAS_BIAS)
+        else:
+            ptrs = (part_ptr + split.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :])
+            tl.store(ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+    @triton.jit
+    def _reduce_kernel(part_ptr, sa_ptr, sw_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                       SA_ROWS: tl.constexpr, SW_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        ptrs = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(SPLIT_K):
+            acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
+        _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, out_ptr, stride_om,
+                  SA_ROWS, SW_COLS, HAS_BIAS)
+
+
+def pick_config(m: int, n: int, k: int, num_sms: int = 132) -> dict:
+    """Tile sizes and split-K for a problem. Decode (M <= 16): one 16-row tile, narrow N tiles
+    and enough K splits that every SM streams a share of the weights. Prefill: large tiles."""
+    if m <= 16:
+        block_n, block_k = 64, 256
+        tiles = triton.cdiv(n, block_n)
+        split = 1
+        while tiles * split < 2 * num_sms and k // (split * 2) >= block_k:
+            split *= 2
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, GROUP_M=1, num_warps=4,
+                    num_stages=4)
+    if m <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def fp8_gemm_triton(a: torch.Tensor, w: torch.Tensor, scale_a: torch.Tensor, scale_w: torch.Tensor,
+                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                    config: dict | None = None) -> torch.Tensor:
+    m, k = a.shape
+    n, k2 = w.shape
+    assert k == k2 and a.stride(1) == 1 and w.stride(1) == 1
+    cfg = dict(config or pick_config(m, n, k, _num_sms(a.device)))
+    split = cfg.pop("SPLIT_K")
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    sa = scale_a.float().reshape(-1)
+    sw = scale_w.float().reshape(-1)
+    flags = dict(SA_ROWS=sa.numel() > 1, SW_COLS=sw.numel() > 1, HAS_BIAS=bias is not None)
+    bias_arg = bias.float() if bias is not None else sw
+    k_per_split = triton.cdiv(triton.cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    part = torch.empty((split, m, n), dtype=torch.float32, device=a.device) if split > 1 else out
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+    _fp8_gemm_kernel[grid](a, w, sa, sw, bias_arg, out, part, m, n, k, a.stride(0), w.stride(0), out.stride(0),
+                           k_per_split, SPLIT_K=split, **flags, **cfg)
+    if split > 1:
+        rgrid = (triton.cdiv(m, 16), triton.cdiv(n, 128))
+        _reduce_kernel[rgrid](part, sa, sw, bias_arg, out, m, n, out.stride(0), SPLIT_K=split, BLOCK_M=16,
+                              BLOCK_N=128, **flags)
+    return out
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100's count: the interpreter runs the launch shape chosen for one
+
+
+# ---- dispatch ------------------------------------------------------------------------------
+def fp8_gemm(a, w, scale_a, scale_w, bias=None, out_dtype=torch.bfloat16):
+    if use_triton(a):
+        return fp8_gemm_triton(a, w, scale_a, scale_w, bias, out_dtype)
+    return fp8_gemm_ref(a, w, scale_a, scale_w, bias, out_dtype)
