@@ -27,9 +27,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens tokens")
     run.add_argument("--context", type=int, help="KV cache length in tokens")
+    run.add_argument("--quantize", choices=["fp8"], help="quantize the linear layers on load")
     run.add_argument("--json", action="store_true", help="print one JSON object with the reply and its figures")
 
     sub.add_parser("models", help="list the known and the locally available models")
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a model on a text file (to compare weight formats)")
+    ppl.add_argument("--model", default=argparse.SUPPRESS, help="model id or checkpoint folder")
+    ppl.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
+    ppl.add_argument("--quantize", choices=["fp8"], help="quantize the linear layers on load")
+    ppl.add_argument("--file", required=True, help="a UTF-8 text file")
+    ppl.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    ppl.add_argument("--stride", type=int, default=256, help="tokens between window starts (default 256)")
+    ppl.add_argument("--json", action="store_true")
     return p
 
 
@@ -46,7 +56,7 @@ def _run(args) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     try:
-        session = Session.load(LoadModel(args.model, args.device, args.context), progress)
+        session = Session.load(LoadModel(args.model, args.device, args.context, args.quantize), progress)
         for ev in session.generate(messages, params):
             if isinstance(ev, Token) and not args.json:
                 sys.stdout.write(ev.text)
@@ -67,6 +77,35 @@ def _run(args) -> int:
     return 0
 
 
+def _perplexity(args) -> int:
+    from pathlib import Path
+
+    from engine.errors import EngineError
+    from engine.events import LoadModel
+    from engine.perplexity import perplexity
+    from engine.session import Session
+
+    try:
+        path = Path(args.file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EngineError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+        session = Session.load(LoadModel(args.model, args.device, quantize=args.quantize),
+                               lambda msg: print(msg, file=sys.stderr))
+        result = perplexity(session.model, session.tokenizer.encode(text), args.window, args.stride)
+    except EngineError as e:
+        print(f"chatapp: error: {e}", file=sys.stderr)
+        return 1
+    result = {**result, "model": session.name, "quantization": args.quantize, "device": session.device.type,
+              "file": str(path), "window": args.window, "stride": args.stride}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens")
+    return 0
+
+
 def _models() -> int:
     from engine.models import list_models
 
@@ -83,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "models":
         return _models()
+    if args.command == "perplexity":
+        return _perplexity(args)
     from .app import ChatApp
 
     ChatApp(model=args.model, device=args.device).run()

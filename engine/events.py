@@ -21,6 +21,7 @@ class LoadModel:
     model: str | None = None  # id or path; None = the embedded default model
     device: str | None = None  # cpu | cuda; None = cuda when available
     context: int | None = None  # KV cache length; None = min(model's context, 8192)
+    quantize: str | None = None  # "fp8": quantize a high-precision checkpoint's linear layers on load
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ModelInfo:
     weight_bytes: int
     context: int
     decoding: str = "plain"
+    quantization: str | None = None  # e.g. "fp8"
 
 
 @dataclass

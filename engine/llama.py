@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .checkpoint import TensorSource
 from .config import ModelConfig, load_config
 from .errors import EngineError
+from .fp8 import Fp8Linear
 from .kv_cache import KVCache
 from .rope import cos_sin_table
 
@@ -62,11 +63,11 @@ class Linear:
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
-    qkv: Linear
-    o: Linear
+    qkv: Linear | Fp8Linear
+    o: Linear | Fp8Linear
     mlp_norm: torch.Tensor
-    gate_up: Linear
-    down: Linear
+    gate_up: Linear | Fp8Linear
+    down: Linear | Fp8Linear
 
 
 class LlamaModel:
@@ -83,16 +84,23 @@ class LlamaModel:
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, model_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def from_dir(cls, model_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 quantize: str | None = None):
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise EngineError(f"{model_dir}: model folder not found")
         cfg = load_config(model_dir)
         src = TensorSource(model_dir)
-        return cls.from_source(cfg, src, device, dtype)
+        return cls.from_source(cfg, src, device, dtype, quantize)
 
     @classmethod
-    def from_source(cls, cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.dtype | None = None):
+    def from_source(cls, cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.dtype | None = None,
+                    quantize: str | None = None):
+        """``quantize="fp8"``: the linear layers of the transformer blocks are quantized to FP8 as
+        they are loaded (per-channel weight scales, dynamic per-token activations); embeddings,
+        norms and lm_head stay in ``dtype``, as in the published FP8 checkpoints."""
+        if quantize not in (None, "fp8"):
+            raise EngineError(f"quantize {quantize!r} is not supported (supported: fp8)")
         device = torch.device(device)
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -106,11 +114,12 @@ class LlamaModel:
 
         splits = 2 if device.type == "cpu" else 1  # see Linear
 
-        def fused(names_shapes, bias: bool) -> Linear:
-            ws = [get(n + ".weight", s) for n, s in names_shapes]
-            w_t = torch.cat(ws, dim=0).t()
+        def fused(names_shapes, bias: bool, quantizable: bool = True) -> Linear | Fp8Linear:
+            w = torch.cat([get(n + ".weight", s) for n, s in names_shapes], dim=0)
             b = torch.cat([get(n + ".bias", (s[0],)) for n, s in names_shapes]) if bias else None
-            return Linear(w_t, b, splits)
+            if quantize == "fp8" and quantizable:
+                return Fp8Linear.quantize(w, b)
+            return Linear(w.t(), b, splits)
 
         layers = []
         for li in range(cfg.num_layers):
@@ -129,7 +138,7 @@ class LlamaModel:
         if cfg.tie_word_embeddings or "lm_head.weight" not in src:
             lm_head = Linear(embed.t(), None, splits)
         else:
-            lm_head = fused([("lm_head", (cfg.vocab_size, h))], False)
+            lm_head = fused([("lm_head", (cfg.vocab_size, h))], False, quantizable=False)
         norm = get("model.norm.weight", (h,))
         return cls(cfg, embed, layers, norm, lm_head, device, dtype)
 

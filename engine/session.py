@@ -34,8 +34,10 @@ def pick_device(name: str | None) -> torch.device:
 
 
 class Session:
-    def __init__(self, name: str, path: Path, model: LlamaModel, tokenizer: ChatTokenizer, context: int):
+    def __init__(self, name: str, path: Path, model: LlamaModel, tokenizer: ChatTokenizer, context: int,
+                 quantization: str | None = None):
         self.name = name
+        self.quantization = quantization
         self.path = path
         self.model = model
         self.tokenizer = tokenizer
@@ -48,12 +50,12 @@ class Session:
         device = pick_device(req.device)
         name, path = resolve(req.model, progress)
         progress(f"loading {name} on {device.type}")
-        model = LlamaModel.from_dir(path, device)
+        model = LlamaModel.from_dir(path, device, quantize=req.quantize)
         tokenizer = ChatTokenizer(path, model.cfg)
         context = req.context or min(model.cfg.max_position_embeddings, DEFAULT_CONTEXT)
         if context < 16:
             raise EngineError(f"context {context} is too small")
-        return cls(name, path, model, tokenizer, context)
+        return cls(name, path, model, tokenizer, context, req.quantize)
 
     def info(self) -> ModelInfo:
         m = self.model
@@ -62,7 +64,7 @@ class Session:
         if not m.cfg.tie_word_embeddings:
             n_params += m.lm_head.weight.numel()
         return ModelInfo(self.name, str(self.path), self.device.type, str(m.dtype).removeprefix("torch."),
-                         n_params, m.weight_bytes(), self.cache.max_len)
+                         n_params, m.weight_bytes(), self.cache.max_len, quantization=self.quantization)
 
     def recommended_params(self) -> SamplingParams:
         """Sampling settings from the checkpoint's generation_config.json (greedy when it has none)."""
