@@ -42,6 +42,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
     generation: dict = field(default_factory=dict, hash=False, compare=False)  # generation_config.json
+    quantization_config: dict | None = field(default=None, hash=False, compare=False)  # as in config.json
 
     @property
     def q_size(self) -> int:
@@ -118,6 +119,7 @@ def config_from_dict(raw: dict, source: str = "config.json", generation: dict | 
             eos_token_ids=eos,
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             generation=dict(generation or {}),
+            quantization_config=raw.get("quantization_config"),
         )
     except (TypeError, ValueError) as e:
         raise EngineError(f"{source}: bad value: {e}") from None

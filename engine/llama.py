@@ -17,6 +17,7 @@ from .config import ModelConfig, load_config
 from .errors import EngineError
 from .fp8 import Fp8Linear
 from .kv_cache import KVCache
+from .quantized_checkpoint import Fp8Format, ModelOptFp8, detect
 from .rope import cos_sin_table
 
 
@@ -90,17 +91,22 @@ class LlamaModel:
         if not model_dir.is_dir():
             raise EngineError(f"{model_dir}: model folder not found")
         cfg = load_config(model_dir)
+        fmt = detect(model_dir, cfg.quantization_config)
         src = TensorSource(model_dir)
-        return cls.from_source(cfg, src, device, dtype, quantize)
+        return cls.from_source(cfg, src, device, dtype, quantize, fmt)
 
     @classmethod
     def from_source(cls, cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.dtype | None = None,
-                    quantize: str | None = None):
-        """``quantize="fp8"``: the linear layers of the transformer blocks are quantized to FP8 as
-        they are loaded (per-channel weight scales, dynamic per-token activations); embeddings,
-        norms and lm_head stay in ``dtype``, as in the published FP8 checkpoints."""
+                    quantize: str | None = None, fmt: Fp8Format | None = None):
+        """``fmt``: the checkpoint's FP8 format (see quantized_checkpoint), whose quantized layers
+        are read as they are stored. ``quantize="fp8"``: a high-precision checkpoint's block linear
+        layers are quantized to FP8 as they are loaded (per-channel weight scales, dynamic per-token
+        activations); embeddings, norms and lm_head stay in ``dtype``, as in the published FP8
+        checkpoints."""
         if quantize not in (None, "fp8"):
             raise EngineError(f"quantize {quantize!r} is not supported (supported: fp8)")
+        if quantize and fmt is not None:
+            raise EngineError(f"--quantize {quantize}: the checkpoint is already quantized ({fmt.name} FP8)")
         device = torch.device(device)
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -115,8 +121,15 @@ class LlamaModel:
         splits = 2 if device.type == "cpu" else 1  # see Linear
 
         def fused(names_shapes, bias: bool, quantizable: bool = True) -> Linear | Fp8Linear:
-            w = torch.cat([get(n + ".weight", s) for n, s in names_shapes], dim=0)
             b = torch.cat([get(n + ".bias", (s[0],)) for n, s in names_shapes]) if bias else None
+            if fmt is not None:
+                stored = {fmt.quantized(n) for n, _ in names_shapes}
+                if len(stored) > 1:
+                    raise EngineError(f"{fmt.source}: {', '.join(n for n, _ in names_shapes)} are fused but only "
+                                      "some of them are quantized")
+                if stored.pop():
+                    return fmt.load(src, names_shapes, b, device)
+            w = torch.cat([get(n + ".weight", s) for n, s in names_shapes], dim=0)
             if quantize == "fp8" and quantizable:
                 return Fp8Linear.quantize(w, b)
             return Linear(w.t(), b, splits)
@@ -140,6 +153,8 @@ class LlamaModel:
         else:
             lm_head = fused([("lm_head", (cfg.vocab_size, h))], False, quantizable=False)
         norm = get("model.norm.weight", (h,))
+        if isinstance(fmt, ModelOptFp8):
+            fmt.check_kv_scales(src, cfg.num_layers)
         return cls(cfg, embed, layers, norm, lm_head, device, dtype)
 
     # ---- running -------------------------------------------------------------------------
