@@ -11,15 +11,16 @@ line; with --save, appends the summary to bench/results/cpu_decode.jsonl.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import record  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -27,7 +28,6 @@ PROMPTS = [
     "Write a short poem about autumn leaves.",
     "List three uses of a paperclip.",
 ]
-RESULTS = Path(__file__).resolve().parent / "results" / "cpu_decode.jsonl"
 
 
 def _hf_decode_rate(model, ids: torch.Tensor, n: int) -> float:
@@ -81,22 +81,10 @@ def main() -> None:
             print(json.dumps({"prompt": prompt[:40], "new_tokens": n, "ours_tok_s": round(stats.decode_tokens_per_s, 2),
                               "transformers_tok_s": round(hf, 2)}), flush=True)
     ours, hf = statistics.median(ours_rates), statistics.median(hf_rates)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    summary = {
-        "bench": "cpu_decode", "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
-        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "model": session.name, "dtype": "float32", "new_tokens": n,
-        "prompts": len(prompts), "repeats": repeats,
+    record("cpu_decode", {
+        "model": session.name, "dtype": "float32", "new_tokens": n, "prompts": len(prompts), "repeats": repeats,
         "ours_decode_tok_s_median": round(ours, 2), "transformers_decode_tok_s_median": round(hf, 2),
-        "ratio": round(ours / hf, 2),
-        "command": "python bench/cpu_decode.py" + (" --smoke" if args.smoke else "") + (" --save" if args.save else ""),
-    }
-    print(json.dumps(summary))
-    if args.save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(summary) + "\n")
+        "ratio": round(ours / hf, 2)}, save=args.save)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The headless CLI: `chatapp run` (JSON and streaming), `chatapp models`, the CPU benchmark's smoke run."""
+"""The headless CLI: `chatapp run` (JSON and streaming), `chatapp models`."""
 
 import json
 import os
@@ -76,11 +76,3 @@ def test_models_finds_the_hugging_face_cache(tmp_path, tiny_checkpoint):
     assert r.returncode == 0, r.stderr
     r = chatapp("run", "--model", "someone/absent", "--prompt", "hi", env=env)
     assert r.returncode == 1 and "'someone/absent' is not downloaded" in r.stderr
-
-
-def test_cpu_benchmark_smoke(embedded_session):
-    r = subprocess.run([sys.executable, "bench/cpu_decode.py", "--smoke"], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["ours_decode_tok_s_median"] > 0 and summary["transformers_decode_tok_s_median"] > 0

@@ -1,0 +1,39 @@
+"""What every benchmark records with its figures: date, commit, device, the exact command."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def metadata(bench: str) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    return {"bench": bench, "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+            "device": device_name(), "torch": torch.__version__,
+            "command": "python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])}
+
+
+def record(bench: str, result, args=None, save: bool = False) -> dict:
+    """Print the summary line; with save, append it to bench/results/<bench>.jsonl."""
+    summary = {**metadata(bench), "result": result} if not isinstance(result, dict) else {**metadata(bench), **result}
+    print(json.dumps(summary))
+    if save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with (RESULTS / f"{bench}.jsonl").open("a") as f:
+            f.write(json.dumps(summary) + "\n")
+    return summary

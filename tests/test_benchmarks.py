@@ -1,0 +1,29 @@
+"""Every benchmark's smoke run works on a CPU, so that the full runs stay ready for a GPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def smoke(script: str) -> dict:
+    r = subprocess.run([sys.executable, f"bench/{script}", "--smoke"], capture_output=True, text=True,
+                       timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["command"] == f"python bench/{script} --smoke" and summary["commit"] and summary["device"]
+    return summary
+
+
+def test_cpu_decode(embedded_session):
+    s = smoke("cpu_decode.py")
+    assert s["ours_decode_tok_s_median"] > 0 and s["transformers_decode_tok_s_median"] > 0
+
+
+def test_fp8_gemm():
+    s = smoke("fp8_gemm.py")
+    assert {r["M"] for r in s["result"]} == {1, 17} and all(r["ours_us"] > 0 for r in s["result"])
