@@ -217,6 +217,41 @@ class LlamaModel:
             x = x[:, -1:]
         return self.lm_head(F.rms_norm(x, (h,), self.norm, eps)).float()
 
+    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step with static shapes, for CUDA-graph capture: ``ids`` [B, 1] and the
+        position ``pos`` (a 0-d int64 tensor) live on the device, the cache write is an
+        index_copy_ at ``pos`` and attention runs over the whole cache with positions > pos
+        masked out. Same result as ``forward(ids, cache, pos)``; returns logits [B, vocab]. The
+        caller advances ``pos`` and ``cache.length``."""
+        cfg = self.cfg
+        bsz = ids.shape[0]
+        h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qk_size = cfg.q_size + cfg.kv_size
+        groups = nh // nkv
+        cos, sin = self._rope_tables(cache.max_len)
+        at = pos.reshape(1)
+        cos, sin = cos.index_select(0, at)[:, None], sin.index_select(0, at)[:, None]
+        mask = (torch.arange(cache.max_len, device=self.device) <= pos)[None, :]  # [1, L]: all query rows
+        eps = cfg.rms_norm_eps
+        x = F.embedding(ids, self.embed)
+        for li, layer in enumerate(self.layers):
+            qkv = layer.qkv(F.rms_norm(x, (h,), layer.attn_norm, eps))
+            qk = qkv[..., :qk_size].view(bsz, 1, nh + nkv, d)
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
+            q = qk[:, :, :nh].transpose(1, 2)
+            cache.k[li].index_copy_(2, at, qk[:, :, nh:].transpose(1, 2))
+            cache.v[li].index_copy_(2, at, qkv[..., qk_size:].view(bsz, 1, nkv, d).transpose(1, 2))
+            qg = q.reshape(bsz, nkv, groups, d)
+            attn = F.scaled_dot_product_attention(qg, cache.k[li], cache.v[li], attn_mask=mask)
+            x = layer.o(attn.reshape(bsz, 1, cfg.q_size), residual=x)
+            hn = F.rms_norm(x, (h,), layer.mlp_norm, eps)
+            if layer.gate_up.splits == 2 and layer.gate_up.bias is None:
+                gate, up = layer.gate_up.blocks(hn).view(2, bsz, 1, cfg.intermediate_size)
+            else:
+                gate, up = layer.gate_up(hn).chunk(2, dim=-1)
+            x = layer.down(F.silu(gate) * up, residual=x)
+        return self.lm_head(F.rms_norm(x[:, 0], (h,), self.norm, eps)).float()
+
     def _mask(self, start: int, t: int, groups: int) -> torch.Tensor | None:
         """Boolean attention mask for T > 1 new tokens (rows ordered group-major, as the grouped
         query rows are); None where SDPA needs none (one token) or is_causal is right."""

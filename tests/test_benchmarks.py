@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,3 +26,12 @@ def test_cpu_decode(embedded_session):
 def test_fp8_gemm():
     s = smoke("fp8_gemm.py")
     assert {r["M"] for r in s["result"]} == {1, 17} and all(r["ours_us"] > 0 for r in s["result"])
+
+
+def test_decode_e2e():
+    s = smoke("decode_e2e.py")
+    weights = [r["weights"] for r in s["result"]]
+    assert weights == ["float32", "fp8"]
+    assert all(r["tok_s"] > 0 and r["roofline_tok_s"] > 0 for r in s["result"])
+    # FP8 weights halve (or better, vs fp32 quarter) the bytes per token
+    assert s["result"][1]["bytes_per_token"] < s["result"][0]["bytes_per_token"] / 2

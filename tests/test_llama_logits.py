@@ -80,3 +80,22 @@ def test_half_precision_checkpoints_load(tmp_path, dtype):
         expected = ref(ids).logits
     torch.testing.assert_close(ours.forward(ids, ours.new_cache(64), 0, all_logits=True), expected,
                                atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama31_gqa_rope_scaling", "llama2_mha"])
+def test_static_decode_step_matches_forward(tmp_path, name):
+    """The CUDA-graph-ready step (device-side position, full-cache masked attention) gives the
+    logits of the ordinary decode path."""
+    write_checkpoint(tmp_path, CONFIGS[name])
+    ours = LlamaModel.from_dir(tmp_path)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(6))
+    a, b = ours.new_cache(64), ours.new_cache(64)
+    ours.forward(ids[:, :20], a, 0)
+    ours.forward(ids[:, :20], b, 0)
+    pos = torch.tensor(20)
+    for p in range(20, 30):
+        expected = ours.forward(ids[:, p:p + 1], a, p)[:, -1]
+        got = ours.decode_step(ids[:, p:p + 1], pos, b)
+        pos += 1
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.k[:, :, :, :30], a.k[:, :, :, :30])
