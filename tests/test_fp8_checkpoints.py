@@ -232,3 +232,34 @@ def test_unsupported_and_broken_checkpoints_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq"}}))
     with pytest.raises(EngineError, match=r"quantization method 'gptq' is not supported"):
         LlamaModel.from_dir(tmp_path)
+
+
+def test_checkpoint_written_by_compressed_tensors(tmp_path):
+    """The official writer (compressed-tensors, FP8-dynamic scheme) produces what we load."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
+    from compressed_tensors.quantization.quant_scheme import FP8_DYNAMIC
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from safetensors.torch import load_file
+
+    model = tiny_model()
+    original = tiny_model()
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], **FP8_DYNAMIC)}, ignore=["lm_head"]))
+    for mod in linears(model).values():
+        w = mod.weight.detach()
+        scale, _ = calculate_qparams(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True),
+                                     mod.quantization_scheme.weights)
+        mod.weight_scale.data.copy_(scale.reshape(mod.weight_scale.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(tmp_path)
+    compressor.update_config(tmp_path)
+
+    stored = load_file(tmp_path / "model.safetensors")
+    names = linears(original)
+    weights = {n: stored[f"{n}.weight"] for n in names}
+    scales = {n: stored[f"{n}.weight_scale"] for n in names}
+    assert all(w.dtype == FP8 for w in weights.values())
+    ours, _ = compare(tmp_path, fake_quant_reference(original, weights, scales))
+    assert ours.layers[0].qkv.input_scale is None and ours.layers[0].qkv.weight_scale.shape == (128, 1)
