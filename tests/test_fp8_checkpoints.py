@@ -263,3 +263,29 @@ def test_checkpoint_written_by_compressed_tensors(tmp_path):
     assert all(w.dtype == FP8 for w in weights.values())
     ours, _ = compare(tmp_path, fake_quant_reference(original, weights, scales))
     assert ours.layers[0].qkv.input_scale is None and ours.layers[0].qkv.weight_scale.shape == (128, 1)
+
+
+def test_checkpoint_written_by_modelopt(tmp_path):
+    """The official writer (TensorRT Model Optimizer, FP8_DEFAULT_CFG, calibrated) produces what we load."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from safetensors.torch import load_file
+
+    model, original = tiny_model(), tiny_model()
+    model.config.architectures = ["LlamaForCausalLM"]
+
+    def calibration(m):
+        with torch.no_grad():
+            m(ids())
+
+    mtq.quantize(model, mtq.FP8_DEFAULT_CFG, calibration)
+    export_hf_checkpoint(model, export_dir=tmp_path)
+    assert json.loads((tmp_path / "hf_quant_config.json").read_text())["producer"]["name"] == "modelopt"
+
+    stored = load_file(tmp_path / "model.safetensors")
+    names = linears(original)
+    ref = fake_quant_reference(original, {n: stored[f"{n}.weight"] for n in names},
+                               {n: stored[f"{n}.weight_scale"] for n in names},
+                               {n: stored[f"{n}.input_scale"] for n in names})
+    ours, _ = compare(tmp_path, ref)
+    assert ours.layers[0].qkv.input_scale is not None
