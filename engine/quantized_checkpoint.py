@@ -110,10 +110,8 @@ class ModelOptFp8(Fp8Format):
         self.exclude = [p for p in patterns if isinstance(p, str)]
 
     def quantized(self, module: str) -> bool:
-        for p in self.exclude:
-            if fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module, p.rstrip("*").rstrip(".")) or p == module:
-                return False
-        return True
+        # wildcards as modelopt writes them; excluding a module excludes what it contains
+        return not any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module, p + ".*") for p in self.exclude)
 
     def check_kv_scales(self, src: TensorSource, num_layers: int) -> None:
         """KV-cache scales are read and checked; our KV cache stays in the model's dtype, so

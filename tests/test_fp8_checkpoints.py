@@ -289,3 +289,16 @@ def test_checkpoint_written_by_modelopt(tmp_path):
                                {n: stored[f"{n}.input_scale"] for n in names})
     ours, _ = compare(tmp_path, ref)
     assert ours.layers[0].qkv.input_scale is not None
+
+
+def test_exclusion_patterns():
+    from engine.quantized_checkpoint import CompressedTensorsFp8, ModelOptFp8
+
+    mo = ModelOptFp8("hf_quant_config.json", {"quant_algo": "FP8",
+                                              "exclude_modules": ["lm_head", "model.layers.1.mlp", "*.v_proj"]})
+    assert not mo.quantized("lm_head") and not mo.quantized("model.layers.1.mlp.down_proj")
+    assert not mo.quantized("model.layers.0.self_attn.v_proj") and mo.quantized("model.layers.0.mlp.down_proj")
+    ct = CompressedTensorsFp8("config.json", {**compressed_tensors_config()["quantization_config"],
+                                              "ignore": ["lm_head", "re:.*layers\\.1\\..*down_proj"]})
+    assert not ct.quantized("lm_head") and not ct.quantized("model.layers.1.mlp.down_proj")
+    assert ct.quantized("model.layers.0.mlp.down_proj") and ct.quantized("model.layers.11.mlp.down_proj")
