@@ -38,10 +38,10 @@ class ChatApp(App):
     state: reactive[str] = reactive("loading", bindings=True, init=False)
     """loading, ready, generating, cancelled or error."""
 
-    def __init__(self, model: str | None = None, device: str | None = None, *,
+    def __init__(self, model: str | None = None, device: str | None = None, quantize: str | None = None, *,
                  client: EngineClient | None = None):
         super().__init__()
-        self.load_request = LoadModel(model, device)
+        self.load_request = LoadModel(model, device, quantize=quantize)
         self.client = client or EngineClient(ProcessWorker())
         self.info: ModelInfo | None = None  # set once the model is loaded
         self.conversation: list[dict] = []  # [{"role": ..., "content": ...}], as sent to the engine
@@ -107,7 +107,8 @@ class ChatApp(App):
                 self.status_bar.set(state=f"{event.message}{percent}")
             elif isinstance(event, Loaded):
                 self.info = event.info
-                self.status_bar.set(model=event.info.name, device=event.info.device)
+                device = event.info.device + (f" · {event.info.quantization}" if event.info.quantization else "")
+                self.status_bar.set(model=event.info.name, device=device)
                 self.state = "ready"
             elif isinstance(event, Error):
                 await self.show_error(event.message)

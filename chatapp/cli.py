@@ -13,6 +13,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chatapp", description=DESCRIPTION)
     p.add_argument("--model", help="model id or checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--quantize", choices=["fp8"], help="quantize a bf16/fp16/fp32 checkpoint's linear layers on load")
     sub = p.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="answer one prompt without the UI")
@@ -27,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens tokens")
     run.add_argument("--context", type=int, help="KV cache length in tokens")
-    run.add_argument("--quantize", choices=["fp8"], help="quantize the linear layers on load")
+    run.add_argument("--quantize", choices=["fp8"], default=argparse.SUPPRESS)
     run.add_argument("--json", action="store_true", help="print one JSON object with the reply and its figures")
 
     sub.add_parser("models", help="list the known and the locally available models")
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     ppl = sub.add_parser("perplexity", help="perplexity of a model on a text file (to compare weight formats)")
     ppl.add_argument("--model", default=argparse.SUPPRESS, help="model id or checkpoint folder")
     ppl.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
-    ppl.add_argument("--quantize", choices=["fp8"], help="quantize the linear layers on load")
+    ppl.add_argument("--quantize", choices=["fp8"], default=argparse.SUPPRESS)
     ppl.add_argument("--file", required=True, help="a UTF-8 text file")
     ppl.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     ppl.add_argument("--stride", type=int, default=256, help="tokens between window starts (default 256)")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return _perplexity(args)
     from .app import ChatApp
 
-    ChatApp(model=args.model, device=args.device).run()
+    ChatApp(model=args.model, device=args.device, quantize=args.quantize).run()
     return 0
 
 

@@ -85,6 +85,7 @@ class GenerationStats:
     device: str
     model: str
     decoding: str
+    quantization: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

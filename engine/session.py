@@ -152,5 +152,5 @@ class Session:
             time_to_first_token_s=(t_first - t0) if t_first is not None else 0.0,
             decode_tokens_per_s=decode_rate, steps=len(accepted), accepted_per_step=accepted,
             peak_memory_bytes=memory.peak(self.device), device=self.device.type, model=self.name,
-            decoding="plain")
+            decoding="plain", quantization=self.quantization)
         yield Done(reason, stats)

@@ -60,6 +60,14 @@ def test_fp8_embedded_model_still_answers():
     assert "Paris" in done.stats.text
 
 
+def test_run_cli_with_quantize_before_or_after_the_subcommand():
+    for args in (["--quantize", "fp8", "run"], ["run", "--quantize", "fp8"]):
+        r = subprocess.run([sys.executable, "-m", "chatapp", *args, "--prompt", "Hi", "--max-new-tokens", "2",
+                            "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["quantization"] == "fp8"
+
+
 def test_perplexity_cli_fp8_close_to_unquantized():
     def run(*extra):
         r = subprocess.run([sys.executable, "-m", "chatapp", "perplexity", "--file", str(SAMPLE), "--json", *extra],
