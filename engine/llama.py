@@ -168,9 +168,15 @@ class LlamaModel:
             self._cos, self._sin = cos_sin_table(self.cfg, max(length, 2 * have, 256), self.device, self.dtype)
         return self._cos, self._sin
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: KVCache, start: int, all_logits: bool = False,
+                tree: tuple[torch.Tensor, torch.Tensor] | None = None, return_hidden: bool = False):
         """Run tokens ``ids`` [B, T] at positions start..start+T-1 (earlier positions come from
-        ``cache``), store their keys/values and return logits [B, T or 1, vocab] in float32.
+        ``cache``), store their keys/values in cache slots start..start+T-1 and return logits
+        [B, T or 1, vocab] in float32 (and the final-normed hidden states with ``return_hidden``).
+
+        ``tree = (position_offsets [T], attn_mask [T, T])``: the T tokens are the nodes of a
+        candidate tree (Medusa): node i sits at position start + offsets[i] and attends to the
+        whole cache and to the nodes its row of the mask allows.
 
         Written for few dispatched ops per layer: at batch 1 on a CPU, per-op overhead is a
         large part of a decode step."""
@@ -183,8 +189,14 @@ class LlamaModel:
         qk_size = cfg.q_size + cfg.kv_size
         groups = nh // nkv
         cos, sin = self._rope_tables(end)
-        cos, sin = cos[start:end, None], sin[start:end, None]  # [T, 1, D]: broadcast over heads
-        mask = self._mask(start, t, groups)
+        if tree is None:
+            cos, sin = cos[start:end, None], sin[start:end, None]  # [T, 1, D]: broadcast over heads
+            mask = self._mask(start, t, groups)
+        else:
+            positions = tree[0] + start
+            cos, sin = cos.index_select(0, positions)[:, None], sin.index_select(0, positions)[:, None]
+            past = torch.ones(t, start, dtype=torch.bool, device=self.device)
+            mask = torch.cat([past, tree[1]], dim=1).repeat(groups, 1)
         eps = cfg.rms_norm_eps
         x = F.embedding(ids, self.embed)
         for li, layer in enumerate(self.layers):
@@ -215,7 +227,9 @@ class LlamaModel:
         cache.length = end
         if not all_logits:
             x = x[:, -1:]
-        return self.lm_head(F.rms_norm(x, (h,), self.norm, eps)).float()
+        hidden = F.rms_norm(x, (h,), self.norm, eps)
+        logits = self.lm_head(hidden).float()
+        return (logits, hidden) if return_hidden else logits
 
     def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step with static shapes, for CUDA-graph capture: ``ids`` [B, 1] and the

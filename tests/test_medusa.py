@@ -1,0 +1,66 @@
+"""Medusa decoding: greedy output identical to plain greedy decoding, with real acceptances."""
+
+import pytest
+import torch
+
+from engine.events import SamplingParams
+from engine.llama import Linear
+from engine.medusa import MedusaHeads, generate_greedy
+from engine.medusa_tree import CARD_CHOICES, build_tree
+
+
+def identity_heads(model, num_heads=3):
+    """ResBlocks with zero weights and bias (x + SiLU(0) = x) on the shared lm_head: every head
+    proposes the base model's own next token again. Real proposals, so acceptances happen on
+    repetitive text, and verification and KV compaction run with every accepted length."""
+    h = model.cfg.hidden_size
+    zero = Linear(torch.zeros(h, h), torch.zeros(h), splits=1)
+    return MedusaHeads([[zero] for _ in range(num_heads)], None)
+
+
+def random_heads(model, num_heads=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = model.cfg.hidden_size
+    blocks = [[Linear(torch.randn(h, h, generator=g) * 0.02, torch.randn(h, generator=g) * 0.02)]
+              for _ in range(num_heads)]
+    return MedusaHeads(blocks, None)
+
+
+@pytest.mark.parametrize("prompt,heads", [
+    ("Give me three tips for learning to cook.", identity_heads),  # greedy output repeats "1" for a long run
+    ("Write a haiku about the sea.", identity_heads),
+    ("Explain what a prime number is.", random_heads),
+])
+def test_medusa_greedy_equals_plain_greedy(embedded_session, prompt, heads):
+    s = embedded_session
+    messages = [{"role": "user", "content": prompt}]
+    n = 40
+    s.cached_ids = []
+    plain = list(s.generate(messages, SamplingParams(max_new_tokens=n)))[-1].stats.token_ids
+    ids = s.tokenizer.encode_chat(messages)
+    model = s.model
+    tree = build_tree(CARD_CHOICES, num_heads=3)
+    cache = model.new_cache(512)
+    steps = list(generate_greedy(model, heads(model), tree, cache, ids, n, s.tokenizer.eos_ids))
+    tokens = [t for step in steps for t in step]
+    assert tokens == plain
+    if prompt.startswith("Give me"):
+        assert max(len(step) for step in steps) >= 3  # several tokens accepted in one step
+        assert len(steps) < len(tokens)
+
+
+def test_compaction_leaves_the_cache_as_plain_decoding_would(embedded_session):
+    """After Medusa steps, the KV cache holds exactly what sequential decoding writes."""
+    s = embedded_session
+    model = s.model
+    ids = s.tokenizer.encode_chat([{"role": "user", "content": "Give me three tips for learning to cook."}])
+    tree = build_tree(CARD_CHOICES, num_heads=3)
+    cache = model.new_cache(512)
+    tokens = [t for step in generate_greedy(model, identity_heads(model), tree, cache, ids, 24) for t in step]
+    # every accepted token is in the cache (a last step cut at max_new_tokens may hold a few more)
+    n = len(ids) + len(tokens)
+    assert cache.length >= n
+    ref = model.new_cache(512)
+    model.forward(torch.tensor([ids + tokens]), ref, 0)
+    torch.testing.assert_close(cache.k[:, :, :, :n], ref.k[:, :, :, :n], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache.v[:, :, :, :n], ref.v[:, :, :, :n], atol=1e-4, rtol=1e-4)
