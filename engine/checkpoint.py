@@ -18,12 +18,17 @@ class TensorSource:
     """Name -> tensor over the safetensors files of one checkpoint folder. Tensors are
     read lazily (memory-mapped) and each is read at most once by the caller."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, files: list[Path] | None = None):
+        """All the checkpoint's files (by its index, or every *.safetensors), or just ``files``."""
         self.model_dir = Path(model_dir)
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         index = self.model_dir / INDEX_NAME
-        if index.exists():
+        if files is not None:
+            for path in files:
+                for name in self._keys(self._open(Path(path))):
+                    self._where[name] = Path(path)
+        elif index.exists():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:

@@ -43,6 +43,7 @@ class ModelConfig:
     torch_dtype: str | None = None
     generation: dict = field(default_factory=dict, hash=False, compare=False)  # generation_config.json
     quantization_config: dict | None = field(default=None, hash=False, compare=False)  # as in config.json
+    medusa: dict | None = field(default=None, hash=False, compare=False)  # config.json "medusa" (modelopt export)
 
     @property
     def q_size(self) -> int:
@@ -120,6 +121,7 @@ def config_from_dict(raw: dict, source: str = "config.json", generation: dict | 
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             generation=dict(generation or {}),
             quantization_config=raw.get("quantization_config"),
+            medusa=raw.get("medusa"),
         )
     except (TypeError, ValueError) as e:
         raise EngineError(f"{source}: bad value: {e}") from None

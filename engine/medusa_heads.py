@@ -1,0 +1,134 @@
+"""Loading Medusa heads, strictly (a missing or extra head tensor is an error):
+
+- the modelopt / TensorRT-LLM export: heads beside the base model in its safetensors files,
+  ``medusa_heads.{h}.{l}.linear.{weight,bias}`` (ResBlocks) and ``medusa_heads.{h}.{L}.weight``
+  (each head's lm_head), sizes in config.json ``"medusa": {num_medusa_heads, num_medusa_layers}``;
+  FP8 like the base model (``weight_scale`` / ``input_scale``) when the checkpoint is FP8;
+- FasterDecoding's ``medusa_lm_head.safetensors`` (or ``.pt``, read with ``weights_only=True``):
+  ``{h}.{l}.linear.{weight,bias}`` and, with per-head lm_heads, ``{h}.{L}.weight``; without them
+  (Medusa-2) the heads share the base model's lm_head."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .checkpoint import TensorSource
+from .errors import EngineError
+from .llama import Linear
+from .medusa import MedusaHeads
+from .quantized_checkpoint import Fp8Format
+
+_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight|weight_scale|input_scale|linear\.weight_scale|"
+                  r"linear\.input_scale)$")
+
+
+class _DictSource:
+    """TensorSource's interface over tensors already in memory (a .pt file's state dict)."""
+
+    def __init__(self, tensors: dict, path: Path):
+        self.tensors, self.path = tensors, path
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def names(self):
+        return set(self.tensors)
+
+    def file_of(self, name):
+        return self.path
+
+    def get(self, name):
+        if name not in self.tensors:
+            raise EngineError(f"{self.path}: tensor {name!r} is missing")
+        return self.tensors[name]
+
+    def get_shaped(self, name, shape):
+        t = self.get(name)
+        if tuple(t.shape) != tuple(shape):
+            raise EngineError(f"{self.path}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+        return t
+
+
+def _layout(names: set[str], prefix: str, where) -> tuple[int, int, bool]:
+    """(heads, layers, own lm_heads) from the tensor names under ``prefix``; unexpected names are errors."""
+    heads, layers, own = set(), set(), set()
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        m = _KEY.match(name[len(prefix):])
+        if m is None:
+            raise EngineError(f"{where}: unexpected Medusa tensor {name!r}")
+        h, idx, kind = int(m[1]), int(m[2]), m[3]
+        heads.add(h)
+        (layers if kind.startswith("linear") else own).add((h, idx))
+    if not heads:
+        raise EngineError(f"{where}: no Medusa head tensors ({prefix}…)")
+    n_heads = max(heads) + 1
+    n_layers = max(i for _, i in layers) + 1 if layers else 0
+    return n_heads, n_layers, bool(own)
+
+
+def _build(src, prefix: str, n_heads: int, n_layers: int, own: bool, hidden: int, vocab: int, device, dtype,
+           fmt: Fp8Format | None) -> MedusaHeads:
+    expected = set()
+
+    def linear(name: str, out: int, bias: bool):
+        expected.add(name + ".weight")
+        if bias:
+            expected.add(name + ".bias")
+        b = src.get_shaped(name + ".bias", (out,)).to(device, dtype) if bias else None
+        if fmt is not None and src.get(name + ".weight").dtype == torch.float8_e4m3fn:
+            expected.update({name + ".weight_scale", name + ".input_scale"} & src.names())
+            return fmt.load(src, [(name, (out, hidden))], b, device)
+        w = src.get_shaped(name + ".weight", (out, hidden))
+        return Linear(w.to(device, dtype).t(), b, 2 if torch.device(device).type == "cpu" else 1)
+
+    blocks = [[linear(f"{prefix}{h}.{l}.linear", hidden, True) for l in range(n_layers)] for h in range(n_heads)]
+    lm_heads = [linear(f"{prefix}{h}.{n_layers}", vocab, False) for h in range(n_heads)] if own else None
+    extra = sorted(n for n in src.names() if n.startswith(prefix) and n not in expected)
+    if extra:
+        raise EngineError(f"{src.file_of(extra[0])}: unexpected Medusa tensor {extra[0]!r}")
+    return MedusaHeads(blocks, lm_heads)
+
+
+def load_heads(model_dir: Path, medusa: dict | None, src: TensorSource, hidden: int, vocab: int, device, dtype,
+               fmt: Fp8Format | None = None) -> MedusaHeads | None:
+    """The checkpoint's Medusa heads (``medusa``: config.json's "medusa" entry), or None when it
+    has none."""
+    model_dir = Path(model_dir)
+    if medusa is not None:  # modelopt / TensorRT-LLM export
+        try:
+            n_heads, n_layers = int(medusa["num_medusa_heads"]), int(medusa["num_medusa_layers"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise EngineError(f"{model_dir / 'config.json'}: bad 'medusa' entry ({e})") from None
+        found = _layout(src.names(), "medusa_heads.", model_dir)
+        if found[:2] != (n_heads, n_layers):
+            raise EngineError(f"{model_dir}: config.json says {n_heads} Medusa heads of {n_layers} layers, the "
+                              f"checkpoint holds {found[0]} heads of {found[1]} layers")
+        return _build(src, "medusa_heads.", n_heads, n_layers, found[2], hidden, vocab, device, dtype, fmt)
+    for name in ("medusa_lm_head.safetensors", "medusa_lm_head.pt"):
+        path = model_dir / name
+        if path.exists():
+            return load_fasterdecoding(path, hidden, vocab, device, dtype)
+    return None
+
+
+def load_fasterdecoding(path: Path, hidden: int, vocab: int, device, dtype) -> MedusaHeads:
+    path = Path(path)
+    if path.suffix == ".pt":
+        try:  # weights_only: a pickle that would run code is refused
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise EngineError(f"{path}: not a plain tensor file ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise EngineError(f"{path}: expected a dict of tensors")
+        src = _DictSource(tensors, path)
+    else:
+        src = TensorSource(path.parent, files=[path])
+    prefix = "medusa_head." if any(n.startswith("medusa_head.") for n in src.names()) else ""
+    n_heads, n_layers, own = _layout(src.names(), prefix, path)
+    return _build(src, prefix, n_heads, n_layers, own, hidden, vocab, device, dtype, None)
