@@ -49,6 +49,15 @@ class TensorSource:
                 for name in self._keys(self._open(path)):
                     self._where[name] = path
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], path: Path) -> "TensorSource":
+        """The same interface over tensors already in memory (e.g. a .pt file's state dict)."""
+        src = cls.__new__(cls)
+        src.model_dir = Path(path).parent
+        src._handles = {Path(path): _InMemory(tensors)}
+        src._where = dict.fromkeys(tensors, Path(path))
+        return src
+
     def _open(self, path: Path) -> Path:
         if not path.exists():
             raise EngineError(f"{path}: file not found")
@@ -86,3 +95,16 @@ class TensorSource:
                 f"{self._where[name]}: tensor {name!r} has shape {list(t.shape)}, the config implies {list(shape)}"
             )
         return t
+
+
+class _InMemory:
+    """What TensorSource needs of a safetensors handle, over a dict."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = tensors
+
+    def keys(self):
+        return self._tensors.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]

@@ -25,33 +25,6 @@ _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight|weight_sc
                   r"linear\.input_scale)$")
 
 
-class _DictSource:
-    """TensorSource's interface over tensors already in memory (a .pt file's state dict)."""
-
-    def __init__(self, tensors: dict, path: Path):
-        self.tensors, self.path = tensors, path
-
-    def __contains__(self, name):
-        return name in self.tensors
-
-    def names(self):
-        return set(self.tensors)
-
-    def file_of(self, name):
-        return self.path
-
-    def get(self, name):
-        if name not in self.tensors:
-            raise EngineError(f"{self.path}: tensor {name!r} is missing")
-        return self.tensors[name]
-
-    def get_shaped(self, name, shape):
-        t = self.get(name)
-        if tuple(t.shape) != tuple(shape):
-            raise EngineError(f"{self.path}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
-        return t
-
-
 def _layout(names: set[str], prefix: str, where) -> tuple[int, int, bool]:
     """(heads, layers, own lm_heads) from the tensor names under ``prefix``; unexpected names are errors."""
     heads, layers, own = set(), set(), set()
@@ -126,7 +99,7 @@ def load_fasterdecoding(path: Path, hidden: int, vocab: int, device, dtype) -> M
                               f"{' '.join(str(e).split())[:200]})") from None
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise EngineError(f"{path}: expected a dict of tensors")
-        src = _DictSource(tensors, path)
+        src = TensorSource.from_tensors(tensors, path)
     else:
         src = TensorSource(path.parent, files=[path])
     prefix = "medusa_head." if any(n.startswith("medusa_head.") for n in src.names()) else ""
