@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens tokens")
     run.add_argument("--context", type=int, help="KV cache length in tokens")
     run.add_argument("--quantize", choices=["fp8"], default=argparse.SUPPRESS)
+    run.add_argument("--decoding", choices=["plain", "medusa"], default="plain",
+                     help="medusa: speculative decoding with the checkpoint's Medusa heads")
     run.add_argument("--json", action="store_true", help="print one JSON object with the reply and its figures")
 
     sub.add_parser("models", help="list the known and the locally available models")
@@ -57,7 +59,8 @@ def _run(args) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     try:
-        session = Session.load(LoadModel(args.model, args.device, args.context, args.quantize), progress)
+        session = Session.load(LoadModel(args.model, args.device, args.context, args.quantize, args.decoding),
+                               progress)
         for ev in session.generate(messages, params):
             if isinstance(ev, Token) and not args.json:
                 sys.stdout.write(ev.text)

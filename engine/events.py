@@ -22,6 +22,7 @@ class LoadModel:
     device: str | None = None  # cpu | cuda; None = cuda when available
     context: int | None = None  # KV cache length; None = min(model's context, 8192)
     quantize: str | None = None  # "fp8": quantize a high-precision checkpoint's linear layers on load
+    decoding: str = "plain"  # plain | medusa (the checkpoint's Medusa heads)
 
 
 @dataclass

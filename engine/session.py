@@ -11,11 +11,16 @@ from pathlib import Path
 
 import torch
 
-from . import memory
+from . import medusa, memory
+from .checkpoint import TensorSource
 from .errors import EngineError
 from .events import Done, GenerationStats, LoadModel, ModelInfo, SamplingParams, Step, Token
 from .llama import LlamaModel
+from .medusa import MedusaHeads, TypicalAcceptance, accept_greedy
+from .medusa_heads import load_heads
+from .medusa_tree import CARD_CHOICES, MedusaTree, build_tree
 from .models import resolve
+from .quantized_checkpoint import detect
 from .sampling import Sampler
 from .tokenizer import ChatTokenizer
 
@@ -35,8 +40,10 @@ def pick_device(name: str | None) -> torch.device:
 
 class Session:
     def __init__(self, name: str, path: Path, model: LlamaModel, tokenizer: ChatTokenizer, context: int,
-                 quantization: str | None = None):
+                 quantization: str | None = None, heads: MedusaHeads | None = None, tree: MedusaTree | None = None):
         self.name = name
+        self.heads, self.tree = heads, tree
+        self.decoding = "medusa" if heads is not None else "plain"
         self.quantization = quantization
         self.path = path
         self.model = model
@@ -50,12 +57,23 @@ class Session:
         device = pick_device(req.device)
         name, path = resolve(req.model, progress)
         progress(f"loading {name} on {device.type}")
+        if req.decoding not in ("plain", "medusa"):
+            raise EngineError(f"decoding {req.decoding!r} is not supported (supported: plain, medusa)")
         model = LlamaModel.from_dir(path, device, quantize=req.quantize)
         tokenizer = ChatTokenizer(path, model.cfg)
         context = req.context or min(model.cfg.max_position_embeddings, DEFAULT_CONTEXT)
         if context < 16:
             raise EngineError(f"context {context} is too small")
-        return cls(name, path, model, tokenizer, context, req.quantize)
+        heads = tree = None
+        if req.decoding == "medusa":
+            cfg = model.cfg
+            heads = load_heads(path, cfg.medusa, TensorSource(path), cfg.hidden_size, cfg.vocab_size, device,
+                               model.dtype, detect(path, cfg.quantization_config))
+            if heads is None:
+                raise EngineError(f"{name}: the checkpoint has no Medusa heads (config.json 'medusa' entry or "
+                                  "medusa_lm_head.safetensors)")
+            tree = build_tree([c for c in CARD_CHOICES if len(c) <= heads.num_heads], heads.num_heads).to(device)
+        return cls(name, path, model, tokenizer, context, req.quantize, heads, tree)
 
     def info(self) -> ModelInfo:
         m = self.model
@@ -64,7 +82,8 @@ class Session:
         if not m.cfg.tie_word_embeddings:
             n_params += m.lm_head.weight.numel()
         return ModelInfo(self.name, str(self.path), self.device.type, str(m.dtype).removeprefix("torch."),
-                         n_params, m.weight_bytes(), self.cache.max_len, quantization=self.quantization)
+                         n_params, m.weight_bytes(), self.cache.max_len, decoding=self.decoding,
+                         quantization=self.quantization)
 
     def recommended_params(self) -> SamplingParams:
         """Sampling settings from the checkpoint's generation_config.json (greedy when it has none)."""
@@ -117,40 +136,67 @@ class Session:
         accepted: list[int] = []
         t0 = time.perf_counter()
         t_first = t_last = None
-        reason = "length"
         with torch.inference_mode():
-            logits = self._prefill(prompt)
+            steps = (self._medusa_steps if self.heads is not None else self._plain_steps)(prompt, params, sampler, eos)
             while True:
+                try:
+                    ids = next(steps)
+                except StopIteration as stop:
+                    reason = stop.value
+                    break
+                t_last = time.perf_counter()
+                if t_first is None:
+                    t_first = t_last
+                accepted.append(len(ids))
+                out_ids += ids
+                text = "".join(detok.step(t) for t in ids)
+                pieces.append(text)
+                yield Token(text, ids, len(ids))
+                used, total = memory.in_use(self.device)
+                after_first = len(out_ids) - accepted[0]
+                rate = after_first / (t_last - t_first) if after_first else 0.0
+                yield Step(len(ids), rate, used, total, self.cache.nbytes_used())
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
+                    steps.close()
                     break
-                tok = sampler(logits)
-                now = time.perf_counter()
-                if t_first is None:
-                    t_first = now
-                if tok in eos:
-                    reason = "eos"
-                    break
-                t_last = now
-                accepted.append(1)
-                out_ids.append(tok)
-                text = detok.step(tok)
-                pieces.append(text)
-                yield Token(text, [tok], 1)
-                used, total = memory.in_use(self.device)
-                rate = (len(out_ids) - 1) / (now - t_first) if len(out_ids) > 1 else 0.0
-                yield Step(1, rate, used, total, self.cache.nbytes_used())
-                if len(out_ids) >= params.max_new_tokens or self.cache.length >= ctx:
-                    break
-                logits = self.model.forward(torch.tensor([[tok]], device=self.device), self.cache,
-                                            self.cache.length)[0, -1]
-                self.cached_ids.append(tok)
         n = len(out_ids)
-        decode_rate = (n - 1) / (t_last - t_first) if n > 1 else 0.0
+        after_first = n - (accepted[0] if accepted else 0)
         stats = GenerationStats(
             text="".join(pieces), token_ids=out_ids, n_prompt_tokens=len(prompt), n_generated=n,
             time_to_first_token_s=(t_first - t0) if t_first is not None else 0.0,
-            decode_tokens_per_s=decode_rate, steps=len(accepted), accepted_per_step=accepted,
+            decode_tokens_per_s=after_first / (t_last - t_first) if after_first else 0.0,
+            steps=len(accepted), accepted_per_step=accepted,
             peak_memory_bytes=memory.peak(self.device), device=self.device.type, model=self.name,
-            decoding="plain", quantization=self.quantization)
+            decoding=self.decoding, quantization=self.quantization)
         yield Done(reason, stats)
+
+    def _plain_steps(self, prompt: list[int], params: SamplingParams, sampler: Sampler, eos):
+        """One token per step. Returns why it stopped: "eos" or "length"."""
+        logits = self._prefill(prompt)
+        produced = 0
+        while True:
+            tok = sampler(logits)
+            if tok in eos:
+                return "eos"
+            yield [tok]
+            produced += 1
+            if produced >= params.max_new_tokens or self.cache.length >= self.cache.max_len:
+                return "length"
+            logits = self.model.forward(torch.tensor([[tok]], device=self.device), self.cache,
+                                        self.cache.length)[0, -1]
+            self.cached_ids.append(tok)
+
+    def _medusa_steps(self, prompt: list[int], params: SamplingParams, sampler: Sampler, eos):
+        """Medusa: the root and the accepted proposals per step (greedy acceptance when greedy,
+        typical acceptance when sampling)."""
+        self.cached_ids = []  # the tree pass leaves unverified entries behind: no prefix reuse
+        greedy = params.temperature == 0
+        accept = accept_greedy if greedy else TypicalAcceptance(params.temperature)
+        produced = 0
+        for ids in medusa.generate(self.model, self.heads, self.tree, self.cache, prompt, params.max_new_tokens,
+                                   eos, None if greedy else sampler, accept):
+            produced += len(ids)
+            yield ids
+        return "length" if produced >= params.max_new_tokens or \
+            self.cache.length + self.tree.num_nodes > self.cache.max_len else "eos"

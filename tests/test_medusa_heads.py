@@ -103,3 +103,43 @@ def test_missing_and_extra_tensors_are_errors(tmp_path):
     save_file({**heads, "0.0.linear.extra": torch.zeros(1)}, str(tmp_path / "medusa_lm_head.safetensors"))
     with pytest.raises(EngineError, match=r"unexpected Medusa tensor '0.0.linear.extra'"):
         load_fasterdecoding(tmp_path / "medusa_lm_head.safetensors", H, V, "cpu", torch.float32)
+
+
+def test_run_with_medusa_decoding(tiny_checkpoint):
+    """`chatapp run --decoding medusa` on a checkpoint with heads: the greedy text of plain
+    decoding, with the accepted tokens of each step reported."""
+    import subprocess
+    import sys
+
+    base = load_file(tiny_checkpoint / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    heads = {}
+    for h in range(2):  # zero ResBlocks + the base (tied) embedding as each head's lm_head: real proposals
+        heads[f"medusa_heads.{h}.0.linear.weight"] = torch.zeros(H, H)
+        heads[f"medusa_heads.{h}.0.linear.bias"] = torch.zeros(H)
+        heads[f"medusa_heads.{h}.1.weight"] = base["model.embed_tokens.weight"] + 0.01 * torch.randn(V, H, generator=g)
+    save_file({**base, **heads}, str(tiny_checkpoint / "model.safetensors"))
+    cfg_file = tiny_checkpoint / "config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()),
+                                    "medusa": {"num_medusa_heads": 2, "num_medusa_layers": 1}}))
+
+    def run(*extra):
+        r = subprocess.run([sys.executable, "-m", "chatapp", "run", "--model", str(tiny_checkpoint), "--prompt",
+                            "hello", "--max-new-tokens", "24", "--ignore-eos", "--json", *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    plain, spec = run(), run("--decoding", "medusa")
+    assert spec["decoding"] == "medusa" and plain["decoding"] == "plain"
+    assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
+    assert sum(spec["accepted_per_step"]) == spec["n_generated"] == 24
+    assert spec["steps"] == len(spec["accepted_per_step"]) and max(spec["accepted_per_step"]) <= 3
+
+
+def test_medusa_decoding_without_heads_is_a_clear_error(tiny_checkpoint):
+    from engine.events import LoadModel
+    from engine.session import Session
+
+    with pytest.raises(EngineError, match="the checkpoint has no Medusa heads"):
+        Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu", decoding="medusa"))
