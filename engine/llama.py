@@ -61,6 +61,11 @@ class Linear:
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
 
+def default_splits(device) -> int:
+    """Column blocks per weight (see Linear): two on a CPU, one on a GPU."""
+    return 2 if torch.device(device).type == "cpu" else 1
+
+
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
@@ -110,7 +115,7 @@ class LlamaModel:
         device = torch.device(device)
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        h, i = cfg.hidden_size, cfg.intermediate_size
 
         def get(name, shape):
             t = src.get_shaped(name, shape)
@@ -118,7 +123,7 @@ class LlamaModel:
                 raise EngineError(f"{src.file_of(name)}: tensor {name!r} has dtype {t.dtype}, expected a float type")
             return t.to(device=device, dtype=dtype)
 
-        splits = 2 if device.type == "cpu" else 1  # see Linear
+        splits = default_splits(device)
 
         def fused(names_shapes, bias: bool, quantizable: bool = True) -> Linear | Fp8Linear:
             b = torch.cat([get(n + ".bias", (s[0],)) for n, s in names_shapes]) if bias else None
@@ -186,7 +191,6 @@ class LlamaModel:
         if end > cache.max_len:
             raise EngineError(f"context full: {end} tokens exceed the context size of {cache.max_len}")
         h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qk_size = cfg.q_size + cfg.kv_size
         groups = nh // nkv
         cos, sin = self._rope_tables(end)
         if tree is None:
@@ -200,14 +204,7 @@ class LlamaModel:
         eps = cfg.rms_norm_eps
         x = F.embedding(ids, self.embed)
         for li, layer in enumerate(self.layers):
-            qkv = layer.qkv(F.rms_norm(x, (h,), layer.attn_norm, eps))
-            # q and k heads rotated together: x*cos + rotate_half(x)*sin, with rotate_half done as
-            # a roll by D/2 against a sin table whose first half is negated.
-            qk = qkv[..., :qk_size].view(bsz, t, nh + nkv, d)
-            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
-            q = qk[:, :, :nh].transpose(1, 2)
-            k = qk[:, :, nh:].transpose(1, 2)
-            v = qkv[..., qk_size:].view(bsz, t, nkv, d).transpose(1, 2)
+            q, k, v = self._qkv(layer, x, cos, sin)
             keys, values = cache.write(li, start, k, v)
             # Grouped-query attention without copying K/V: the query heads that share a KV head
             # become extra query rows of that head.
@@ -218,18 +215,38 @@ class LlamaModel:
                 attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
             attn = attn.view(bsz, nh, t, d).transpose(1, 2).reshape(bsz, t, cfg.q_size)
             x = layer.o(attn, residual=x)
-            hn = F.rms_norm(x, (h,), layer.mlp_norm, eps)
-            if layer.gate_up.splits == 2 and layer.gate_up.bias is None:
-                gate, up = layer.gate_up.blocks(hn).view(2, bsz, t, cfg.intermediate_size)
-            else:
-                gate, up = layer.gate_up(hn).chunk(2, dim=-1)
-            x = layer.down(F.silu(gate) * up, residual=x)
+            x = self._mlp(layer, x)
         cache.length = end
         if not all_logits:
             x = x[:, -1:]
         hidden = F.rms_norm(x, (h,), self.norm, eps)
         logits = self.lm_head(hidden).float()
         return (logits, hidden) if return_hidden else logits
+
+    def _qkv(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Normed input -> q [B, H, T, D], k and v [B, Hkv, T, D], q and k rotated (cos/sin [T, 1, D]).
+        q and k heads are rotated together: x*cos + rotate_half(x)*sin, with rotate_half done as
+        a roll by D/2 against a sin table whose first half is negated."""
+        cfg = self.cfg
+        bsz, t = x.shape[:2]
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qk_size = cfg.q_size + cfg.kv_size
+        qkv = layer.qkv(F.rms_norm(x, (cfg.hidden_size,), layer.attn_norm, cfg.rms_norm_eps))
+        qk = qkv[..., :qk_size].view(bsz, t, nh + nkv, d)
+        qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
+        v = qkv[..., qk_size:].view(bsz, t, nkv, d).transpose(1, 2)
+        return qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2), v
+
+    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        """x + SwiGLU(RMSNorm(x)). With the CPU's two-block gate|up weight the blocks are the
+        gate and the up projection, taken apart with no copy."""
+        cfg = self.cfg
+        hn = F.rms_norm(x, (cfg.hidden_size,), layer.mlp_norm, cfg.rms_norm_eps)
+        if layer.gate_up.splits == 2 and layer.gate_up.bias is None:
+            gate, up = layer.gate_up.blocks(hn).view(2, *x.shape[:2], cfg.intermediate_size)
+        else:
+            gate, up = layer.gate_up(hn).chunk(2, dim=-1)
+        return layer.down(F.silu(gate) * up, residual=x)
 
     def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step with static shapes, for CUDA-graph capture: ``ids`` [B, 1] and the
@@ -240,7 +257,6 @@ class LlamaModel:
         cfg = self.cfg
         bsz = ids.shape[0]
         h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qk_size = cfg.q_size + cfg.kv_size
         groups = nh // nkv
         cos, sin = self._rope_tables(cache.max_len)
         at = pos.reshape(1)
@@ -249,21 +265,13 @@ class LlamaModel:
         eps = cfg.rms_norm_eps
         x = F.embedding(ids, self.embed)
         for li, layer in enumerate(self.layers):
-            qkv = layer.qkv(F.rms_norm(x, (h,), layer.attn_norm, eps))
-            qk = qkv[..., :qk_size].view(bsz, 1, nh + nkv, d)
-            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
-            q = qk[:, :, :nh].transpose(1, 2)
-            cache.k[li].index_copy_(2, at, qk[:, :, nh:].transpose(1, 2))
-            cache.v[li].index_copy_(2, at, qkv[..., qk_size:].view(bsz, 1, nkv, d).transpose(1, 2))
+            q, k, v = self._qkv(layer, x, cos, sin)
+            cache.k[li].index_copy_(2, at, k)
+            cache.v[li].index_copy_(2, at, v)
             qg = q.reshape(bsz, nkv, groups, d)
             attn = F.scaled_dot_product_attention(qg, cache.k[li], cache.v[li], attn_mask=mask)
             x = layer.o(attn.reshape(bsz, 1, cfg.q_size), residual=x)
-            hn = F.rms_norm(x, (h,), layer.mlp_norm, eps)
-            if layer.gate_up.splits == 2 and layer.gate_up.bias is None:
-                gate, up = layer.gate_up.blocks(hn).view(2, bsz, 1, cfg.intermediate_size)
-            else:
-                gate, up = layer.gate_up(hn).chunk(2, dim=-1)
-            x = layer.down(F.silu(gate) * up, residual=x)
+            x = self._mlp(layer, x)
         return self.lm_head(F.rms_norm(x[:, 0], (h,), self.norm, eps)).float()
 
     def _mask(self, start: int, t: int, groups: int) -> torch.Tensor | None:

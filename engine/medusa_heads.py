@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import TensorSource
 from .errors import EngineError
-from .llama import Linear
+from .llama import Linear, default_splits
 from .medusa import MedusaHeads
 from .quantized_checkpoint import Fp8Format
 
@@ -57,7 +57,7 @@ def _build(src, prefix: str, n_heads: int, n_layers: int, own: bool, hidden: int
             expected.update({name + ".weight_scale", name + ".input_scale"} & src.names())
             return fmt.load(src, [(name, (out, hidden))], b, device)
         w = src.get_shaped(name + ".weight", (out, hidden))
-        return Linear(w.to(device, dtype).t(), b, 2 if torch.device(device).type == "cpu" else 1)
+        return Linear(w.to(device, dtype).t(), b, default_splits(device))
 
     blocks = [[linear(f"{prefix}{h}.{l}.linear", hidden, True) for l in range(n_layers)] for h in range(n_heads)]
     lm_heads = [linear(f"{prefix}{h}.{n_layers}", vocab, False) for h in range(n_heads)] if own else None
