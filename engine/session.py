@@ -43,7 +43,6 @@ class Session:
                  quantization: str | None = None, heads: MedusaHeads | None = None, tree: MedusaTree | None = None):
         self.name = name
         self.heads, self.tree = heads, tree
-        self.decoding = "medusa" if heads is not None else "plain"
         self.quantization = quantization
         self.path = path
         self.model = model
@@ -51,6 +50,10 @@ class Session:
         self.device = model.device
         self.cache = model.new_cache(context)
         self.cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
+
+    @property
+    def decoding(self) -> str:
+        return "medusa" if self.heads is not None else "plain"
 
     @classmethod
     def load(cls, req: LoadModel, progress=lambda msg: None) -> "Session":
