@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels.tree_attention import tree_attention
+
 from .checkpoint import TensorSource
 from .config import ModelConfig, load_config
 from .errors import EngineError
@@ -199,21 +201,23 @@ class LlamaModel:
         else:
             positions = tree[0] + start
             cos, sin = cos.index_select(0, positions)[:, None], sin.index_select(0, positions)[:, None]
-            past = torch.ones(t, start, dtype=torch.bool, device=self.device)
-            mask = torch.cat([past, tree[1]], dim=1).repeat(groups, 1)
         eps = cfg.rms_norm_eps
         x = F.embedding(ids, self.embed)
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
             keys, values = cache.write(li, start, k, v)
-            # Grouped-query attention without copying K/V: the query heads that share a KV head
-            # become extra query rows of that head.
-            qg = q.reshape(bsz, nkv, groups * t, d).contiguous()
-            if mask is None and t > 1:
-                attn = F.scaled_dot_product_attention(qg, keys, values, is_causal=True)
+            if tree is not None:
+                attn = tree_attention(q, keys, values, start, tree[1])  # Triton on CUDA
             else:
-                attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-            attn = attn.view(bsz, nh, t, d).transpose(1, 2).reshape(bsz, t, cfg.q_size)
+                # Grouped-query attention without copying K/V: the query heads that share a KV
+                # head become extra query rows of that head.
+                qg = q.reshape(bsz, nkv, groups * t, d).contiguous()
+                if mask is None and t > 1:
+                    attn = F.scaled_dot_product_attention(qg, keys, values, is_causal=True)
+                else:
+                    attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+                attn = attn.view(bsz, nh, t, d)
+            attn = attn.transpose(1, 2).reshape(bsz, t, cfg.q_size)
             x = layer.o(attn, residual=x)
             x = self._mlp(layer, x)
         cache.length = end
