@@ -30,7 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--context", type=int, help="KV cache length in tokens")
     run.add_argument("--quantize", choices=["fp8"], default=argparse.SUPPRESS)
     run.add_argument("--decoding", choices=["plain", "medusa"], default="plain",
-                     help="medusa: speculative decoding with the checkpoint's Medusa heads")
+                     help="medusa: speculative decoding with the checkpoint's Medusa heads (or the ones chatapp "
+                          "ships for it)")
+    run.add_argument("--medusa-choices", metavar="PRESET|FILE",
+                     help="Medusa tree: auto (default: the best for this device, from the heads' measured "
+                          "acceptance and this device's measured step time), card (the 8B model card's 63-node "
+                          "tree), or a JSON file with a list of paths such as [[0], [0, 0], [1]]")
     run.add_argument("--json", action="store_true", help="print one JSON object with the reply and its figures")
 
     sub.add_parser("models", help="list the known and the locally available models")
@@ -59,8 +64,8 @@ def _run(args) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     try:
-        session = Session.load(LoadModel(args.model, args.device, args.context, args.quantize, args.decoding),
-                               progress)
+        session = Session.load(LoadModel(args.model, args.device, args.context, args.quantize, args.decoding,
+                                         args.medusa_choices), progress)
         for ev in session.generate(messages, params):
             if isinstance(ev, Token) and not args.json:
                 sys.stdout.write(ev.text)

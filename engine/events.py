@@ -22,7 +22,8 @@ class LoadModel:
     device: str | None = None  # cpu | cuda; None = cuda when available
     context: int | None = None  # KV cache length; None = min(model's context, 8192)
     quantize: str | None = None  # "fp8": quantize a high-precision checkpoint's linear layers on load
-    decoding: str = "plain"  # plain | medusa (the checkpoint's Medusa heads)
+    decoding: str = "plain"  # plain | medusa (the checkpoint's Medusa heads, or the ones shipped for it)
+    medusa_choices: str | None = None  # Medusa tree: "auto" (None: best for this device), "card", or a JSON file
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ModelInfo:
     context: int
     decoding: str = "plain"
     quantization: str | None = None  # e.g. "fp8"
+    medusa_tree: str | None = None  # e.g. "auto (6 nodes)": how the verified tree was chosen
 
 
 @dataclass
@@ -87,6 +89,7 @@ class GenerationStats:
     model: str
     decoding: str
     quantization: str | None = None
+    medusa_tree: str | None = None  # how the verified tree was chosen (Medusa only)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -176,10 +176,12 @@ class LlamaModel:
         return self._cos, self._sin
 
     def forward(self, ids: torch.Tensor, cache: KVCache, start: int, all_logits: bool = False,
-                tree: tuple[torch.Tensor, torch.Tensor] | None = None, return_hidden: bool = False):
+                tree: tuple[torch.Tensor, torch.Tensor] | None = None, return_hidden: bool = False,
+                logits: bool = True):
         """Run tokens ``ids`` [B, T] at positions start..start+T-1 (earlier positions come from
         ``cache``), store their keys/values in cache slots start..start+T-1 and return logits
-        [B, T or 1, vocab] in float32 (and the final-normed hidden states with ``return_hidden``).
+        [B, T or 1, vocab] in float32 (and the final-normed hidden states with ``return_hidden``;
+        only those, for all T, with ``logits=False``).
 
         ``tree = (position_offsets [T], attn_mask [T, T])``: the T tokens are the nodes of a
         candidate tree (Medusa): node i sits at position start + offsets[i] and attends to the
@@ -221,11 +223,17 @@ class LlamaModel:
             x = layer.o(attn, residual=x)
             x = self._mlp(layer, x)
         cache.length = end
+        if not logits:
+            return F.rms_norm(x, (h,), self.norm, eps)
         if not all_logits:
             x = x[:, -1:]
         hidden = F.rms_norm(x, (h,), self.norm, eps)
-        logits = self.lm_head(hidden).float()
-        return (logits, hidden) if return_hidden else logits
+        out = self.logits(hidden)
+        return (out, hidden) if return_hidden else out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [..., H] -> float32 logits [..., vocab]."""
+        return self.lm_head(hidden).float()
 
     def _qkv(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Normed input -> q [B, H, T, D], k and v [B, Hkv, T, D], q and k rotated (cos/sin [T, 1, D]).

@@ -5,52 +5,73 @@ in-place compaction of the accepted path's KV entries."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
-from .llama import Linear, LlamaModel
+from .llama import Linear, LlamaModel, default_splits
 from .medusa_tree import MedusaTree
 
 
 @dataclass
 class MedusaHeads:
     """Head h: ResBlocks ``x + SiLU(W x + b)`` on the final-normed hidden state, then its own
-    lm_head, or the base model's when ``lm_heads`` is None."""
+    lm_head, or the base model's when ``lm_heads`` is None. ``token_ids``: with the base
+    lm_head, the heads may score only these tokens (its rows, taken once): proposals come from
+    that subset, at a fraction of the full vocabulary's cost."""
 
     blocks: list[list[Linear]]  # [head][layer]
     lm_heads: list[Linear] | None
+    token_ids: torch.Tensor | None = None
+    _subset: Linear | None = field(default=None, repr=False)
 
     @property
     def num_heads(self) -> int:
         return len(self.blocks)
 
-    def __call__(self, hidden: torch.Tensor, base_lm_head: Linear) -> torch.Tensor:
-        """hidden [..., H] -> logits [num_heads, ..., V] (float32)."""
+    def _output(self, h: int, base_lm_head: Linear) -> Linear:
+        if self.lm_heads is not None:
+            return self.lm_heads[h]
+        if self.token_ids is None:
+            return base_lm_head
+        if self._subset is None:
+            from .medusa_heads import output_rows
+
+            rows = output_rows(base_lm_head, self.token_ids)
+            self._subset = Linear(rows.t(), None, default_splits(rows.device))
+        return self._subset
+
+    def __call__(self, hidden: torch.Tensor, base_lm_head: Linear, num: int | None = None) -> torch.Tensor:
+        """hidden [..., H] -> the first ``num`` heads' logits [num, ..., V or len(token_ids)] (float32)."""
         out = []
-        for h, layers in enumerate(self.blocks):
+        for h, layers in enumerate(self.blocks[:num]):
             x = hidden
             for lin in layers:
                 x = x + F.silu(lin(x))
-            out.append((self.lm_heads[h] if self.lm_heads is not None else base_lm_head)(x).float())
+            out.append(self._output(h, base_lm_head)(x).float())
         return torch.stack(out)
+
+    def propose(self, hidden: torch.Tensor, base_lm_head: Linear, topk: list[int]) -> torch.Tensor:
+        """The ``topk[d]`` most likely tokens of head d, for the heads a tree uses, concatenated."""
+        logits = self(hidden, base_lm_head, len(topk))
+        idx = torch.cat([logits[d].topk(k).indices for d, k in enumerate(topk)])
+        return idx if self.token_ids is None else self.token_ids[idx]
 
 
 @dataclass
 class StepResult:
     tokens: list[int]  # accepted this step: the root, then the accepted proposals
     root_logits: torch.Tensor  # base model's logits after the last accepted token (for the next root)
-    head_logits: torch.Tensor  # the heads' logits from the same hidden state
+    proposals: torch.Tensor  # the heads' candidates from the same hidden state
 
 
-def accept_greedy(path_tokens: torch.Tensor, path_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per path: how many proposals in a row equal the base model's greedy choice after their
-    parent (so the output is exactly plain greedy decoding). path_tokens [R, D+1], path_logits
-    [R, D+1, V] (logits after each node), valid [R, D+1] -> accepted lengths [R]."""
-    match = (path_tokens[:, 1:] == path_logits[:, :-1].argmax(-1)) & valid[:, 1:]
-    return match.int().cumprod(1).sum(1)
+def accept_greedy(logits: torch.Tensor, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Whether each proposal equals the base model's greedy choice after its parent node (so the
+    output is exactly plain greedy decoding). logits [I, V] (after the tree's inner nodes),
+    parent [M] (each proposal's parent row in ``logits``), tokens [M] -> bool [M]."""
+    return tokens == logits.argmax(-1)[parent]
 
 
 @dataclass
@@ -62,35 +83,44 @@ class TypicalAcceptance:
     threshold: float = 0.09
     alpha: float = 0.3  # the paper recommends about sqrt(threshold)
 
-    def __call__(self, path_tokens, path_logits, valid) -> torch.Tensor:
-        p = torch.softmax(path_logits[:, :-1].float() / self.temperature, dim=-1)  # [R, D, V]
-        cand = p.gather(-1, path_tokens[:, 1:, None]).squeeze(-1)
+    def __call__(self, logits: torch.Tensor, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits.float() / self.temperature, dim=-1)  # [I, V]
         entropy = -(p * torch.log(p + 1e-5)).sum(-1)
         limit = torch.minimum(torch.full_like(entropy, self.threshold), self.alpha * torch.exp(-entropy))
-        return ((cand > limit) & valid[:, 1:]).int().cumprod(1).sum(1)
+        return p[parent, tokens] > limit[parent]
+
+
+def accepted_lengths(ok: torch.Tensor, tree: MedusaTree) -> torch.Tensor:
+    """ok [N - 1] (per proposal node) -> accepted proposals per tree path [R]: the run of
+    accepted nodes from the root down (padding never counts)."""
+    ok = torch.cat([ok.new_ones(1), ok])
+    return (ok[tree.retrieve_indices.clamp(min=0)] & tree.valid)[:, 1:].int().cumprod(1).sum(1)
 
 
 def verify(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, root: int,
-           head_logits: torch.Tensor, accept=accept_greedy) -> StepResult:
+           proposals: torch.Tensor, accept=accept_greedy) -> StepResult:
     """One Medusa step at batch 1. ``root`` is the next token (chosen from the base model's
-    logits after the last accepted token, which the cache holds); ``head_logits``
-    [num_heads, V] are the heads' proposals from that same token. The root and the proposals
-    are verified in one pass over the tree; the longest accepted path wins (ties: the first)."""
-    candidates = torch.cat([torch.tensor([root], device=head_logits.device)] +
-                           [head_logits[d].topk(k).indices for d, k in enumerate(tree.topk)])
-    tokens = candidates[tree.tree_indices]  # [N]
+    logits after the last accepted token, which the cache holds); ``proposals`` are the heads'
+    candidates from that same token (``MedusaHeads.propose`` with ``tree.topk``). The root and
+    the proposals are verified in one pass over the tree; the longest accepted path wins (ties:
+    the first). Only the nodes with children go through the lm_head (plus the last accepted
+    node when it is a leaf)."""
+    tokens = torch.cat([torch.tensor([root], device=proposals.device), proposals])[tree.tree_indices]  # [N]
     start = cache.length
-    logits, hidden = model.forward(tokens[None], cache, start, all_logits=True,
-                                   tree=(tree.position_offsets, tree.attn_mask), return_hidden=True)
-    logits, hidden = logits[0], hidden[0]
-    nodes = tree.retrieve_indices.clamp(min=0)
-    accepted_len = accept(tokens[nodes], logits[nodes], tree.valid)
-    best = int(accepted_len.argmax())
-    n = int(accepted_len[best]) + 1  # the one host sync of the step
-    path = tree.retrieve_indices[best, :n]
-    _compact(cache, start, path)
+    hidden = model.forward(tokens[None], cache, start, tree=(tree.position_offsets, tree.attn_mask),
+                           logits=False)[0]  # [N, H]
+    logits = model.logits(hidden.index_select(0, tree.inner))  # [I, V]
+    lengths = accepted_lengths(accept(logits, tree.parent_slot, tokens[1:]), tree)
+    host = torch.cat([lengths, tokens]).tolist()  # the one host sync of the step
+    lengths, token_list = host[:len(tree.retrieve_rows)], host[len(tree.retrieve_rows):]
+    best = max(range(len(lengths)), key=lambda r: (lengths[r], -r))
+    path = tree.retrieve_rows[best][:lengths[best] + 1]
+    _compact(cache, start, torch.tensor(path, device=tokens.device))
     last = path[-1]
-    return StepResult(tokens[path].tolist(), logits[last], heads(hidden[last], model.lm_head))
+    inner = tree.inner_rows.get(last)
+    root_logits = logits[inner] if inner is not None else model.logits(hidden[last:last + 1])[0]
+    return StepResult([token_list[i] for i in path], root_logits,
+                      heads.propose(hidden[last], model.lm_head, tree.topk))
 
 
 def _compact(cache: KVCache, start: int, path: torch.Tensor) -> None:
@@ -103,17 +133,18 @@ def _compact(cache: KVCache, start: int, path: torch.Tensor) -> None:
     cache.length = start + len(path)
 
 
-def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, prompt: list[int],
-             max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy):
-    """Medusa decoding of ``prompt``: yields the tokens accepted at each step (at least one),
-    ending at EOS (not yielded), at ``max_new_tokens``, or where the context is full.
-    ``sampler`` picks each root from the base model's logits (argmax when None)."""
+def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, root_logits: torch.Tensor,
+             hidden: torch.Tensor, max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy):
+    """Medusa decoding after a prefill (the cache holds the prompt; ``root_logits`` and
+    ``hidden`` are the base model's logits and final-normed hidden state after its last token):
+    yields the tokens accepted at each step (at least one), ending at EOS (not yielded), at
+    ``max_new_tokens``, or where the context is full. Every yielded token's keys/values are in
+    the cache, in order. ``sampler`` picks each root (argmax when None)."""
     pick = sampler if sampler is not None else (lambda logits: int(logits.argmax()))
-    logits, hidden = model.forward(torch.tensor([prompt], device=model.device), cache, 0, return_hidden=True)
-    root_logits, head_logits = logits[0, -1], heads(hidden[0, -1], model.lm_head)
+    proposals = heads.propose(hidden, model.lm_head, tree.topk)
     produced = 0
     while produced < max_new_tokens and cache.length + tree.num_nodes <= cache.max_len:
-        step = verify(model, heads, tree, cache, pick(root_logits), head_logits, accept)
+        step = verify(model, heads, tree, cache, pick(root_logits), proposals, accept)
         tokens = step.tokens[:max_new_tokens - produced]
         stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
         if stop is not None:
@@ -122,4 +153,12 @@ def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVC
             return
         produced += len(tokens)
         yield tokens
-        root_logits, head_logits = step.root_logits, step.head_logits
+        root_logits, proposals = step.root_logits, step.proposals
+
+
+def prefill_and_generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, prompt: list[int],
+                         max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy):
+    """``generate`` after one prefill pass of ``prompt`` from an empty cache (tests, benchmarks)."""
+    logits, hidden = model.forward(torch.tensor([prompt], device=model.device), cache, 0, return_hidden=True)
+    yield from generate(model, heads, tree, cache, logits[0, -1], hidden[0, -1], max_new_tokens, eos_ids, sampler,
+                        accept)

@@ -21,6 +21,8 @@ from .llama import Linear, default_splits
 from .medusa import MedusaHeads
 from .quantized_checkpoint import Fp8Format
 
+TOKEN_IDS = "token_ids"  # heads on the shared lm_head that score only these tokens (ours)
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "medusa"
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight|weight_scale|input_scale|linear\.weight_scale|"
                   r"linear\.input_scale)$")
 
@@ -29,7 +31,7 @@ def _layout(names: set[str], prefix: str, where) -> tuple[int, int, bool]:
     """(heads, layers, own lm_heads) from the tensor names under ``prefix``; unexpected names are errors."""
     heads, layers, own = set(), set(), set()
     for name in names:
-        if not name.startswith(prefix):
+        if not name.startswith(prefix) or name == TOKEN_IDS:
             continue
         m = _KEY.match(name[len(prefix):])
         if m is None:
@@ -46,7 +48,7 @@ def _layout(names: set[str], prefix: str, where) -> tuple[int, int, bool]:
 
 def _build(src, prefix: str, n_heads: int, n_layers: int, own: bool, hidden: int, vocab: int, device, dtype,
            fmt: Fp8Format | None) -> MedusaHeads:
-    expected = set()
+    expected = {TOKEN_IDS}
 
     def linear(name: str, out: int, bias: bool):
         expected.add(name + ".weight")
@@ -64,7 +66,36 @@ def _build(src, prefix: str, n_heads: int, n_layers: int, own: bool, hidden: int
     extra = sorted(n for n in src.names() if n.startswith(prefix) and n not in expected)
     if extra:
         raise EngineError(f"{src.file_of(extra[0])}: unexpected Medusa tensor {extra[0]!r}")
-    return MedusaHeads(blocks, lm_heads)
+    token_ids = None
+    if TOKEN_IDS in src.names():
+        token_ids = src.get(TOKEN_IDS)
+        if own or token_ids.dim() != 1 or token_ids.dtype != torch.int64 or not len(token_ids) or \
+                int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab:
+            raise EngineError(f"{src.file_of(TOKEN_IDS)}: {TOKEN_IDS!r} must be a non-empty int64 list of token ids "
+                              f"below {vocab}, for heads that share the base lm_head")
+        token_ids = token_ids.to(device)
+    return MedusaHeads(blocks, lm_heads, token_ids)
+
+
+def output_rows(lm_head: Linear, token_ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``token_ids`` of an output projection, [len(token_ids), hidden]."""
+    if not isinstance(lm_head, Linear):
+        raise EngineError("Medusa heads that score a token subset need a plain (not quantized) lm_head")
+    w = lm_head.weight.transpose(1, 2).reshape(-1, lm_head.in_features)  # [vocab, hidden]
+    return w[token_ids.to(w.device)]
+
+
+def shipped_heads(name: str, cfg, device, dtype):
+    """The heads chatapp ships for a model (assets/medusa/<name>.safetensors, trained by
+    training/medusa.py) and their acceptance profile, or (None, None)."""
+    from .medusa_plan import Profile
+
+    path = SHIPPED / f"{name}.safetensors"
+    if not path.exists():
+        return None, None
+    heads = load_fasterdecoding(path, cfg.hidden_size, cfg.vocab_size, device, dtype)
+    profile_path = path.with_suffix(".json")
+    return heads, (Profile.read(profile_path) if profile_path.exists() else None)
 
 
 def load_heads(model_dir: Path, medusa: dict | None, src: TensorSource, hidden: int, vocab: int, device, dtype,

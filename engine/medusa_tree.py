@@ -11,7 +11,9 @@ path. The buffers:
 - ``attn_mask`` [N, N] bool: a node attends to itself and its ancestors (and to the whole cache);
 - ``retrieve_indices`` [R, D + 1]: one row per leaf, the node ids from the root down, padded
   with -1 (``valid`` marks the real entries, so padding can never be accepted);
-- ``parents`` [N]: the parent node (-1 for the root)."""
+- ``parents`` [N]: the parent node (-1 for the root);
+- ``inner`` [I]: the nodes with children (only their logits are needed to judge the proposals);
+  ``parent_slot`` [N - 1]: for nodes 1.., the row of their parent in ``inner``."""
 
 from __future__ import annotations
 
@@ -41,6 +43,10 @@ class MedusaTree:
     retrieve_indices: torch.Tensor
     valid: torch.Tensor
     parents: torch.Tensor
+    inner: torch.Tensor
+    parent_slot: torch.Tensor
+    retrieve_rows: list[list[int]]  # retrieve_indices on the host, without the padding
+    inner_rows: dict[int, int]  # node id -> its row in ``inner``
 
     @property
     def num_nodes(self) -> int:
@@ -52,8 +58,10 @@ class MedusaTree:
 
     def to(self, device) -> "MedusaTree":
         move = {k: getattr(self, k).to(device) for k in
-                ("tree_indices", "position_offsets", "attn_mask", "retrieve_indices", "valid", "parents")}
-        return MedusaTree(self.paths, self.topk, **move)
+                ("tree_indices", "position_offsets", "attn_mask", "retrieve_indices", "valid", "parents", "inner",
+                 "parent_slot")}
+        return MedusaTree(self.paths, self.topk, **move, retrieve_rows=self.retrieve_rows,
+                          inner_rows=self.inner_rows)
 
 
 def build_tree(choices, num_heads: int | None = None) -> MedusaTree:
@@ -97,4 +105,9 @@ def build_tree(choices, num_heads: int | None = None) -> MedusaTree:
     for r, leaf in enumerate(leaves):
         for d in range(1, len(leaf) + 1):
             retrieve[r, d] = node[leaf[:d]]
-    return MedusaTree(ordered, topk, tree_indices, position, mask, retrieve, retrieve >= 0, parents)
+    inner = sorted(set(parents[1:].tolist()))
+    slot = {node_id: i for i, node_id in enumerate(inner)}
+    parent_slot = torch.tensor([slot[int(q)] for q in parents[1:]], dtype=torch.long)
+    return MedusaTree(ordered, topk, tree_indices, position, mask, retrieve, retrieve >= 0, parents,
+                      torch.tensor(inner, dtype=torch.long), parent_slot,
+                      [[i for i in row if i >= 0] for row in retrieve.tolist()], slot)

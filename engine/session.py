@@ -17,8 +17,8 @@ from .errors import EngineError
 from .events import Done, GenerationStats, LoadModel, ModelInfo, SamplingParams, Step, Token
 from .llama import LlamaModel
 from .medusa import MedusaHeads, TypicalAcceptance, accept_greedy
-from .medusa_heads import load_heads
-from .medusa_tree import CARD_CHOICES, MedusaTree, build_tree
+from .medusa_heads import load_heads, shipped_heads
+from .medusa_plan import Plan, plan
 from .models import resolve
 from .quantized_checkpoint import detect
 from .sampling import Sampler
@@ -40,9 +40,10 @@ def pick_device(name: str | None) -> torch.device:
 
 class Session:
     def __init__(self, name: str, path: Path, model: LlamaModel, tokenizer: ChatTokenizer, context: int,
-                 quantization: str | None = None, heads: MedusaHeads | None = None, tree: MedusaTree | None = None):
+                 quantization: str | None = None, heads: MedusaHeads | None = None, plan: Plan | None = None):
         self.name = name
-        self.heads, self.tree = heads, tree
+        self.heads, self.plan = heads, plan
+        self.tree = plan.tree if plan is not None else None
         self.quantization = quantization
         self.path = path
         self.model = model
@@ -67,16 +68,20 @@ class Session:
         context = req.context or min(model.cfg.max_position_embeddings, DEFAULT_CONTEXT)
         if context < 16:
             raise EngineError(f"context {context} is too small")
-        heads = tree = None
+        heads = tree_plan = None
         if req.decoding == "medusa":
             cfg = model.cfg
             heads = load_heads(path, cfg.medusa, TensorSource(path), cfg.hidden_size, cfg.vocab_size, device,
                                model.dtype, detect(path, cfg.quantization_config))
+            profile = None
+            if heads is None:
+                heads, profile = shipped_heads(name, cfg, device, model.dtype)
             if heads is None:
                 raise EngineError(f"{name}: the checkpoint has no Medusa heads (config.json 'medusa' entry or "
-                                  "medusa_lm_head.safetensors)")
-            tree = build_tree([c for c in CARD_CHOICES if len(c) <= heads.num_heads], heads.num_heads).to(device)
-        return cls(name, path, model, tokenizer, context, req.quantize, heads, tree)
+                                  "medusa_lm_head.safetensors) and chatapp ships none for it")
+            progress("choosing the Medusa tree for this device")
+            tree_plan = plan(model, heads, name, req.medusa_choices, profile)
+        return cls(name, path, model, tokenizer, context, req.quantize, heads, tree_plan)
 
     def info(self) -> ModelInfo:
         m = self.model
@@ -86,7 +91,7 @@ class Session:
             n_params += m.lm_head.weight.numel()
         return ModelInfo(self.name, str(self.path), self.device.type, str(m.dtype).removeprefix("torch."),
                          n_params, m.weight_bytes(), self.cache.max_len, decoding=self.decoding,
-                         quantization=self.quantization)
+                         quantization=self.quantization, medusa_tree=self.plan.choices if self.plan else None)
 
     def recommended_params(self) -> SamplingParams:
         """Sampling settings from the checkpoint's generation_config.json (greedy when it has none)."""
@@ -106,22 +111,24 @@ class Session:
             torch.cuda.empty_cache()
 
     # ---- generation --------------------------------------------------------------------------
-    def _prefill(self, ids: list[int]) -> torch.Tensor:
-        """Bring the cache to hold ``ids`` and return the logits after the last one. The longest
-        prefix already in the cache (the earlier turns of a chat) is reused."""
+    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bring the cache to hold ``ids`` and return the logits and the final-normed hidden
+        state after the last one. The longest prefix already in the cache (the earlier turns of
+        a chat) is reused."""
         reuse = 0
         for a, b in zip(self.cached_ids, ids[:-1]):
             if a != b:
                 break
             reuse += 1
-        pos, logits = reuse, None
+        pos, logits, hidden = reuse, None, None
         self.cached_ids = self.cached_ids[:reuse]
         while pos < len(ids):
             chunk = ids[pos:pos + PREFILL_CHUNK]
-            logits = self.model.forward(torch.tensor([chunk], device=self.device), self.cache, pos)
+            logits, hidden = self.model.forward(torch.tensor([chunk], device=self.device), self.cache, pos,
+                                                return_hidden=True)
             pos += len(chunk)
         self.cached_ids = list(ids)
-        return logits[0, -1]
+        return logits[0, -1], hidden[0, -1]
 
     def generate(self, messages: list[dict], params: SamplingParams | None = None,
                  cancel: threading.Event | None = None) -> Iterator[Token | Step | Done]:
@@ -171,12 +178,13 @@ class Session:
             decode_tokens_per_s=after_first / (t_last - t_first) if after_first else 0.0,
             steps=len(accepted), accepted_per_step=accepted,
             peak_memory_bytes=memory.peak(self.device), device=self.device.type, model=self.name,
-            decoding=self.decoding, quantization=self.quantization)
+            decoding=self.decoding, quantization=self.quantization,
+            medusa_tree=self.plan.choices if self.plan else None)
         yield Done(reason, stats)
 
     def _plain_steps(self, prompt: list[int], params: SamplingParams, sampler: Sampler, eos):
         """One token per step. Returns why it stopped: "eos" or "length"."""
-        logits = self._prefill(prompt)
+        logits, _ = self._prefill(prompt)
         produced = 0
         while True:
             tok = sampler(logits)
@@ -193,13 +201,14 @@ class Session:
     def _medusa_steps(self, prompt: list[int], params: SamplingParams, sampler: Sampler, eos):
         """Medusa: the root and the accepted proposals per step (greedy acceptance when greedy,
         typical acceptance when sampling)."""
-        self.cached_ids = []  # the tree pass leaves unverified entries behind: no prefix reuse
         greedy = params.temperature == 0
         accept = accept_greedy if greedy else TypicalAcceptance(params.temperature)
+        logits, hidden = self._prefill(prompt)
         produced = 0
-        for ids in medusa.generate(self.model, self.heads, self.tree, self.cache, prompt, params.max_new_tokens,
-                                   eos, None if greedy else sampler, accept):
+        for ids in medusa.generate(self.model, self.heads, self.tree, self.cache, logits, hidden,
+                                   params.max_new_tokens, eos, None if greedy else sampler, accept):
             produced += len(ids)
+            self.cached_ids += ids  # every accepted token's keys/values are in the cache, in order
             yield ids
         return "length" if produced >= params.max_new_tokens or \
             self.cache.length + self.tree.num_nodes > self.cache.max_len else "eos"

@@ -5,7 +5,7 @@ import torch
 
 from engine.events import SamplingParams
 from engine.llama import Linear
-from engine.medusa import MedusaHeads, TypicalAcceptance, generate
+from engine.medusa import MedusaHeads, TypicalAcceptance, accepted_lengths, prefill_and_generate
 from engine.medusa_tree import CARD_CHOICES, build_tree
 
 
@@ -41,7 +41,7 @@ def test_medusa_greedy_equals_plain_greedy(embedded_session, prompt, heads):
     model = s.model
     tree = build_tree(CARD_CHOICES, num_heads=3)
     cache = model.new_cache(512)
-    steps = list(generate(model, heads(model), tree, cache, ids, n, s.tokenizer.eos_ids))
+    steps = list(prefill_and_generate(model, heads(model), tree, cache, ids, n, s.tokenizer.eos_ids))
     tokens = [t for step in steps for t in step]
     assert tokens == plain
     if prompt.startswith("Give me"):
@@ -56,7 +56,7 @@ def test_compaction_leaves_the_cache_as_plain_decoding_would(embedded_session):
     ids = s.tokenizer.encode_chat([{"role": "user", "content": "Give me three tips for learning to cook."}])
     tree = build_tree(CARD_CHOICES, num_heads=3)
     cache = model.new_cache(512)
-    tokens = [t for step in generate(model, identity_heads(model), tree, cache, ids, 24) for t in step]
+    tokens = [t for step in prefill_and_generate(model, identity_heads(model), tree, cache, ids, 24) for t in step]
     # every accepted token is in the cache (a last step cut at max_new_tokens may hold a few more)
     n = len(ids) + len(tokens)
     assert cache.length >= n
@@ -68,17 +68,23 @@ def test_compaction_leaves_the_cache_as_plain_decoding_would(embedded_session):
 
 def test_typical_acceptance_rule():
     v = 8
-    logits = torch.full((2, 3, v), -10.0)
-    logits[:, :, 1] = 10.0  # the base model is sure: token 1 after every node
-    tokens = torch.tensor([[5, 1, 1], [5, 1, 2]])  # path 0 proposes 1, 1; path 1 proposes 1, 2
-    valid = torch.ones(2, 3, dtype=torch.bool)
+    logits = torch.full((2, v), -10.0)
+    logits[:, 1] = 10.0  # the base model is sure: token 1 after every inner node
+    parent = torch.tensor([0, 1, 1])
+    tokens = torch.tensor([1, 1, 2])  # the child of row 0 proposes 1, the children of row 1 propose 1 and 2
     acc = TypicalAcceptance(temperature=1.0)
-    assert acc(tokens, logits, valid).tolist() == [2, 1]
-    valid[0, 2] = False  # padding is never accepted
-    assert acc(tokens, logits, valid).tolist() == [1, 1]
+    assert acc(logits, parent, tokens).tolist() == [True, True, False]
     # a flat distribution (high entropy) lowers the bar: alpha * exp(-H) = 0.3 / 8 < 1 / 8
-    flat = torch.zeros(2, 3, v)
-    assert acc(tokens, flat, torch.ones(2, 3, dtype=torch.bool)).tolist() == [2, 2]
+    assert acc(torch.zeros(2, v), parent, tokens).tolist() == [True, True, True]
+
+
+def test_accepted_lengths_follow_the_paths():
+    tree = build_tree([[0], [1], [0, 0], [0, 1]], num_heads=2)  # nodes: 1=(0) 2=(1) 3=(0,0) 4=(0,1)
+    assert tree.retrieve_rows == [[0, 2], [0, 1, 3], [0, 1, 4]]
+    ok = torch.tensor([True, False, False, True])  # (0) and (0,1) right
+    assert accepted_lengths(ok, tree).tolist() == [0, 1, 2]
+    ok = torch.tensor([False, True, True, True])  # a right child of a wrong parent does not count
+    assert accepted_lengths(ok, tree).tolist() == [1, 0, 0]
 
 
 def test_typical_sampling_is_seeded_and_accepts(embedded_session):
@@ -91,7 +97,7 @@ def test_typical_sampling_is_seeded_and_accepts(embedded_session):
 
     def run(seed):
         sampler = Sampler(SamplingParams(temperature=0.7, seed=seed), model.device)
-        steps = list(generate(model, identity_heads(model), tree, model.new_cache(512), ids, 30,
+        steps = list(prefill_and_generate(model, identity_heads(model), tree, model.new_cache(512), ids, 30,
                               sampler=sampler, accept=TypicalAcceptance(temperature=0.7)))
         return steps
 

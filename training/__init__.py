@@ -1,0 +1,1 @@
+"""Scripts that produce the assets the engine ships (trained Medusa heads, the DMC retrofit)."""

@@ -1,0 +1,295 @@
+"""Train Medusa heads for a base model by self-distillation, as the Medusa paper does when the
+original training data is not at hand: the base model answers a broad set of chat prompts
+(greedy), and head k learns to predict, from the final-normed hidden state at position t, the
+token the base model itself produced at t + k + 2. Greedy Medusa accepts a proposal exactly
+when it equals the base model's own greedy choice, so these are the right targets.
+
+The heads are small: one ResBlock each (``x + SiLU(W x + b)``, zero-initialised so that a new
+head starts out as the base model's own next-token predictor) and the base model's lm_head,
+restricted to the tokens that make up the replies (``token_ids``: the most frequent ones, up
+to a coverage target), which makes the heads' logits several times cheaper than a full
+vocabulary product. Proposals outside that set are simply never made.
+
+Outputs, beside each other (``--out``, default assets/medusa/<model>):
+- ``<model>.safetensors``: ``{h}.0.linear.weight``, ``{h}.0.linear.bias`` (FasterDecoding's
+  layout for heads that share the base lm_head) and ``token_ids``;
+- ``<model>.json``: what the heads were trained on, and their acceptance profile on held-out
+  replies: the frequency with which each path of ranks (r0, r1, ...) is entirely right. The
+  engine builds its candidate tree from this profile and the device's measured verify cost.
+
+    python -m training.medusa                # the embedded model, CPU: about 20 minutes
+    python -m training.medusa --device cuda --prompts 780 --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.llama import LlamaModel  # noqa: E402
+from engine.medusa_heads import output_rows  # noqa: E402
+from engine.models import resolve  # noqa: E402
+from engine.paths import cache_dir  # noqa: E402
+from engine.tokenizer import ChatTokenizer  # noqa: E402
+from training.prompts import training_prompts  # noqa: E402
+
+MAX_RANK = 10  # ranks per head kept in the acceptance profile
+PROFILE_PATHS = 96  # paths kept in the profile (more than any tree the engine builds)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- 1. self-distillation data ---------------------------------------------------------------
+def generate_replies(model_dir: Path, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int, batch: int,
+                     device: str, path: Path) -> list[dict]:
+    """The base model's greedy replies, batched (left padding) with transformers' generate, which
+    is the quickest batched greedy decoder at hand; our engine re-runs every reply afterwards and
+    the share of positions where it agrees is reported. Each batch is appended to ``path`` as it
+    is done, and a rerun goes on from there."""
+    from transformers import LlamaForCausalLM
+
+    out = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    done = {d["prompt"] for d in out}
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+    eos = sorted(tok.eos_ids)
+    pad = eos[0]
+    encoded = [(p, tok.encode_chat([{"role": "user", "content": p}])) for p in prompts if p not in done]
+    encoded.sort(key=lambda e: len(e[1]))
+    for i in range(0, len(encoded), batch):
+        group = encoded[i:i + batch]
+        width = max(len(ids) for _, ids in group)
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (_, p) in enumerate(group):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                 temperature=None, top_p=None, top_k=None)
+        for r, (prompt, p) in enumerate(group):
+            reply = gen[r, width:].tolist()
+            end = next((j for j, t in enumerate(reply) if t in tok.eos_ids), None)
+            reply = reply if end is None else reply[:end + 1]  # keep the EOS: the heads may propose it
+            out.append({"prompt": prompt, "prompt_ids": p, "reply_ids": reply})
+            with path.open("a") as f:
+                f.write(json.dumps(out[-1]) + "\n")
+        log(f"replies {len(out)}/{len(prompts)}")
+    return out
+
+
+def load_or_generate(model_name: str, model_dir: Path, tok: ChatTokenizer, args) -> list[dict]:
+    path = cache_dir() / "training" / f"{model_name}-replies-{args.max_new_tokens}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prompts = training_prompts(args.prompts)
+    data = generate_replies(model_dir, tok, prompts, args.max_new_tokens, args.gen_batch, args.device, path)
+    wanted = set(prompts)
+    return [d for d in data if d["prompt"] in wanted]
+
+
+# ---- 2. hidden states and targets -------------------------------------------------------------
+def hidden_states(model: LlamaModel, data: list[dict], num_heads: int):
+    """Per reply position t (from the last prompt token on): the final-normed hidden state and
+    the tokens at t + 2 ... t + 1 + num_heads (-1 past the end). Also the share of positions
+    where our engine's greedy choice is the reply's next token (transformers made the replies)."""
+    hs, targets, convo = [], [], []
+    agree = total = 0
+    cache = model.new_cache(max(len(d["prompt_ids"]) + len(d["reply_ids"]) for d in data))
+    with torch.inference_mode():
+        for n, d in enumerate(data):
+            seq = d["prompt_ids"] + d["reply_ids"]
+            first = len(d["prompt_ids"]) - 1
+            logits, hidden = model.forward(torch.tensor([seq], device=model.device), cache, 0, all_logits=True,
+                                           return_hidden=True)
+            nxt = logits[0, first:-1].argmax(-1).cpu()
+            agree += int((nxt == torch.tensor(seq[first + 1:])).sum())
+            total += len(seq) - 1 - first
+            hs.append(hidden[0, first:-1].float().cpu())
+            tgt = torch.full((len(seq) - 1 - first, num_heads), -1, dtype=torch.long)
+            for t in range(first, len(seq) - 1):
+                for k in range(num_heads):
+                    if t + k + 2 < len(seq):
+                        tgt[t - first, k] = seq[t + k + 2]
+            targets.append(tgt)
+            convo.append(torch.full((len(seq) - 1 - first,), n))
+            if n % 50 == 0:
+                log(f"hidden states {n}/{len(data)}")
+    return torch.cat(hs), torch.cat(targets), torch.cat(convo), agree / max(total, 1)
+
+
+def head_vocabulary(targets: torch.Tensor, vocab: int, coverage: float, multiple: int = 256) -> torch.Tensor:
+    """The most frequent target tokens covering ``coverage`` of all targets (rounded up to a
+    multiple of ``multiple``), sorted by token id."""
+    t = targets[targets >= 0]
+    counts = torch.bincount(t, minlength=vocab)
+    order = counts.argsort(descending=True)
+    cum = counts[order].cumsum(0).double() / t.numel()
+    n = int((cum < coverage).sum()) + 1
+    n = min(vocab, math.ceil(n / multiple) * multiple)
+    return order[:n].sort().values
+
+
+# ---- 3. the heads -----------------------------------------------------------------------------
+class Heads(torch.nn.Module):
+    def __init__(self, num_heads: int, hidden: int, out_weight: torch.Tensor):
+        super().__init__()
+        self.linears = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(num_heads))
+        for lin in self.linears:
+            torch.nn.init.zeros_(lin.weight)
+            torch.nn.init.zeros_(lin.bias)
+        self.register_buffer("out_weight", out_weight)  # [V', H], frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H] -> [K, B, V']
+        return torch.stack([F.linear(x + F.silu(lin(x)), self.out_weight) for lin in self.linears])
+
+
+def train(heads: Heads, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float, decay: float):
+    """Cross-entropy of head k against its targets, weighted ``decay ** k`` (the paper's 0.8);
+    AdamW with a cosine schedule after a short warm-up."""
+    opt = torch.optim.AdamW(heads.linears.parameters(), lr=lr, weight_decay=0.0)
+    steps = epochs * math.ceil(len(x) / batch)
+    warm = max(1, steps // 50)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    weights = torch.tensor([decay ** k for k in range(y.shape[1])])
+    gen = torch.Generator().manual_seed(0)
+    step = 0
+    for epoch in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        total = 0.0
+        for i in range(0, len(x), batch):
+            idx = perm[i:i + batch]
+            logits = heads(x[idx])  # [K, B, V']
+            tgt = y[idx].t()  # [K, B]
+            loss = sum(w * F.cross_entropy(logits[k], tgt[k], ignore_index=-1)
+                       for k, w in enumerate(weights) if (tgt[k] >= 0).any())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            step += 1
+            if step % 100 == 0:
+                log(f"epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss.item():.3f}")
+        log(f"epoch {epoch + 1}: mean loss {total / len(x):.4f}")
+
+
+def ranks(heads: Heads, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per position and head: the rank of the target among the head's proposals (MAX_RANK when
+    it is not in the top MAX_RANK, or there is no target)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), 2048):
+            top = heads(x[i:i + 2048]).topk(MAX_RANK, dim=-1).indices  # [K, B, R]
+            tgt = y[i:i + 2048].t()[..., None]  # [K, B, 1]
+            hit = (top == tgt) & (tgt >= 0)
+            r = torch.where(hit.any(-1), hit.int().argmax(-1), torch.full_like(hit[..., 0], MAX_RANK, dtype=torch.long))
+            out.append(r.t())
+    return torch.cat(out)  # [P, K]
+
+
+def acceptance_profile(r: torch.Tensor) -> list[tuple[list[int], float]]:
+    """Frequency with which each rank path (r0, ..., rd) is entirely right, for the most
+    frequent paths. With a tree of these paths, the mean tokens per step is 1 + the sum of its
+    paths' frequencies (the matching nodes form one chain, and the root is always kept)."""
+    n, k = r.shape
+    counts: dict[tuple[int, ...], int] = {}
+    for row in r.tolist():
+        for d in range(k):
+            if row[d] >= MAX_RANK:
+                break
+            path = tuple(row[:d + 1])
+            counts[path] = counts.get(path, 0) + 1
+    best = sorted(counts.items(), key=lambda kv: (-kv[1], len(kv[0]), kv[0]))[:PROFILE_PATHS]
+    return [(list(p), c / n) for p, c in best]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.medusa", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="base model (default: the embedded model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompts", type=int, default=600, help="how many training prompts to answer")
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--gen-batch", type=int, default=24)
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--coverage", type=float, default=0.985, help="share of reply tokens the head vocabulary covers")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--decay", type=float, default=0.8, help="loss weight of head k is decay**k")
+    p.add_argument("--holdout", type=float, default=0.1, help="share of replies kept out for the profile")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t0 = time.time()
+    name, model_dir = resolve(args.model, log)
+    model = LlamaModel.from_dir(model_dir, args.device, dtype=torch.float32)
+    tok = ChatTokenizer(model_dir, model.cfg)
+    data = load_or_generate(name, model_dir, tok, args)
+    t_gen = time.time() - t0
+    log(f"{len(data)} replies, {sum(len(d['reply_ids']) for d in data)} tokens ({t_gen:.0f} s)")
+
+    x, y, convo, agree = hidden_states(model, data, args.heads)
+    log(f"{len(x)} positions; our engine's greedy choice equals the reply's next token at {agree:.2%}")
+    held = set(random.Random(1).sample(range(len(data)), max(1, int(len(data) * args.holdout))))
+    test = torch.tensor([int(c) in held for c in convo])
+    token_ids = head_vocabulary(y[~test], model.cfg.vocab_size, args.coverage)
+    remap = torch.full((model.cfg.vocab_size + 1,), -1, dtype=torch.long)
+    remap[token_ids] = torch.arange(len(token_ids))
+    y_local = remap[y]  # -1 (ignored) for targets outside the head vocabulary and past the end
+    heads = Heads(args.heads, model.cfg.hidden_size, output_rows(model.lm_head, token_ids).float().cpu())
+    log(f"head vocabulary: {len(token_ids)} tokens")
+
+    t1 = time.time()
+    train(heads, x[~test], y_local[~test], args.epochs, args.batch, args.lr, args.decay)
+    t_train = time.time() - t1
+    r = ranks(heads, x[test], y_local[test])
+    top1 = [(r[:, k] == 0).float().mean().item() for k in range(args.heads)]
+    top5 = [(r[:, k] < 5).float().mean().item() for k in range(args.heads)]
+    profile = acceptance_profile(r)
+    log(f"held-out top-1 per head {[round(a, 3) for a in top1]}, top-5 {[round(a, 3) for a in top5]}")
+
+    out = args.out or ROOT / "assets" / "medusa"
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"token_ids": token_ids.contiguous()}
+    for k, lin in enumerate(heads.linears):
+        tensors[f"{k}.0.linear.weight"] = lin.weight.detach().contiguous()
+        tensors[f"{k}.0.linear.bias"] = lin.bias.detach().contiguous()
+    save_file(tensors, str(out / f"{name}.safetensors"))
+    meta = {
+        "base_model": name, "num_heads": args.heads, "num_layers": 1, "head_vocabulary": len(token_ids),
+        "training": {
+            "method": "self-distillation on the base model's greedy replies", "prompts": len(data),
+            "replies_held_out": len(held), "reply_tokens": sum(len(d["reply_ids"]) for d in data),
+            "positions_train": int((~test).sum()), "positions_held_out": int(test.sum()),
+            "max_new_tokens": args.max_new_tokens, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+            "loss_decay": args.decay, "coverage": args.coverage, "device": args.device,
+            "engine_agreement": round(agree, 4), "generation_s": round(t_gen), "training_s": round(t_train),
+        },
+        "held_out": {"top1": [round(a, 4) for a in top1], "top5": [round(a, 4) for a in top5]},
+        "profile": [{"path": path, "freq": round(f, 5)} for path, f in profile],
+    }
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    log(f"wrote {out / (name + '.safetensors')} and its profile ({time.time() - t0:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
