@@ -145,7 +145,7 @@ def plan(model, heads, name: str, choices: str | None, profile: Profile | None) 
     if profile is None:  # no acceptance figures for these heads: the reference tree
         return Plan(build_tree(read_choices("card", heads.num_heads), heads.num_heads).to(model.device), "card")
     most = len([p for p, _ in profile.paths if len(p) <= heads.num_heads]) + 1
-    sizes = [n for n in TREE_SIZES if 2 <= n <= most]
+    sizes = sorted({n for n in TREE_SIZES if 2 <= n < most} | {most})
     costs = step_costs(model, heads, name, sizes, profile)
 
     def rate(n):

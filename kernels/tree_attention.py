@@ -39,24 +39,24 @@ def _check(q, k_cache, v_cache, start, tree_mask):
 
 
 # ---- reference -----------------------------------------------------------------------------
-_last_mask = None  # (weakref to a tree mask, its version, start, groups, the mask built from it)
+_last_mask = None  # (weakref to a tree mask, start, groups, the mask built from it)
 
 
 def _grouped_mask(tree_mask: torch.Tensor, start: int, groups: int) -> torch.Tensor:
     """The boolean mask over slots 0..start+T-1 for the grouped query rows ([groups * T,
     start + T], rows group-major): every prefix slot, then the tree mask. The last one built is
     kept, since a forward pass asks for the same one in every layer; it is reused only for the
-    same tensor object, unchanged since (its version counter counts in-place writes)."""
+    same tensor object (tree masks are built once per tree and never written to; inference
+    tensors have no version counter to check that)."""
     global _last_mask
     memo = _last_mask
-    if (memo is not None and memo[0]() is tree_mask and memo[1] == tree_mask._version
-            and memo[2] == start and memo[3] == groups):
-        return memo[4]
+    if memo is not None and memo[0]() is tree_mask and memo[1] == start and memo[2] == groups:
+        return memo[3]
     t = tree_mask.shape[0]
     mask = torch.ones(groups, t, start + t, dtype=torch.bool, device=tree_mask.device)
     mask[:, :, start:] = tree_mask
     mask = mask.view(groups * t, start + t)
-    _last_mask = (weakref.ref(tree_mask), tree_mask._version, start, groups, mask)
+    _last_mask = (weakref.ref(tree_mask), start, groups, mask)
     return mask
 
 

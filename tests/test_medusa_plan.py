@@ -1,0 +1,93 @@
+"""Choosing the Medusa tree: presets and files, the acceptance profile, the device's measured
+step time, and heads that score a token subset."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine import medusa_plan
+from engine.errors import EngineError
+from engine.llama import LlamaModel
+from engine.medusa import MedusaHeads
+from engine.medusa_heads import load_fasterdecoding
+from engine.medusa_plan import Profile, measure_step_ms, plan
+from engine.medusa_tree import CARD_CHOICES
+
+PROFILE = Profile([((0,), 0.6), ((0, 0), 0.4), ((1,), 0.1), ((0, 0, 0), 0.25), ((0, 1), 0.05), ((2,), 0.04)])
+
+
+class FakeHeads:
+    num_heads = 3
+
+
+def test_profile_trees_are_prefix_closed_and_expected_tokens_add_up():
+    assert PROFILE.tree_paths(1, 3) == []
+    assert PROFILE.tree_paths(3, 3) == [(0,), (0, 0)]
+    assert PROFILE.tree_paths(4, 2) == [(0,), (0, 0), (1,)]  # depth 3 needs 3 heads
+    assert PROFILE.expected_tokens(PROFILE.tree_paths(4, 3)) == pytest.approx(1 + 0.6 + 0.4 + 0.1)
+
+
+def test_auto_picks_the_most_tokens_per_second(monkeypatch, tiny_checkpoint):
+    model = LlamaModel.from_dir(tiny_checkpoint)
+    # a CPU-like cost: every node adds a good share of a step
+    costs = {n: 10.0 + 3.0 * max(n - 1, 0) for n in range(65)}
+    monkeypatch.setattr(medusa_plan, "step_costs", lambda *a: costs)
+    p = plan(model, FakeHeads(), "tiny", None, PROFILE)
+    rates = {n: PROFILE.expected_tokens(PROFILE.tree_paths(n, 3)) / costs[n] for n in (2, 3, 4, 5, 6, 7)}
+    assert max(rates, key=rates.get) not in (2, 7)  # the case is not trivial
+    best = max(rates, key=rates.get)
+    assert p.tree.num_nodes == best and p.choices == f"auto ({best} nodes)"
+    # a GPU-like cost: nodes are nearly free, so the whole profile goes in
+    flat = {n: 10.0 + 0.01 * n for n in range(65)}
+    monkeypatch.setattr(medusa_plan, "step_costs", lambda *a: flat)
+    assert plan(model, FakeHeads(), "tiny", "auto", PROFILE).tree.num_nodes == 7
+
+
+def test_presets_files_and_errors(tmp_path, tiny_checkpoint):
+    model = LlamaModel.from_dir(tiny_checkpoint)
+    assert plan(model, FakeHeads(), "tiny", "card", PROFILE).tree.num_nodes == len(CARD_CHOICES) + 1
+    assert plan(model, FakeHeads(), "tiny", None, None).choices == "card"  # no profile: the reference tree
+    f = tmp_path / "tree.json"
+    f.write_text(json.dumps([[0], [0, 0], [1]]))
+    assert plan(model, FakeHeads(), "tiny", str(f), None).tree.num_nodes == 4
+    with pytest.raises(EngineError, match="not a preset"):
+        plan(model, FakeHeads(), "tiny", "bushy", None)
+    f.write_text("{not json")
+    with pytest.raises(EngineError, match="tree.json"):
+        plan(model, FakeHeads(), "tiny", str(f), None)
+    f.write_text(json.dumps([[0, 0, 0, 0]]))
+    with pytest.raises(EngineError, match="4 deep"):
+        plan(model, FakeHeads(), "tiny", str(f), None)
+
+
+def test_heads_on_a_token_subset(tmp_path, tiny_checkpoint):
+    """Shipped-style heads: FasterDecoding layout plus ``token_ids``; proposals come from the
+    subset, scored with the base lm_head's rows, and the step time is measured for real."""
+    model = LlamaModel.from_dir(tiny_checkpoint)
+    h = model.cfg.hidden_size
+    ids = torch.tensor([3, 17, 250, 4000, 49151])
+    g = torch.Generator().manual_seed(0)
+    tensors = {"token_ids": ids}
+    for k in range(2):
+        tensors[f"{k}.0.linear.weight"] = torch.randn(h, h, generator=g) * 0.1
+        tensors[f"{k}.0.linear.bias"] = torch.randn(h, generator=g) * 0.1
+    save_file(tensors, str(tmp_path / "heads.safetensors"))
+    heads = load_fasterdecoding(tmp_path / "heads.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
+    assert isinstance(heads, MedusaHeads) and heads.token_ids.tolist() == ids.tolist()
+    x = torch.randn(h, generator=g)
+    proposals = heads.propose(x, model.lm_head, [2, 1])
+    w = model.embed[ids]
+    for k, n in enumerate((2, 1)):
+        y = x + torch.nn.functional.silu(x @ tensors[f"{k}.0.linear.weight"].t() + tensors[f"{k}.0.linear.bias"])
+        want = ids[(y @ w.t()).topk(n).indices]
+        got = proposals[:2] if k == 0 else proposals[2:]
+        assert got.tolist() == want.tolist()
+    costs = measure_step_ms(model, heads, [2, 3], Profile([((0,), 0.5), ((0, 0), 0.3)]), warmup=0, reps=1,
+                            context=8)
+    assert set(costs) == {0, 2, 3} and all(ms > 0 for ms in costs.values())
+    tensors["token_ids"] = torch.tensor([3, 49152])  # past the vocabulary
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(EngineError, match="token_ids"):
+        load_fasterdecoding(tmp_path / "bad.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
