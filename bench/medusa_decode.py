@@ -92,7 +92,7 @@ def shape_8b(args) -> dict:
     heads = MedusaHeads([[Linear(torch.randn(h, h, device=device, dtype=dtype) * 0.02,
                                  torch.zeros(h, device=device, dtype=dtype))] for _ in range(3)], None)
     profile = Profile.read(SHIPPED / "SmolLM2-135M-Instruct.json")
-    sizes = [n for n in TREE_SIZES if n <= (8 if args.smoke else 64)]
+    sizes = [n for n in TREE_SIZES if 2 <= n <= (8 if args.smoke else 64)]
     costs = measure_step_ms(model, heads, sizes, profile, context=args.context)
     rows = []
     for n in sizes:

@@ -266,25 +266,47 @@ class LlamaModel:
         index_copy_ at ``pos`` and attention runs over the whole cache with positions > pos
         masked out. Same result as ``forward(ids, cache, pos)``; returns logits [B, vocab]. The
         caller advances ``pos`` and ``cache.length``."""
-        cfg = self.cfg
-        bsz = ids.shape[0]
-        h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        groups = nh // nkv
-        cos, sin = self._rope_tables(cache.max_len)
         at = pos.reshape(1)
-        cos, sin = cos.index_select(0, at)[:, None], sin.index_select(0, at)[:, None]
         mask = (torch.arange(cache.max_len, device=self.device) <= pos)[None, :]  # [1, L]: all query rows
-        eps = cfg.rms_norm_eps
+        x = self._static_pass(ids, at, at, mask, cache)
+        return self.logits(F.rms_norm(x[:, 0], (self.cfg.hidden_size,), self.norm, self.cfg.rms_norm_eps))
+
+    def tree_step(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, offsets: torch.Tensor,
+                  tree_mask: torch.Tensor) -> torch.Tensor:
+        """``forward(ids, cache, pos, tree=(offsets, tree_mask), logits=False)`` with static
+        shapes, for CUDA-graph capture of the Medusa verify pass: the N tree nodes ``ids`` [1, N]
+        go to cache slots pos..pos+N-1 and attend over the whole cache, the prefix (slots < pos)
+        and the tree slots their mask row allows. Returns final-normed hidden states [N, H]."""
+        n = ids.shape[1]
+        slots = pos + torch.arange(n, device=self.device)
+        rel = torch.arange(cache.max_len, device=self.device) - pos  # slot - pos
+        in_tree = (rel >= 0) & (rel < n)
+        mask = (rel < 0)[None, :] | (tree_mask[:, rel.clamp(0, n - 1)] & in_tree[None, :])  # [N, L]
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
+        x = self._static_pass(ids, slots, pos + offsets, mask.repeat(groups, 1), cache)
+        return F.rms_norm(x[0], (self.cfg.hidden_size,), self.norm, self.cfg.rms_norm_eps)
+
+    def _static_pass(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                     cache: KVCache) -> torch.Tensor:
+        """The layers for ``ids`` [B, T] written at cache ``slots`` [T], rotated for
+        ``positions`` [T], attending over the whole cache under ``mask`` ([groups * T or 1, L],
+        rows group-major); no host sync, no shape that depends on values."""
+        cfg = self.cfg
+        bsz, t = ids.shape
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos, sin = self._rope_tables(cache.max_len)
+        cos, sin = cos.index_select(0, positions)[:, None], sin.index_select(0, positions)[:, None]
         x = F.embedding(ids, self.embed)
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
-            cache.k[li].index_copy_(2, at, k)
-            cache.v[li].index_copy_(2, at, v)
-            qg = q.reshape(bsz, nkv, groups, d)
+            cache.k[li].index_copy_(2, slots, k)
+            cache.v[li].index_copy_(2, slots, v)
+            qg = q.reshape(bsz, nkv, (nh // nkv) * t, d)
             attn = F.scaled_dot_product_attention(qg, cache.k[li], cache.v[li], attn_mask=mask)
-            x = layer.o(attn.reshape(bsz, 1, cfg.q_size), residual=x)
+            attn = attn.view(bsz, nh, t, d).transpose(1, 2).reshape(bsz, t, cfg.q_size)
+            x = layer.o(attn, residual=x)
             x = self._mlp(layer, x)
-        return self.lm_head(F.rms_norm(x[:, 0], (h,), self.norm, eps)).float()
+        return x
 
     def _mask(self, start: int, t: int, groups: int) -> torch.Tensor | None:
         """Boolean attention mask for T > 1 new tokens (rows ordered group-major, as the grouped

@@ -97,19 +97,57 @@ def accepted_lengths(ok: torch.Tensor, tree: MedusaTree) -> torch.Tensor:
     return (ok[tree.retrieve_indices.clamp(min=0)] & tree.valid)[:, 1:].int().cumprod(1).sum(1)
 
 
-def verify(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, root: int,
-           proposals: torch.Tensor, accept=accept_greedy) -> StepResult:
+class TreeGraph:
+    """The verify pass of one tree over one cache as a CUDA graph (``LlamaModel.tree_step`` and
+    the inner nodes' logits): one launch per step instead of hundreds of kernel launches."""
+
+    def __init__(self, model: LlamaModel, tree: MedusaTree, cache: KVCache):
+        self.model, self.tree, self.cache = model, tree, cache
+        self.tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=model.device)
+        self.pos = torch.zeros((), dtype=torch.long, device=model.device)
+
+        def run():
+            hidden = model.tree_step(self.tokens[None], self.pos, cache, tree.position_offsets, tree.attn_mask)
+            return hidden, model.logits(hidden.index_select(0, tree.inner))
+
+        # warm-up runs write the tree's keys/values somewhere: at the end of the cache, which is
+        # free (a step is only taken while the tree fits after the cached tokens)
+        self.pos.fill_(cache.max_len - tree.num_nodes)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.hidden, self.logits = run()
+
+    def __call__(self, tokens: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.tokens.copy_(tokens)
+        self.pos.fill_(start)
+        self.graph.replay()
+        self.cache.length = start + self.tree.num_nodes
+        return self.hidden, self.logits
+
+
+def verify(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, root: int | torch.Tensor,
+           proposals: torch.Tensor, accept=accept_greedy, graph: TreeGraph | None = None) -> StepResult:
     """One Medusa step at batch 1. ``root`` is the next token (chosen from the base model's
     logits after the last accepted token, which the cache holds); ``proposals`` are the heads'
     candidates from that same token (``MedusaHeads.propose`` with ``tree.topk``). The root and
     the proposals are verified in one pass over the tree; the longest accepted path wins (ties:
     the first). Only the nodes with children go through the lm_head (plus the last accepted
     node when it is a leaf)."""
-    tokens = torch.cat([torch.tensor([root], device=proposals.device), proposals])[tree.tree_indices]  # [N]
+    root = torch.as_tensor(root, device=proposals.device).reshape(1)  # a device tensor stays there: no sync
+    tokens = torch.cat([root, proposals])[tree.tree_indices]  # [N]
     start = cache.length
-    hidden = model.forward(tokens[None], cache, start, tree=(tree.position_offsets, tree.attn_mask),
-                           logits=False)[0]  # [N, H]
-    logits = model.logits(hidden.index_select(0, tree.inner))  # [I, V]
+    if graph is not None:
+        hidden, logits = graph(tokens, start)
+    else:
+        hidden = model.forward(tokens[None], cache, start, tree=(tree.position_offsets, tree.attn_mask),
+                               logits=False)[0]  # [N, H]
+        logits = model.logits(hidden.index_select(0, tree.inner))  # [I, V]
     lengths = accepted_lengths(accept(logits, tree.parent_slot, tokens[1:]), tree)
     host = torch.cat([lengths, tokens]).tolist()  # the one host sync of the step
     lengths, token_list = host[:len(tree.retrieve_rows)], host[len(tree.retrieve_rows):]
@@ -139,12 +177,19 @@ def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVC
     ``hidden`` are the base model's logits and final-normed hidden state after its last token):
     yields the tokens accepted at each step (at least one), ending at EOS (not yielded), at
     ``max_new_tokens``, or where the context is full. Every yielded token's keys/values are in
-    the cache, in order. ``sampler`` picks each root (argmax when None)."""
-    pick = sampler if sampler is not None else (lambda logits: int(logits.argmax()))
+    the cache, in order. ``sampler`` picks each root (argmax when None). On a GPU the verify pass
+    runs as a CUDA graph (captured per tree and cache, kept on the cache object)."""
+    pick = sampler if sampler is not None else (lambda logits: logits.argmax())
+    graph = None
+    if model.device.type == "cuda":
+        graphs = cache.__dict__.setdefault("tree_graphs", {})
+        if id(tree) not in graphs:
+            graphs[id(tree)] = (tree, TreeGraph(model, tree, cache))  # the tree is kept alive with its graph
+        graph = graphs[id(tree)][1]
     proposals = heads.propose(hidden, model.lm_head, tree.topk)
     produced = 0
     while produced < max_new_tokens and cache.length + tree.num_nodes <= cache.max_len:
-        step = verify(model, heads, tree, cache, pick(root_logits), proposals, accept)
+        step = verify(model, heads, tree, cache, pick(root_logits), proposals, accept, graph)
         tokens = step.tokens[:max_new_tokens - produced]
         stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
         if stop is not None:

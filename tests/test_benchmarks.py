@@ -9,12 +9,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def smoke(script: str) -> dict:
-    r = subprocess.run([sys.executable, f"bench/{script}", "--smoke"], capture_output=True, text=True,
+def smoke(script: str, *extra: str) -> dict:
+    r = subprocess.run([sys.executable, f"bench/{script}", *extra, "--smoke"], capture_output=True, text=True,
                        timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["command"] == f"python bench/{script} --smoke" and summary["commit"] and summary["device"]
+    assert summary["command"] == " ".join(["python", f"bench/{script}", *extra, "--smoke"])
+    assert summary["commit"] and summary["device"]
     return summary
 
 
@@ -35,3 +36,15 @@ def test_decode_e2e():
     assert all(r["tok_s"] > 0 and r["roofline_tok_s"] > 0 for r in s["result"])
     # FP8 weights halve (or better, vs fp32 quarter) the bytes per token
     assert s["result"][1]["bytes_per_token"] < s["result"][0]["bytes_per_token"] / 2
+
+
+def test_medusa_decode(embedded_session):
+    s = smoke("medusa_decode.py")
+    assert s["prompts"] == 2 and s["identical"] == 2 and s["mean_tokens_per_step"] >= 1
+    assert s["plain_tok_s"] > 0 and s["medusa_tok_s"] > 0 and s["tree"].startswith("auto")
+
+
+def test_medusa_decode_8b_shape():
+    s = smoke("medusa_decode.py", "--shape", "8b")
+    assert s["shape"] == "tiny" and s["plain_step_ms"] > 0
+    assert [r["nodes"] for r in s["rows"]][:3] == [2, 3, 4] and all(r["step_ms"] > 0 for r in s["rows"])

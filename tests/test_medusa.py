@@ -105,3 +105,21 @@ def test_typical_sampling_is_seeded_and_accepts(embedded_session):
     assert a == b
     tokens = [t for step in a for t in step]
     assert len(tokens) == 30 and max(len(step) for step in a) >= 2
+
+
+def test_static_tree_step_equals_the_tree_forward(embedded_session):
+    """The static-shape verify pass (what a CUDA graph captures) gives the same hidden states
+    and cache entries as the dynamic one."""
+    model = embedded_session.model
+    ids = embedded_session.tokenizer.encode_chat([{"role": "user", "content": "Name a colour."}])
+    tree = build_tree(CARD_CHOICES[:12], num_heads=3)
+    nodes = torch.randint(0, 1000, (1, tree.num_nodes), generator=torch.Generator().manual_seed(0))
+    a, b = model.new_cache(128), model.new_cache(128)
+    with torch.inference_mode():
+        for c in (a, b):
+            model.forward(torch.tensor([ids]), c, 0)
+        want = model.forward(nodes, a, len(ids), tree=(tree.position_offsets, tree.attn_mask), logits=False)[0]
+        got = model.tree_step(nodes, torch.tensor(len(ids)), b, tree.position_offsets, tree.attn_mask)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    end = len(ids) + tree.num_nodes
+    torch.testing.assert_close(b.k[:, :, :, :end], a.k[:, :, :, :end], atol=1e-5, rtol=1e-5)
