@@ -313,3 +313,29 @@ def test_context_full_is_a_one_line_error(dmc_model):
     dmc.prefill(prompts(), parallel=True)
     with pytest.raises(EngineError, match="context full"):
         dmc.step(torch.tensor([1, 2]))
+
+
+def test_decoding_with_the_triton_kernels_matches_the_references(dmc_model, monkeypatch):
+    """The model's DMC step with the Triton update and attention kernels (Triton's interpreter
+    on machines without a GPU), on the q/k/v views the step hands them, against the PyTorch
+    references."""
+    import engine.dmc as dmc_module
+    from kernels.dmc import dmc_decode_attention_triton, dmc_update_triton
+
+    ids = prompts()[:, 3:23]  # the 20-token merge run of row 0, past the window
+    ref = DMCDecoder(dmc_model, batch=2, max_len=32)
+    want, want_tokens = greedy(ref, ids, 3, parallel=False)
+    longest = []
+
+    def update(*args):
+        out = dmc_update_triton(*args)
+        longest.append(int(args[9].max()))  # the run lengths, after the update
+        return out
+
+    monkeypatch.setattr(dmc_module, "dmc_update", update)
+    monkeypatch.setattr(dmc_module, "dmc_decode_attention", dmc_decode_attention_triton)
+    tri = DMCDecoder(dmc_model, batch=2, max_len=32)
+    got, tokens = greedy(tri, ids, 3, parallel=False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, want_tokens)
+    assert torch.equal(tri.cache.lens, ref.cache.lens) and max(longest) > 12
