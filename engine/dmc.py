@@ -3,8 +3,9 @@ varies per (batch row, layer, KV head), and the forward pass that fills it.
 
 API for the engine (the Session wires it; nothing here knows about the UI):
 
-    model = LlamaModel.from_dir(...)                 # or engine.megatron_checkpoint.load_megatron_model(...)
+    model = LlamaModel.from_dir(...)                 # or engine.megatron_checkpoint.load_megatron_model(path)
     dmc = DMCDecoder(model, batch=1, max_len=4096)   # page_size=16, init_val=5.0, window=12
+                                                     # (megatron_checkpoint.dmc_settings(info["args"]))
     logits = dmc.prefill(ids)     # ids [B, T] int64 -> logits of the last token [B, vocab] (float32);
                                   # on an empty cache the whole prompt runs at once (parallel prefill),
                                   # after earlier tokens it runs token by token
@@ -40,7 +41,8 @@ from .config import ModelConfig
 from .errors import EngineError
 
 INIT_VAL = 5.0  # --dmc-init-val of the released checkpoints
-WINDOW = 12  # --dmc-window-size of the released checkpoints
+WINDOW = 12  # --dmc-window-size of the released checkpoints (the reference kernel hard-codes 12)
+PREFILL_CHUNK = 256  # query tokens per attention call in the parallel prefill
 
 
 class DMCCache:
@@ -182,11 +184,14 @@ class DMCDecoder:
     def __init__(self, model, batch: int = 1, max_len: int | None = None, page_size: int = 16,
                  init_val: float = INIT_VAL, window: int = WINDOW):
         cfg = model.cfg
+        if int(window) < 1:
+            raise EngineError(f"DMC window {window}: must be at least 1")
         self.model = model
         self.init_val, self.window = float(init_val), int(window)
         self.max_len = int(max_len or cfg.max_position_embeddings)
         self.cache = DMCCache(cfg, self.max_len, batch, model.device, model.dtype, page_size, window)
         self._last_dim = torch.arange(cfg.head_dim, device=model.device) == cfg.head_dim - 1
+        self.prefill_chunk = PREFILL_CHUNK
 
     @property
     def length(self) -> int:
@@ -301,12 +306,7 @@ class DMCDecoder:
             # slot of token j is still there for token i > j iff token j+1 appends
             final = torch.ones_like(merge)
             final[:, :-1] = ~merge[:, 1:]
-            visible = (idx[:, None] > idx[None, :])[None, None] & final.permute(0, 2, 1)[:, :, None, :]
-            visible |= torch.eye(t, dtype=torch.bool, device=dev)  # [B, Hkv, T, T]
-            qg = qr.permute(0, 2, 1, 3).reshape(bsz, nkv, groups * t, d)
-            mask = visible.repeat(1, 1, groups, 1)
-            attn = F.scaled_dot_product_attention(qg, kr.transpose(1, 2), v_slot.transpose(1, 2), attn_mask=mask)
-            attn = attn.view(bsz, nh, t, d).transpose(1, 2).reshape(bsz, t, cfg.q_size)
+            attn = self._prefill_attention(qr, kr, v_slot, final)
             self._store_prefill(li, final, kr, v_slot, merge, kw, vw, w, ksum, vsum, wsum, run_start)
             x = layer.o(attn, residual=x)
             x = model._mlp(layer, x)
@@ -314,6 +314,27 @@ class DMCDecoder:
         if not all_logits:
             x = x[:, -1]
         return model.logits(F.rms_norm(x, (h,), model.norm, eps))
+
+    def _prefill_attention(self, q, k, v, final):
+        """Token i attends to the slots final by then (tokens j < i with final[j]) and to its
+        own slot. q [B, T, H, D], k, v [B, T, Hkv, D], final [B, T, Hkv] -> [B, T, H * D]. In
+        chunks of query tokens, so that the mask is [B, Hkv, groups * chunk, T] at most."""
+        bsz, t, nh, d = q.shape
+        nkv = k.shape[2]
+        groups = nh // nkv
+        idx = torch.arange(t, device=q.device)
+        qh, kh, vh = q.permute(0, 2, 1, 3), k.transpose(1, 2), v.transpose(1, 2)
+        final_t = final.permute(0, 2, 1)[:, :, None, :]  # [B, Hkv, 1, T]
+        out = torch.empty(bsz, nh, t, d, dtype=q.dtype, device=q.device)
+        for c0 in range(0, t, self.prefill_chunk):
+            c1 = min(t, c0 + self.prefill_chunk)
+            rows, cols = idx[c0:c1, None], idx[None, :c1]
+            visible = ((rows > cols) & final_t[..., :c1]) | (rows == cols)  # [B, Hkv, C, c1]
+            qg = qh[:, :, c0:c1].reshape(bsz, nkv, groups * (c1 - c0), d)
+            attn = F.scaled_dot_product_attention(qg, kh[:, :, :c1], vh[:, :, :c1],
+                                                  attn_mask=visible.repeat(1, 1, groups, 1))
+            out[:, :, c0:c1] = attn.view(bsz, nh, c1 - c0, d)
+        return out.transpose(1, 2).reshape(bsz, t, nh * d)
 
     def _store_prefill(self, li, final, kr, v_slot, merge, kw, vw, w, ksum, vsum, wsum, run_start):
         """Slots (the final tokens' keys and values, in order) and state after the last token."""

@@ -287,6 +287,19 @@ def read_megatron_checkpoint(path: Path) -> tuple[ModelConfig, TensorSource, dic
     return cfg, TensorSource.from_tensors(tensors, file), info
 
 
+def dmc_settings(args: dict) -> dict:
+    """DMCDecoder's init_val and window from a checkpoint's stored args (read_megatron_checkpoint's
+    info["args"]), where the training run recorded them; the released defaults otherwise. The
+    reference decoder uses a window of 12 whatever the args say, unless the window is 0 (an
+    unbounded running mean, which DMCDecoder does not implement)."""
+    from .dmc import INIT_VAL, WINDOW
+
+    window = args.get("dmc_window_size", WINDOW)
+    if window is not None and int(window) == 0:
+        raise EngineError("DMC with dmc_window_size 0 (unbounded running means) is not supported")
+    return {"init_val": float(args.get("dmc_init_val") or INIT_VAL), "window": WINDOW}
+
+
 def load_megatron_model(path: Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None):
     """A LlamaModel from a legacy Megatron checkpoint (file, mp_rank_00 folder or root)."""
     from .llama import LlamaModel

@@ -23,7 +23,7 @@ from engine.checkpoint import TensorSource
 from engine.dmc import DMCDecoder
 from engine.errors import EngineError
 from engine.llama import LlamaModel
-from engine.megatron_checkpoint import (load_megatron_model, read_megatron_checkpoint, tokenizer_path)
+from engine.megatron_checkpoint import dmc_settings, load_megatron_model, read_megatron_checkpoint, tokenizer_path
 
 VOCAB, HIDDEN, HEADS, GROUPS, HEAD_DIM, LAYERS, FFN = 48, 64, 4, 2, 16, 2, 96
 
@@ -125,6 +125,10 @@ def test_megatron_checkpoint_gives_the_logits_of_the_same_weights_in_hf_layout(t
     assert cfg == dataclasses.replace(hf.cfg, bos_token_id=1, eos_token_ids=(2,), torch_dtype="bfloat16")
     assert info["iteration"] == 2000 and info["checkpoint_version"] == 3.0
     assert info["args"]["model_type"].value == 1 and info["args"]["dmc_window_size"] == 12
+    assert dmc_settings(info["args"]) == {"init_val": 5.0, "window": 12}
+    assert dmc_settings({}) == {"init_val": 5.0, "window": 12}
+    with pytest.raises(EngineError, match="unbounded"):
+        dmc_settings({"dmc_window_size": 0})
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     want = hf.forward(ids, hf.new_cache(16, batch=2), 0, all_logits=True)
     got = meg.forward(ids, meg.new_cache(16, batch=2), 0, all_logits=True)
