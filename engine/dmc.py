@@ -6,9 +6,9 @@ API for the engine (the Session wires it; nothing here knows about the UI):
     model = LlamaModel.from_dir(...)                 # or engine.megatron_checkpoint.load_megatron_model(path)
     dmc = DMCDecoder(model, batch=1, max_len=4096)   # page_size=16, init_val=5.0, window=12
                                                      # (megatron_checkpoint.dmc_settings(info["args"]))
-    logits = dmc.prefill(ids)     # ids [B, T] int64 -> logits of the last token [B, vocab] (float32);
-                                  # on an empty cache the whole prompt runs at once (parallel prefill),
-                                  # after earlier tokens it runs token by token
+    logits = dmc.prefill(ids)     # ids [B, T] int64 after the tokens held -> logits of the last token
+                                  # [B, vocab] (float32); all T tokens at once per layer (parallel=False:
+                                  # token by token, the reference)
     logits = dmc.step(ids)        # one token per batch row, ids [B] or [B, 1] -> [B, vocab]
     dmc.length                    # tokens held (the next token's position)
     dmc.stats()                   # {"kv_cache_bytes": slots in use, "kv_cache_bytes_allocated": pages,
@@ -253,52 +253,53 @@ class DMCDecoder:
 
     # ---- a prompt --------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, parallel: bool | None = None, all_logits: bool = False) -> torch.Tensor:
-        """Run a prompt ids [B, T]; logits of its last token [B, vocab] (all of them, [B, T, vocab],
-        with ``all_logits``). ``parallel`` (default: when the cache is empty): all T tokens at
-        once, with the same merges, slots and state as running them one by one; otherwise (and
-        always after earlier tokens) token by token."""
+    def prefill(self, ids: torch.Tensor, parallel: bool = True, all_logits: bool = False) -> torch.Tensor:
+        """Run a prompt ids [B, T] after the tokens already held; logits of its last token
+        [B, vocab] (all of them, [B, T, vocab], with ``all_logits``). ``parallel``: all T tokens
+        at once per layer, with the same merges, slots and state as running them one by one
+        (which ``parallel=False`` does)."""
         ids = ids.to(self.model.device)
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise EngineError("DMC prefill: expected token ids [batch, tokens] with at least one token")
         self._check(ids, ids.shape[1])
-        if parallel is None:
-            parallel = self.length == 0
         if parallel:
-            if self.length:
-                raise EngineError("DMC parallel prefill: only on an empty cache")
             return self._prefill_parallel(ids, all_logits)
         out = [self.step(ids[:, i]) for i in range(ids.shape[1])]
         return torch.stack(out, dim=1) if all_logits else out[-1]
 
     def _prefill_parallel(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        """Per layer, for all T tokens at once: the decisions and weights, each token's slot
-        content (the weighted mean of the last <= W tokens of its merge run, a banded sum),
-        attention of token i over the slots that are final by then (tokens j < i whose next
-        token appends) and its own; then the slots and the running state of the last token are
-        stored as T token-by-token steps would have left them."""
+        """Per layer, for all T new tokens at once: the decisions and weights; each token's slot
+        content, the weighted mean of the last <= W tokens of its merge run (a banded sum over
+        the window buffer's tokens and the new ones); attention of token i over the cached slots
+        still there (all but the last, which a merge of the first new token replaces), the new
+        slots final by then (tokens j < i whose next token appends) and its own; then the slots
+        and the state of the last token, as T token-by-token steps would leave them."""
         model, cfg, cache = self.model, self.model.cfg, self.cache
         bsz, t = ids.shape
+        start = cache.length
         h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         groups, win = nh // nkv, self.window
         dev = model.device
-        cos, sin = model._rope_tables(t)
-        cos, sin = cos[:t, None], sin[:t, None]  # [T, 1, D]
-        idx = torch.arange(t, device=dev)
+        cos, sin = model._rope_tables(start + t)
+        cos, sin = cos[start:start + t, None], sin[start:start + t, None]  # [T, 1, D]
+        pos = torch.arange(start, start + t, device=dev)[None, :, None]  # [1, T, 1]
         eps = cfg.rms_norm_eps
         x = F.embedding(ids, model.embed)
         for li, layer in enumerate(model.layers):
             qkv = layer.qkv(F.rms_norm(x, (h,), layer.attn_norm, eps)).view(bsz, t, nh + 2 * nkv, d)
             q, k, v = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv], qkv[:, :, nh + nkv:]
             merge = k[..., d - 1].float() > self.init_val  # [B, T, Hkv]
-            merge[:, 0] = False
+            if start == 0:
+                merge[:, 0] = False
             w = torch.sigmoid(q[..., d - 1].float().view(bsz, t, nkv, groups).mean(-1) + self.init_val) + WEIGHT_EPS
             kw = k.float().masked_fill(self._last_dim, 0) * w[..., None]
             vw = v.float() * w[..., None]
-            # first token of each token's merge run, and of its window
-            run_start = torch.where(merge, 0, idx[None, :, None]).cummax(dim=1).values
-            lo = torch.maximum(run_start, idx[None, :, None] - (win - 1))
-            ksum, vsum, wsum = _banded_sums(kw, vw, w, lo, win)
+            # first token (absolute position) of each token's merge run, and of its window
+            old_start = (start - cache.run[li].long())[:, None]  # [B, 1, Hkv]; unused when start == 0
+            run_start = torch.where(merge, -1, pos).cummax(dim=1).values
+            run_start = torch.where(run_start < 0, old_start, run_start)
+            lo = torch.maximum(run_start, pos - (win - 1))
+            ksum, vsum, wsum = self._window_sums(li, kw, vw, w, lo)
             k_slot = (ksum / wsum[..., None]).to(k.dtype)
             v_slot = (vsum / wsum[..., None]).to(v.dtype)
             qk = self._rotate(torch.cat([q, k_slot], dim=2), cos, sin)
@@ -306,68 +307,96 @@ class DMCDecoder:
             # slot of token j is still there for token i > j iff token j+1 appends
             final = torch.ones_like(merge)
             final[:, :-1] = ~merge[:, 1:]
-            attn = self._prefill_attention(qr, kr, v_slot, final)
-            self._store_prefill(li, final, kr, v_slot, merge, kw, vw, w, ksum, vsum, wsum, run_start)
+            attn = self._prefill_attention(li, qr, kr, v_slot, final, merge[:, 0])
+            self._store_prefill(li, merge, final, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start)
             x = layer.o(attn, residual=x)
             x = model._mlp(layer, x)
-        cache.length = t
+        cache.length = start + t
         if not all_logits:
             x = x[:, -1]
         return model.logits(F.rms_norm(x, (h,), model.norm, eps))
 
-    def _prefill_attention(self, q, k, v, final):
-        """Token i attends to the slots final by then (tokens j < i with final[j]) and to its
-        own slot. q [B, T, H, D], k, v [B, T, Hkv, D], final [B, T, Hkv] -> [B, T, H * D]. In
-        chunks of query tokens, so that the mask is [B, Hkv, groups * chunk, T] at most."""
+    def _window_sums(self, li: int, kw: torch.Tensor, vw: torch.Tensor, w: torch.Tensor, lo: torch.Tensor):
+        """For each new token (position start + i), the sums of kw, vw [B, T, Hkv, D] and w
+        [B, T, Hkv] over positions lo[i]..start + i, the positions before start read from the
+        window buffer (it holds the last W tokens): W shifted copies, masked."""
+        cache, win = self.cache, self.window
+        start, t = cache.length, kw.shape[1]
+        back = min(start, win - 1)  # earlier tokens a window can reach
+        if back:
+            hist = [(start - back + j) % win for j in range(back)]
+            kw = torch.cat([cache.win_k[li, hist].transpose(0, 1), kw], dim=1)
+            vw = torch.cat([cache.win_v[li, hist].transpose(0, 1), vw], dim=1)
+            w = torch.cat([cache.win_w[li, hist].transpose(0, 1), w], dim=1)
+        pos = torch.arange(start, start + t, device=kw.device)[None, :, None]
+        ksum = torch.zeros(kw.shape[0], t, *kw.shape[2:], dtype=kw.dtype, device=kw.device)
+        vsum, wsum = torch.zeros_like(ksum), torch.zeros_like(w[:, :t])
+        for o in range(min(win, back + t)):
+            first = max(0, o - back)  # new tokens whose position - o is held
+            src = slice(back + first - o, back + t - o)
+            take = (pos[:, first:] - o) >= lo[:, first:]
+            ksum[:, first:] += kw[:, src] * take[..., None]
+            vsum[:, first:] += vw[:, src] * take[..., None]
+            wsum[:, first:] += w[:, src] * take
+        return ksum, vsum, wsum
+
+    def _prefill_attention(self, li, q, k, v, final, first_merges):
+        """Token i attends to the cached slots still there, to the new slots final by then
+        (tokens j < i with final[j]) and to its own slot. q [B, T, H, D], k, v [B, T, Hkv, D],
+        final [B, T, Hkv], first_merges [B, Hkv] -> [B, T, H * D]. In chunks of query tokens,
+        so that the mask is [B, Hkv, groups * chunk, cached + T] at most."""
+        cache = self.cache
         bsz, t, nh, d = q.shape
         nkv = k.shape[2]
         groups = nh // nkv
         idx = torch.arange(t, device=q.device)
         qh, kh, vh = q.permute(0, 2, 1, 3), k.transpose(1, 2), v.transpose(1, 2)
+        old_visible = None
+        if cache.length:
+            lens = cache.lens[li]
+            used = int(lens.max())
+            pages = cache.block_table[li, :, :, : -(-used // cache.page_size)].long().clamp(min=0)
+            n = pages.shape[2] * cache.page_size
+            slots = torch.arange(n, device=q.device)
+            # every cached slot but the last; the last too unless the first new token merges into it
+            old_visible = (slots < (lens - first_merges.to(lens.dtype))[..., None])[:, :, None, :]  # [B, Hkv, 1, n]
+            old_k = cache.k_pages[pages].view(bsz, nkv, n, d).masked_fill(~old_visible[:, :, 0, :, None], 0)
+            old_v = cache.v_pages[pages].view(bsz, nkv, n, d).masked_fill(~old_visible[:, :, 0, :, None], 0)
+            kh, vh = torch.cat([old_k.to(kh.dtype), kh], dim=2), torch.cat([old_v.to(vh.dtype), vh], dim=2)
+        n_old = kh.shape[2] - t
         final_t = final.permute(0, 2, 1)[:, :, None, :]  # [B, Hkv, 1, T]
         out = torch.empty(bsz, nh, t, d, dtype=q.dtype, device=q.device)
         for c0 in range(0, t, self.prefill_chunk):
             c1 = min(t, c0 + self.prefill_chunk)
             rows, cols = idx[c0:c1, None], idx[None, :c1]
             visible = ((rows > cols) & final_t[..., :c1]) | (rows == cols)  # [B, Hkv, C, c1]
+            if old_visible is not None:
+                visible = torch.cat([old_visible.expand(-1, -1, c1 - c0, -1), visible], dim=3)
             qg = qh[:, :, c0:c1].reshape(bsz, nkv, groups * (c1 - c0), d)
-            attn = F.scaled_dot_product_attention(qg, kh[:, :, :c1], vh[:, :, :c1],
+            attn = F.scaled_dot_product_attention(qg, kh[:, :, :n_old + c1], vh[:, :, :n_old + c1],
                                                   attn_mask=visible.repeat(1, 1, groups, 1))
             out[:, :, c0:c1] = attn.view(bsz, nh, c1 - c0, d)
         return out.transpose(1, 2).reshape(bsz, t, nh * d)
 
-    def _store_prefill(self, li, final, kr, v_slot, merge, kw, vw, w, ksum, vsum, wsum, run_start):
-        """Slots (the final tokens' keys and values, in order) and state after the last token."""
-        cache = self.cache
+    def _store_prefill(self, li, merge, final, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start):
+        """The new final tokens' keys and values into their slots, and the state after the last
+        token: run length, sums, and the window buffer's entries of the new tokens."""
+        cache, win = self.cache, self.window
         bsz, t, nkv, d = kr.shape
-        win = self.window
-        slot_of = final.long().cumsum(1) - 1  # [B, T, Hkv]: slot index of each final token
-        counts = final.sum(1).to(torch.int32)  # [B, Hkv]
-        # pages for every row (as many as its slot count needs), then all final tokens at once
-        cache.ensure_pages(li, -(-counts.cpu() // cache.page_size))
-        cache.lens[li] = counts
+        start = cache.length
+        lens_old = cache.lens[li].long()
+        slot_of = lens_old[:, None] - 1 + (~merge).long().cumsum(1)  # [B, T, Hkv]
+        lens_new = slot_of[:, -1] + 1
+        cache.ensure_pages(li, -(-lens_new.cpu() // cache.page_size))
         b_idx, t_idx, h_idx = final.nonzero(as_tuple=True)
         s = slot_of[b_idx, t_idx, h_idx]
         page = cache.block_table[li][b_idx, h_idx, s // cache.page_size].long()
         flat = page * cache.page_size + s % cache.page_size
         cache.k_pages.view(-1, d).index_copy_(0, flat, kr[b_idx, t_idx, h_idx].to(cache.dtype))
         cache.v_pages.view(-1, d).index_copy_(0, flat, v_slot[b_idx, t_idx, h_idx].to(cache.dtype))
-        cache.run[li] = (t - run_start[:, -1]).to(torch.int32)
+        cache.lens[li] = lens_new.to(torch.int32)
+        cache.run[li] = (start + t - run_start[:, -1]).to(torch.int32)
         cache.ksum[li], cache.vsum[li], cache.wsum[li] = ksum[:, -1], vsum[:, -1], wsum[:, -1]
-        last = range(max(0, t - win), t)
-        for j in last:
-            cache.win_k[li, j % win], cache.win_v[li, j % win], cache.win_w[li, j % win] = kw[:, j], vw[:, j], w[:, j]
-
-
-def _banded_sums(kw: torch.Tensor, vw: torch.Tensor, w: torch.Tensor, lo: torch.Tensor, win: int):
-    """For each token i, the sums of kw, vw [B, T, Hkv, D] and w [B, T, Hkv] over tokens
-    lo[i]..i (lo >= i - win + 1): win shifted copies, masked."""
-    t = kw.shape[1]
-    idx = torch.arange(t, device=kw.device)
-    ksum, vsum, wsum = torch.zeros_like(kw), torch.zeros_like(vw), torch.zeros_like(w)
-    for o in range(min(win, t)):
-        take = (idx[None, o:, None] - o) >= lo[:, o:]  # token i - o is in i's window
-        ksum[:, o:] += kw[:, : t - o] * take[..., None]
-        vsum[:, o:] += vw[:, : t - o] * take[..., None]
-        wsum[:, o:] += w[:, : t - o] * take
-    return ksum, vsum, wsum
+        for j in range(max(0, t - win), t):
+            at = (start + j) % win
+            cache.win_k[li, at], cache.win_v[li, at], cache.win_w[li, at] = kw[:, j], vw[:, j], w[:, j]

@@ -222,24 +222,7 @@ def test_parallel_prefill_leaves_the_same_cache_and_state(dmc_model):
     want = seq_dmc.prefill(ids, parallel=False, all_logits=True)
     got = par_dmc.prefill(ids, parallel=True, all_logits=True)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    a, b = seq_dmc.cache, par_dmc.cache
-    for name in ("lens", "run"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    for name in ("ksum", "vsum", "wsum", "win_k", "win_v", "win_w"):
-        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-5, msg=name)
-    assert b.length == a.length == ids.shape[1]
-    # the same slots (page numbers may differ): gather each head's slots through its table
-    for li in range(LAYERS):
-        for bi in range(2):
-            for h in range(KV_HEADS):
-                n = int(a.lens[li, bi, h])
-                for c, tag in ((a, "seq"), (b, "par")):
-                    pages = c.block_table[li, bi, h, : -(-n // c.page_size)].long()
-                    assert (pages >= 0).all(), tag
-                kk = [c.k_pages[c.block_table[li, bi, h, : -(-n // 16)].long()].reshape(-1, HEAD_DIM)[:n] for c in (a, b)]
-                vv = [c.v_pages[c.block_table[li, bi, h, : -(-n // 16)].long()].reshape(-1, HEAD_DIM)[:n] for c in (a, b)]
-                torch.testing.assert_close(kk[1], kk[0], atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(vv[1], vv[0], atol=1e-5, rtol=1e-5)
+    assert_same_cache(seq_dmc.cache, par_dmc.cache)
     # and decoding goes on the same from both
     tok = want[:, -1].argmax(-1)
     torch.testing.assert_close(par_dmc.step(tok), seq_dmc.step(tok), atol=1e-4, rtol=1e-4)
@@ -255,6 +238,45 @@ def zero_rows(tensors, dim):
             w.view(heads, HEAD_DIM, HIDDEN)[:, dim] = 0
             out[key] = w
     return out
+
+
+def assert_same_cache(a, b):
+    """Same lengths, run lengths, sums, window and slot contents (page numbers may differ)."""
+    for name in ("lens", "run"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("ksum", "vsum", "wsum", "win_k", "win_v", "win_w"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-5, msg=name)
+    assert a.length == b.length
+    for li in range(LAYERS):
+        for bi in range(a.batch):
+            for h in range(KV_HEADS):
+                n = int(a.lens[li, bi, h])
+                got = []
+                for c in (a, b):
+                    pages = c.block_table[li, bi, h, : -(-n // c.page_size)].long()
+                    assert (pages >= 0).all()
+                    got.append((c.k_pages[pages].reshape(-1, HEAD_DIM)[:n], c.v_pages[pages].reshape(-1, HEAD_DIM)[:n]))
+                torch.testing.assert_close(got[1], got[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [(18, 22), (18, 1, 21), (5, 30, 5), (1, 39)])
+def test_parallel_prefill_continues_from_a_held_cache(dmc_model, splits):
+    """Prompts after earlier tokens: the split at 18 falls in row 0's 20-token merge run, 15
+    tokens in (past the window), so the new tokens' windows reach into the window buffer and
+    the first new token merges into the last cached slot."""
+    ids = prompts()
+    seq_dmc = DMCDecoder(dmc_model, batch=2, max_len=128)
+    par_dmc = DMCDecoder(dmc_model, batch=2, max_len=128)
+    par_dmc.prefill_chunk = 8
+    want = seq_dmc.prefill(ids, parallel=False, all_logits=True)
+    got, at = [], 0
+    for n in splits:
+        got.append(par_dmc.prefill(ids[:, at:at + n], parallel=True, all_logits=True))
+        at += n
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-4, rtol=1e-4)
+    assert_same_cache(seq_dmc.cache, par_dmc.cache)
+    tok = want[:, -1].argmax(-1)
+    torch.testing.assert_close(par_dmc.step(tok), seq_dmc.step(tok), atol=1e-4, rtol=1e-4)
 
 
 def test_without_merges_dmc_is_plain_attention_without_the_last_dim():
