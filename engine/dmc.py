@@ -21,14 +21,21 @@ The algorithm is that of the released DMC checkpoints (NVIDIA Megatron-LM, DMC b
 last dimension D-1 of each key head decides (merge into the head's last slot iff k[D-1] > 5,
 never for the first token), the last dimension of the query heads gives the token's weight
 (sigmoid(mean over the KV head's query heads of q[D-1] + 5) + 2**-7); both are zeroed before
-attention. A slot holds the weighted mean of the last <= 12 tokens of its merge run, the key
-rotated (RoPE) at the position of the run's latest token, with dim D-1 zeroed again after the
-rotation; values are not rotated. The per-token update and decode attention are the kernels in
-kernels/dmc.py (Triton on CUDA, PyTorch references elsewhere).
+attention. The decision compares the projection, in the model's dtype, converted to float32 with
+5: for bfloat16 this is the reference's bfloat16 test (k - 5 - 0.00785 >= 0), as no bfloat16
+value lies in (5, 5.03125). A slot holds the weighted mean of the last <= 12 tokens of its
+merge run, the key rotated (RoPE) at the position of the run's latest token, with dim D-1
+zeroed again after the rotation; values are not rotated. The per-token update and decode
+attention are the kernels in kernels/dmc.py (Triton on CUDA, PyTorch references elsewhere).
 
 Memory: one pool of pages of ``page_size`` slots (K and V) for all layers, handed out to a
 (layer, batch row, KV head) when its slots fill its pages, checked once per token for all
-layers. The running sums and the window of the last 12 weighted keys/values are float32."""
+layers. The running sums and the window of the last 12 weighted keys/values are float32.
+
+Limits: the batch rows share positions (prompts of one length); each token reads the slot
+counts back to the host once (page allocation), so a step is not CUDA-graph capturable; the
+parallel prefill's attention is PyTorch's SDPA with an explicit mask, in chunks of 256 query
+tokens."""
 
 from __future__ import annotations
 

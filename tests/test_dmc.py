@@ -277,6 +277,11 @@ def test_parallel_prefill_continues_from_a_held_cache(dmc_model, splits):
     assert_same_cache(seq_dmc.cache, par_dmc.cache)
     tok = want[:, -1].argmax(-1)
     torch.testing.assert_close(par_dmc.step(tok), seq_dmc.step(tok), atol=1e-4, rtol=1e-4)
+    # a next turn after a decoded token
+    more = prompts()[:, :7].flip(0)
+    torch.testing.assert_close(par_dmc.prefill(more, parallel=True, all_logits=True),
+                               seq_dmc.prefill(more, parallel=False, all_logits=True), atol=1e-4, rtol=1e-4)
+    assert_same_cache(seq_dmc.cache, par_dmc.cache)
 
 
 def test_without_merges_dmc_is_plain_attention_without_the_last_dim():
