@@ -207,7 +207,7 @@ def config_from_args(args, source: str, state: dict) -> ModelConfig:
             rms_norm_eps=float(stored.get("norm_epsilon") or 1e-5),
             rope_theta=float(stored.get("rotary_base") or 10000.0),
             rope_scaling=RopeScaling(original_max_position_embeddings=max_pos),
-            tie_word_embeddings="output_layer.weight" not in state,
+            tie_word_embeddings=not stored.get("untie_embeddings_and_output_weights", "output_layer.weight" in state),
             bos_token_id=1 if llama2_tokens else None,
             eos_token_ids=(2,) if llama2_tokens else (),
             torch_dtype="bfloat16" if stored.get("bf16") else ("float16" if stored.get("fp16") else None),

@@ -212,6 +212,9 @@ def test_checks_against_the_stored_args(tmp_path, fake_megatron):
     root = write_megatron(tmp_path / "layernorm", weights, fake_megatron, normalization="LayerNorm")
     with pytest.raises(EngineError, match="normalization"):
         read_megatron_checkpoint(root)
+    root = write_megatron(tmp_path / "tied", weights, fake_megatron, untie_embeddings_and_output_weights=False)
+    with pytest.raises(EngineError, match="unexpected tensor 'output_layer.weight'"):
+        read_megatron_checkpoint(root)
 
 
 def test_the_tokenizer_is_looked_for_next_to_the_checkpoint(tmp_path, fake_megatron):
