@@ -132,9 +132,15 @@ class Session:
 
     def generate(self, messages: list[dict], params: SamplingParams | None = None,
                  cancel: threading.Event | None = None) -> Iterator[Token | Step | Done]:
+        yield from self.generate_ids(self.tokenizer.encode_chat(messages), params, cancel)
+
+    def generate_ids(self, prompt: list[int], params: SamplingParams | None = None,
+                     cancel: threading.Event | None = None) -> Iterator[Token | Step | Done]:
+        """The same for a prompt that is already token ids (a raw-text completion: no chat template)."""
+        if not prompt:
+            raise EngineError("the prompt is empty")
         params = params or self.recommended_params()
         sampler = Sampler(params, self.device)
-        prompt = self.tokenizer.encode_chat(messages)
         ctx = self.cache.max_len
         if len(prompt) >= ctx:
             raise EngineError(f"prompt has {len(prompt)} tokens, more than the context of {ctx} tokens allows")

@@ -98,6 +98,11 @@ class ChatTokenizer:
         """Token ids of text, with no special tokens added (templates write their own)."""
         return self.raw.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a raw-text prompt (a completion, no chat template), with the special tokens
+        the tokenizer itself adds to a sequence (a Llama BOS; none for SmolLM2)."""
+        return self.raw.encode(text, add_special_tokens=True).ids
+
     def decode(self, ids: list[int]) -> str:
         return self.raw.decode(ids, skip_special_tokens=True)
 
