@@ -5,7 +5,9 @@ which that node's path of ranks is entirely right (the heads' acceptance profile
 held-out replies when the heads were trained: the matching nodes form one chain). It costs one
 verify step, whose time depends on N and on the device: on a GPU 64 nodes cost about what one
 does, on a CPU each node adds a sizeable share of a step. So the best tree is the one with the
-most expected tokens per second of measured step time, and it differs per device.
+most expected tokens per second of measured step time, and it differs per device. Where no
+tree beats a plain decoding step (a CPU on which a two-token pass costs much more than a
+one-token one, with weak heads), the plan is plain decoding.
 
 ``--medusa-choices`` overrides the choice: a preset (``auto``, ``card``) or a JSON file with a
 list of paths."""
@@ -54,7 +56,7 @@ class Profile:
 
 @dataclass
 class Plan:
-    tree: MedusaTree
+    tree: MedusaTree | None  # None: no tree is faster than plain decoding on this device
     choices: str  # how it was chosen, for the model info
     expected_tokens_per_step: float | None = None
     step_ms: float | None = None
@@ -152,6 +154,9 @@ def plan(model, heads, name: str, choices: str | None, profile: Profile | None) 
         return profile.expected_tokens(profile.tree_paths(n, heads.num_heads)) / costs[n]
 
     best = max(sizes, key=rate)
+    if rate(best) <= 1.0 / costs[0]:
+        return Plan(None, f"auto (plain: no tree beats plain decoding here; best {best} nodes, "
+                          f"{rate(best) * costs[0]:.2f}x)", 1.0, costs[0], costs[0])
     paths = profile.tree_paths(best, heads.num_heads)
     return Plan(build_tree(paths, heads.num_heads).to(model.device), f"auto ({best} nodes)",
                 profile.expected_tokens(paths), costs[best], costs[0])

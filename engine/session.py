@@ -153,7 +153,7 @@ class Session:
         t0 = time.perf_counter()
         t_first = t_last = None
         with torch.inference_mode():
-            steps = (self._medusa_steps if self.heads is not None else self._plain_steps)(prompt, params, sampler, eos)
+            steps = (self._medusa_steps if self.tree is not None else self._plain_steps)(prompt, params, sampler, eos)
             while True:
                 try:
                     ids = next(steps)

@@ -91,3 +91,11 @@ def test_heads_on_a_token_subset(tmp_path, tiny_checkpoint):
     save_file(tensors, str(tmp_path / "bad.safetensors"))
     with pytest.raises(EngineError, match="token_ids"):
         load_fasterdecoding(tmp_path / "bad.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
+
+
+def test_auto_falls_back_to_plain_where_no_tree_pays(monkeypatch, tiny_checkpoint):
+    model = LlamaModel.from_dir(tiny_checkpoint)
+    costly = {n: 10.0 * (1 + 1.5 * min(n, 1)) + n for n in range(65)}  # any tree costs 2.5x a plain step
+    monkeypatch.setattr(medusa_plan, "step_costs", lambda *a: costly)
+    p = plan(model, FakeHeads(), "tiny", None, PROFILE)
+    assert p.tree is None and p.choices.startswith("auto (plain")

@@ -113,9 +113,8 @@ def hidden_states(model: LlamaModel, data: list[dict], num_heads: int):
         for n, d in enumerate(data):
             seq = d["prompt_ids"] + d["reply_ids"]
             first = len(d["prompt_ids"]) - 1
-            logits, hidden = model.forward(torch.tensor([seq], device=model.device), cache, 0, all_logits=True,
-                                           return_hidden=True)
-            nxt = logits[0, first:-1].argmax(-1).cpu()
+            hidden = model.forward(torch.tensor([seq], device=model.device), cache, 0, logits=False)
+            nxt = model.logits(hidden[0, first:-1]).argmax(-1).cpu()
             agree += int((nxt == torch.tensor(seq[first + 1:])).sum())
             total += len(seq) - 1 - first
             hs.append(hidden[0, first:-1].float().cpu())
@@ -246,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     t_gen = time.time() - t0
     log(f"{len(data)} replies, {sum(len(d['reply_ids']) for d in data)} tokens ({t_gen:.0f} s)")
 
-    x, y, convo, agree = hidden_states(model, data, args.heads)
+    hs_path = cache_dir() / "training" / f"{name}-hidden-{len(data)}-{args.max_new_tokens}-{args.heads}.pt"
+    if hs_path.exists():
+        saved = torch.load(hs_path, weights_only=True)
+        x, y, convo, agree = saved["x"], saved["y"], saved["convo"], float(saved["agree"])
+    else:
+        x, y, convo, agree = hidden_states(model, data, args.heads)
+        torch.save({"x": x, "y": y, "convo": convo, "agree": torch.tensor(agree)}, hs_path)
     log(f"{len(x)} positions; our engine's greedy choice equals the reply's next token at {agree:.2%}")
     held = set(random.Random(1).sample(range(len(data)), max(1, int(len(data) * args.holdout))))
     test = torch.tensor([int(c) in held for c in convo])
