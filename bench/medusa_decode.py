@@ -63,7 +63,8 @@ def embedded(args) -> dict:
     for r in rows:
         del r["_plain"], r["_medusa"]
     plan = medusa.plan
-    return {"model": medusa.name, "tree": plan.choices, "tree_nodes": plan.tree.num_nodes if plan.tree is not None else 1, "prompts": len(rows),
+    nodes = plan.tree.num_nodes if plan.tree is not None else 1
+    return {"model": medusa.name, "tree": plan.choices, "tree_nodes": nodes, "prompts": len(rows),
             "max_new_tokens": args.max_new_tokens, "tokens": tokens, "mean_tokens_per_step": round(tokens / steps, 3),
             "expected_tokens_per_step": plan.expected_tokens_per_step,
             "plain_tok_s": round(rate["_plain"], 2), "medusa_tok_s": round(rate["_medusa"], 2),
