@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+DEFAULT_API_KEY_ENV = "CHATAPP_API_KEY"  # `chatapp serve`: where the API key is read from by default
 DESCRIPTION = "Terminal chat with a local inference engine (Llama-family models, CPU or NVIDIA GPU)."
 
 
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the known and the locally available models")
 
+    _serve_arguments(sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API"))
+
     ppl = sub.add_parser("perplexity", help="perplexity of a model on a text file (to compare weight formats)")
     ppl.add_argument("--model", default=argparse.SUPPRESS, help="model id or checkpoint folder")
     ppl.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
@@ -49,6 +52,27 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, default=256, help="tokens between window starts (default 256)")
     ppl.add_argument("--json", action="store_true")
     return p
+
+
+def _serve_arguments(p) -> None:
+    p.add_argument("--model", default=argparse.SUPPRESS, help="model id or checkpoint folder")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
+    p.add_argument("--quantize", choices=["fp8"], default=argparse.SUPPRESS)
+    p.add_argument("--decoding", choices=["plain", "medusa"], default="plain")
+    p.add_argument("--medusa-choices", metavar="PRESET|FILE", help="Medusa tree (as for `chatapp run`)")
+    p.add_argument("--context", type=int, help="KV cache length in tokens")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: the model's own name)")
+    p.add_argument("--api-key-env", metavar="VAR",
+                   help=f"environment variable that holds the API key clients must send (default: "
+                        f"{DEFAULT_API_KEY_ENV}; no key needed when it is unset)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait behind the running one; more get 429 (default 16)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="the largest max_tokens a request may ask for, and the default (default 4096)")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                   help="the largest request body accepted; larger gets 413 (default 1048576)")
 
 
 def _run(args) -> int:
@@ -133,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         return _models()
     if args.command == "perplexity":
         return _perplexity(args)
+    if args.command == "serve":
+        from .serve import main as serve
+
+        return serve(args)
     from .app import ChatApp
 
     ChatApp(model=args.model, device=args.device, quantize=args.quantize).run()
