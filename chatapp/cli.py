@@ -30,9 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens tokens")
     run.add_argument("--context", type=int, help="KV cache length in tokens")
     run.add_argument("--quantize", choices=["fp8"], default=argparse.SUPPRESS)
-    run.add_argument("--decoding", choices=["plain", "medusa"], default="plain",
+    run.add_argument("--decoding", choices=["plain", "medusa", "dmc"], default="plain",
                      help="medusa: speculative decoding with the checkpoint's Medusa heads (or the ones chatapp "
-                          "ships for it)")
+                          "ships for it); dmc: Dynamic Memory Compression of the KV cache (a Megatron DMC "
+                          "checkpoint, or a model chatapp ships a DMC retrofit for)")
     run.add_argument("--medusa-choices", metavar="PRESET|FILE",
                      help="Medusa tree: auto (default: the best for this device, from the heads' measured "
                           "acceptance and this device's measured step time), card (the 8B model card's 63-node "

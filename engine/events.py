@@ -23,6 +23,7 @@ class LoadModel:
     context: int | None = None  # KV cache length; None = min(model's context, 8192)
     quantize: str | None = None  # "fp8": quantize a high-precision checkpoint's linear layers on load
     decoding: str = "plain"  # plain | medusa (the checkpoint's Medusa heads, or the ones shipped for it)
+    #                          | dmc (Dynamic Memory Compression: a Megatron DMC checkpoint, or a shipped retrofit)
     medusa_choices: str | None = None  # Medusa tree: "auto" (None: best for this device), "card", or a JSON file
 
 
@@ -71,7 +72,8 @@ class Step:
     tok_per_s: float  # decode rate so far
     vram_used: int  # bytes in use on the device (process RSS on CPU)
     vram_total: int
-    kv_bytes: int
+    kv_bytes: int  # K/V bytes the cache holds now
+    kv_bytes_dense: int = 0  # what a plain cache holds for the same tokens (= kv_bytes unless DMC)
 
 
 @dataclass
@@ -90,6 +92,9 @@ class GenerationStats:
     decoding: str
     quantization: str | None = None
     medusa_tree: str | None = None  # how the verified tree was chosen (Medusa only)
+    kv_cache_bytes: int = 0  # K/V bytes the cache holds at the end
+    kv_cache_bytes_dense: int = 0  # a plain cache for the same tokens
+    kv_compression: float = 1.0  # dense / held (1.0 unless DMC)
 
     def to_dict(self) -> dict:
         return asdict(self)

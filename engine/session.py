@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import medusa, memory
+from .dmc import DMCDecoder
 from .checkpoint import TensorSource
 from .errors import EngineError
 from .events import Done, GenerationStats, LoadModel, ModelInfo, SamplingParams, Step, Token
@@ -19,6 +20,7 @@ from .llama import LlamaModel
 from .medusa import MedusaHeads, TypicalAcceptance, accept_greedy
 from .medusa_heads import load_heads, shipped_heads
 from .medusa_plan import Plan, plan
+from .dmc_retrofit import load_dmc_model, tokenizer_dir
 from .models import resolve
 from .quantized_checkpoint import detect
 from .sampling import Sampler
@@ -40,7 +42,8 @@ def pick_device(name: str | None) -> torch.device:
 
 class Session:
     def __init__(self, name: str, path: Path, model: LlamaModel, tokenizer: ChatTokenizer, context: int,
-                 quantization: str | None = None, heads: MedusaHeads | None = None, plan: Plan | None = None):
+                 quantization: str | None = None, heads: MedusaHeads | None = None, plan: Plan | None = None,
+                 dmc: dict | None = None):
         self.name = name
         self.heads, self.plan = heads, plan
         self.tree = plan.tree if plan is not None else None
@@ -49,21 +52,40 @@ class Session:
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.device
-        self.cache = model.new_cache(context)
+        # DMC (``dmc``: DMCDecoder's init_val and window): a DMC cache takes the dense one's place
+        self.dmc = DMCDecoder(model, 1, context, **dmc) if dmc is not None else None
+        self.cache = model.new_cache(context) if dmc is None else None
+        self.context = context
         self.cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
 
     @property
     def decoding(self) -> str:
-        return "medusa" if self.heads is not None else "plain"
+        return "medusa" if self.heads is not None else "dmc" if self.dmc is not None else "plain"
+
+    def kv_bytes(self) -> tuple[int, int]:
+        """Bytes of K/V the cache holds now, and what a plain (dense) cache holds for the same tokens."""
+        if self.dmc is not None:
+            c = self.dmc.cache
+            return c.nbytes_used(), c.nbytes_dense()
+        used = self.cache.nbytes_used()
+        return used, used
 
     @classmethod
     def load(cls, req: LoadModel, progress=lambda msg: None) -> "Session":
         device = pick_device(req.device)
         name, path = resolve(req.model, progress)
         progress(f"loading {name} on {device.type}")
-        if req.decoding not in ("plain", "medusa"):
-            raise EngineError(f"decoding {req.decoding!r} is not supported (supported: plain, medusa)")
-        model = LlamaModel.from_dir(path, device, quantize=req.quantize)
+        if req.decoding not in ("plain", "medusa", "dmc"):
+            raise EngineError(f"decoding {req.decoding!r} is not supported (supported: plain, medusa, dmc)")
+        dmc = None
+        if req.decoding == "dmc":
+            if req.quantize:
+                raise EngineError(f"--quantize {req.quantize} cannot be combined with DMC decoding")
+            model, dmc, source = load_dmc_model(name, path, device)
+            progress(f"DMC decoding (weights: {source})")
+            path = tokenizer_dir(path)
+        else:
+            model = LlamaModel.from_dir(path, device, quantize=req.quantize)
         tokenizer = ChatTokenizer(path, model.cfg)
         context = req.context or min(model.cfg.max_position_embeddings, DEFAULT_CONTEXT)
         if context < 16:
@@ -81,7 +103,7 @@ class Session:
                                   "medusa_lm_head.safetensors) and chatapp ships none for it")
             progress("choosing the Medusa tree for this device")
             tree_plan = plan(model, heads, name, req.medusa_choices, profile)
-        return cls(name, path, model, tokenizer, context, req.quantize, heads, tree_plan)
+        return cls(name, path, model, tokenizer, context, req.quantize, heads, tree_plan, dmc)
 
     def info(self) -> ModelInfo:
         m = self.model
@@ -90,7 +112,7 @@ class Session:
         if not m.cfg.tie_word_embeddings:
             n_params += m.lm_head.weight.numel()
         return ModelInfo(self.name, str(self.path), self.device.type, str(m.dtype).removeprefix("torch."),
-                         n_params, m.weight_bytes(), self.cache.max_len, decoding=self.decoding,
+                         n_params, m.weight_bytes(), self.context, decoding=self.decoding,
                          quantization=self.quantization, medusa_tree=self.plan.choices if self.plan else None)
 
     def recommended_params(self) -> SamplingParams:
@@ -106,6 +128,9 @@ class Session:
 
     def close(self) -> None:
         self.cache = None
+        if self.dmc is not None:
+            self.dmc.free()
+            self.dmc = None
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -141,7 +166,7 @@ class Session:
             raise EngineError("the prompt is empty")
         params = params or self.recommended_params()
         sampler = Sampler(params, self.device)
-        ctx = self.cache.max_len
+        ctx = self.context
         if len(prompt) >= ctx:
             raise EngineError(f"prompt has {len(prompt)} tokens, more than the context of {ctx} tokens allows")
         memory.reset_peak(self.device)
@@ -153,7 +178,8 @@ class Session:
         t0 = time.perf_counter()
         t_first = t_last = None
         with torch.inference_mode():
-            steps = (self._medusa_steps if self.tree is not None else self._plain_steps)(prompt, params, sampler, eos)
+            steps = (self._medusa_steps if self.tree is not None else self._dmc_steps if self.dmc is not None
+                     else self._plain_steps)(prompt, params, sampler, eos)
             while True:
                 try:
                     ids = next(steps)
@@ -171,12 +197,14 @@ class Session:
                 used, total = memory.in_use(self.device)
                 after_first = len(out_ids) - accepted[0]
                 rate = after_first / (t_last - t_first) if after_first else 0.0
-                yield Step(len(ids), rate, used, total, self.cache.nbytes_used())
+                kv, kv_dense = self.kv_bytes()
+                yield Step(len(ids), rate, used, total, kv, kv_dense)
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
                     steps.close()
                     break
         n = len(out_ids)
+        kv, kv_dense = self.kv_bytes()
         after_first = n - (accepted[0] if accepted else 0)
         stats = GenerationStats(
             text="".join(pieces), token_ids=out_ids, n_prompt_tokens=len(prompt), n_generated=n,
@@ -185,7 +213,8 @@ class Session:
             steps=len(accepted), accepted_per_step=accepted,
             peak_memory_bytes=memory.peak(self.device), device=self.device.type, model=self.name,
             decoding=self.decoding, quantization=self.quantization,
-            medusa_tree=self.plan.choices if self.plan else None)
+            medusa_tree=self.plan.choices if self.plan else None,
+            kv_cache_bytes=kv, kv_cache_bytes_dense=kv_dense, kv_compression=kv_dense / kv if kv else 1.0)
         yield Done(reason, stats)
 
     def _plain_steps(self, prompt: list[int], params: SamplingParams, sampler: Sampler, eos):
@@ -202,6 +231,28 @@ class Session:
                 return "length"
             logits = self.model.forward(torch.tensor([[tok]], device=self.device), self.cache,
                                         self.cache.length)[0, -1]
+            self.cached_ids.append(tok)
+
+    def _dmc_steps(self, prompt: list[int], params: SamplingParams, sampler: Sampler, eos):
+        """One token per step through the DMC cache. Merges cannot be undone, so the cache is
+        reused only when everything it holds is a prefix of the new prompt (the next turn of the
+        same chat); otherwise it is emptied and the whole prompt prefilled."""
+        dmc, held = self.dmc, len(self.cached_ids)
+        if not (0 < held < len(prompt) and self.cached_ids == prompt[:held]):
+            dmc.reset()
+            self.cached_ids, held = [], 0
+        logits = dmc.prefill(torch.tensor([prompt[held:]], device=self.device))[0]
+        self.cached_ids = list(prompt)
+        produced = 0
+        while True:
+            tok = sampler(logits)
+            if tok in eos:
+                return "eos"
+            yield [tok]
+            produced += 1
+            if produced >= params.max_new_tokens or dmc.length >= self.context:
+                return "length"
+            logits = dmc.step(torch.tensor([tok], device=self.device))[0]
             self.cached_ids.append(tok)
 
     def _medusa_steps(self, prompt: list[int], params: SamplingParams, sampler: Sampler, eos):

@@ -1,0 +1,153 @@
+"""DMC decoding through the engine: a tiny Hugging Face checkpoint (the embedded model's
+tokenizer) whose DMC retrofit delta wires the decision neurons to token parity (k[D-1] of every
+key head is 50 x a feature that is +1 for odd tokens), so roughly every other token merges.
+`chatapp run --decoding dmc --json` reports the compression and produces DMCDecoder's own greedy
+continuation; Session reuses the DMC state for the next turn of a chat; a model without DMC and
+broken deltas are refused."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.dmc import DMCDecoder
+from engine.dmc_retrofit import LOCAL_NAME, delta_metadata, load_retrofitted
+from engine.errors import EngineError
+from engine.events import Done, LoadModel, SamplingParams, Step
+from engine.session import Session
+from tests.conftest import write_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+D = 16  # head_dim of the tiny checkpoint (64 hidden / 4 heads)
+
+
+@pytest.fixture(scope="module")
+def dmc_checkpoint(tmp_path_factory, embedded_session):
+    """The tiny checkpoint, with feature 0 of each token's embedding = +-1 by parity and kept out
+    of every residual write, and a delta with decision rows that read it."""
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("dmc") / "tiny-dmc", embedded_session.path)
+    weights = load_file(str(path / "model.safetensors"))
+    vocab = weights["model.embed_tokens.weight"].shape[0]
+    weights["model.embed_tokens.weight"][:, 0] = (torch.arange(vocab) % 2).float() * 2 - 1
+    delta = {}
+    for li in range(2):
+        p = f"model.layers.{li}."
+        weights[p + "self_attn.o_proj.weight"][0] = 0
+        weights[p + "mlp.down_proj.weight"][0] = 0
+        k_rows = torch.zeros(2, 64)
+        k_rows[:, 0] = 50.0
+        q_rows = torch.zeros(4, 64)
+        q_rows[:, 0] = -2.0  # weights sigmoid(+-2 + 5): not all equal
+        delta[p + "self_attn.k_proj.decision_rows"] = k_rows
+        delta[p + "self_attn.q_proj.decision_rows"] = q_rows
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / LOCAL_NAME).parent.mkdir()
+    from engine.config import load_config
+
+    save_file(delta, str(path / LOCAL_NAME), metadata=delta_metadata(load_config(path), path.name, 5.0, 12))
+    return path
+
+
+def own_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
+    model, settings = load_retrofitted(path, path / LOCAL_NAME, "cpu")
+    dmc = DMCDecoder(model, 1, 512, **settings)
+    logits = dmc.prefill(torch.tensor([prompt]))
+    out = []
+    for _ in range(n):
+        tok = int(logits[0].argmax())
+        out.append(tok)
+        logits = dmc.step(torch.tensor([tok]))
+    return out
+
+
+def test_run_dmc_json_reports_compression_and_matches_the_decoder(dmc_checkpoint):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "chatapp", "run", "--model", str(dmc_checkpoint), "--device", "cpu",
+                        "--decoding", "dmc", "--json", "--prompt", "Count to ten.", "--max-new-tokens", "24",
+                        "--ignore-eos"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)
+    assert stats["decoding"] == "dmc" and stats["n_generated"] == 24
+    assert stats["kv_compression"] > 1.3
+    assert stats["kv_cache_bytes_dense"] == pytest.approx(stats["kv_cache_bytes"] * stats["kv_compression"])
+    session = Session.load(LoadModel(str(dmc_checkpoint), "cpu"))
+    prompt = session.tokenizer.encode_chat([{"role": "user", "content": "Count to ten."}])
+    # a dense cache for prompt + 23 fed tokens: 2 layers x 2 KV heads x 16 dims x K,V x 4 bytes
+    assert stats["kv_cache_bytes_dense"] == (len(prompt) + 23) * 2 * 2 * D * 2 * 4
+    assert stats["token_ids"] == own_greedy(dmc_checkpoint, prompt, 24)
+
+
+def test_plain_decoding_reports_the_dense_cache(dmc_checkpoint):
+    session = Session.load(LoadModel(str(dmc_checkpoint), "cpu"))
+    events = list(session.generate([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=5,
+                                                                                       ignore_eos=True)))
+    stats = events[-1].stats
+    assert stats.kv_compression == 1.0 and stats.kv_cache_bytes == stats.kv_cache_bytes_dense > 0
+    assert all(e.kv_bytes == e.kv_bytes_dense for e in events if isinstance(e, Step))
+
+
+def test_session_dmc_steps_second_turn_and_sampling(dmc_checkpoint):
+    session = Session.load(LoadModel(str(dmc_checkpoint), "cpu", decoding="dmc"))
+    assert session.decoding == "dmc" and session.cache is None and session.info().decoding == "dmc"
+    chat = [{"role": "user", "content": "Say something."}]
+    events = list(session.generate(chat, SamplingParams(max_new_tokens=10, ignore_eos=True)))
+    steps = [e for e in events if isinstance(e, Step)]
+    assert len(steps) == 10 and all(s.kv_bytes_dense > s.kv_bytes > 0 for s in steps[1:])
+    assert [s.kv_bytes_dense for s in steps] == sorted(s.kv_bytes_dense for s in steps)
+    first = events[-1].stats
+    # the next turn starts with the whole first exchange (the held tokens, the reply's last one
+    # and new ones): the DMC state is reused and only the new tokens are prefilled
+    prompt = session.tokenizer.encode_chat(chat) + first.token_ids + session.tokenizer.encode("\nMore.")
+    assert session.cached_ids == prompt[:len(session.cached_ids)]
+    fed = []
+    prefill = session.dmc.prefill
+    session.dmc.prefill = lambda ids: fed.append(ids.shape[1]) or prefill(ids)
+    second = list(session.generate_ids(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True)))[-1]
+    assert fed == [len(prompt) - len(session.tokenizer.encode_chat(chat)) - 9]
+    assert second.stats.token_ids == own_greedy(dmc_checkpoint, prompt, 8)
+    # a prompt that is not a continuation starts over
+    third = list(session.generate_ids(prompt[:20], SamplingParams(max_new_tokens=4, ignore_eos=True)))[-1]
+    assert fed[-1] == 20 and third.stats.token_ids == own_greedy(dmc_checkpoint, prompt[:20], 4)
+    session.dmc.prefill = prefill
+    # sampling goes through the Sampler: a seed repeats, and tokens differ from greedy somewhere
+    sample = SamplingParams(max_new_tokens=12, temperature=1.5, seed=3, ignore_eos=True)
+    a = [e for e in session.generate(chat[:1], sample)][-1].stats.token_ids
+    b = [e for e in session.generate(chat[:1], sample)][-1].stats.token_ids
+    assert a == b and a != own_greedy(dmc_checkpoint, session.tokenizer.encode_chat(chat[:1]), 12)
+
+
+def test_models_without_dmc_and_bad_deltas_are_refused(dmc_checkpoint, tiny_checkpoint, tmp_path):
+    with pytest.raises(EngineError, match="no DMC for this model"):
+        Session.load(LoadModel(str(tiny_checkpoint), "cpu", decoding="dmc"))
+    from engine.config import load_config
+
+    cfg = load_config(dmc_checkpoint)
+    good = load_file(str(dmc_checkpoint / LOCAL_NAME))
+    meta = delta_metadata(cfg, "tiny", 5.0, 12)
+    cases = {
+        "shape": ({**good, "model.layers.0.self_attn.k_proj.decision_rows": torch.zeros(3, 64)}, meta,
+                  r"k_proj.decision_rows' has shape \[3, 64\], expected \[2, 64\]"),
+        "missing": ({k: v for k, v in good.items() if not k.startswith("model.layers.1.self_attn.q")}, meta,
+                    "no decision rows for model.layers.1.self_attn.q_proj.weight"),
+        "unknown": ({**good, "model.layers.0.self_attn.x_proj.weight": torch.zeros(2)}, meta,
+                    "x_proj.weight' is not in the base checkpoint"),
+        "config": (good, {**meta, "num_layers": "30"}, "made for a model with num_layers=30"),
+        "format": (good, {}, "not a DMC delta"),
+    }
+    for name, (tensors, metadata, message) in cases.items():
+        bad = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(bad), metadata=metadata)
+        with pytest.raises(EngineError, match=message):
+            load_retrofitted(dmc_checkpoint, bad, "cpu")
+    # a whole replaced tensor is applied
+    o = torch.full((64, 64), 0.01)
+    whole = tmp_path / "whole.safetensors"
+    save_file({**good, "model.layers.1.self_attn.o_proj.weight": o}, str(whole), metadata=meta)
+    model, _ = load_retrofitted(dmc_checkpoint, whole, "cpu")
+    x = torch.randn(1, 1, 64)
+    assert torch.allclose(model.layers[1].o(x), x @ o.t(), atol=1e-6)
