@@ -1,0 +1,95 @@
+"""training/dmc.py on a tiny checkpoint: its training-time DMC forward (partial accumulations and
+the log(1 - alpha) mask) with hard decisions equals the engine's DMCDecoder, its dense forward
+equals LlamaModel; a few steps of the script write a delta the engine loads strictly and decodes
+with, and a report with the held-out figures."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.dmc import DMCDecoder
+from engine.dmc_retrofit import ROWS, load_retrofitted
+from engine.llama import LlamaModel
+from tests.conftest import write_tiny_checkpoint
+from training import dmc as train_dmc
+
+
+@pytest.fixture(scope="module")
+def forced(tmp_path_factory, embedded_session):
+    """The tiny checkpoint with k[D-1] of every key head = 50 x a +-1 parity feature of the token
+    (kept out of every residual write): a merge after every odd token."""
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("dmct") / "tiny", embedded_session.path)
+    w = load_file(str(path / "model.safetensors"))
+    vocab = w["model.embed_tokens.weight"].shape[0]
+    w["model.embed_tokens.weight"][:, 0] = (torch.arange(vocab) % 2).float() * 2 - 1
+    for li in range(2):
+        p = f"model.layers.{li}."
+        w[p + "self_attn.o_proj.weight"][0] = 0
+        w[p + "mlp.down_proj.weight"][0] = 0
+        for kvh in range(2):
+            w[p + "self_attn.k_proj.weight"][kvh * 16 + 15] = 0
+            w[p + "self_attn.k_proj.weight"][kvh * 16 + 15, 0] = 50.0
+    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_training_forward_equals_the_engine(forced):
+    rf = train_dmc.Retrofit(forced, "cpu", "decision", 5.0, 12, 0.1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (2, 40), generator=g)
+    ids[0, 5:25] |= 1  # a 20-token merge run: past the 12-token window
+    model = LlamaModel.from_dir(forced, "cpu", dtype=torch.float32)
+    with torch.no_grad():
+        dense, _ = rf.forward(ids, "dense")
+        student, decisions = rf.forward(ids, "dmc", noise=False)
+    plain = model.forward(ids, model.new_cache(64, batch=2), 0, all_logits=True)
+    assert torch.allclose(dense, plain, atol=1e-4)
+    dmc = DMCDecoder(model, 2, 64)
+    ref = dmc.prefill(ids, all_logits=True)
+    assert torch.allclose(student, ref, atol=1e-4)
+    assert not torch.allclose(student, dense, atol=1e-2)  # the merges change the outputs
+    share = ((ids[:, 1:] % 2) == 1).float().mean()
+    assert all(abs(float(d) - share) < 1e-6 for d in decisions)
+
+
+@pytest.mark.parametrize("train", ["decision", "attention"])
+def test_script_writes_a_delta_the_engine_loads(forced, tmp_path, monkeypatch, embedded_session, train):
+    monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))
+    from engine.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer(forced, LlamaModel.from_dir(forced, "cpu").cfg)
+    replies = tmp_path / "replies.jsonl"
+    with replies.open("w") as f:
+        for n in range(6):
+            prompt = tok.encode_chat([{"role": "user", "content": f"Question number {n}?"}])
+            f.write(json.dumps({"prompt": str(n), "prompt_ids": prompt,
+                                "reply_ids": tok.encode(f"Answer {n}: " + "la " * (5 + n))}) + "\n")
+    text = tmp_path / "text.txt"
+    text.write_text("The lighthouse stood at the end of a narrow spit of land. " * 12)
+    out = tmp_path / "out"
+    rc = train_dmc.main(["--model", str(forced), "--replies", str(replies), "--text", str(text), "--train", train,
+                         "--stage1-steps", "2", "--steps", "3", "--batch", "2", "--seq-len", "48", "--holdout", "0.34",
+                         "--out", str(out)])
+    assert rc == 0
+    delta = load_file(str(out / "tiny.safetensors"))
+    if train == "decision":
+        assert sorted(delta) == sorted(f"model.layers.{li}.self_attn.{p}{ROWS}" for li in range(2)
+                                       for p in ("q_proj", "k_proj"))
+        assert delta["model.layers.0.self_attn.k_proj" + ROWS].shape == (2, 64)
+    else:
+        assert len(delta) == 8 and all(t.dtype == torch.bfloat16 for t in delta.values())
+    report = json.loads((out / "tiny.json").read_text())
+    assert report["training"]["stage2_steps"] == 3 and report["training"]["held_out_replies"] == 2
+    assert report["training"]["stage1_steps"] == (2 if train == "attention" else 0)
+    held = report["held_out"]
+    assert held["chats"] == 2 and held["kv_compression"] >= 1.0
+    assert math.isfinite(held["perplexity_original"]) and math.isfinite(held["perplexity_dmc"])
+    assert len(report["history"]) == 2  # steps 0 and 2
+    model, settings = load_retrofitted(forced, out / "tiny.safetensors", "cpu")
+    assert settings == {"init_val": 5.0, "window": 12}
+    dec = DMCDecoder(model, 1, 64, **settings)
+    logits = dec.step(dec.prefill(torch.tensor([[5, 7, 9, 11]]))[0].argmax().view(1))
+    assert logits.shape == (1, 49152) and torch.isfinite(logits).all() and dec.length == 5

@@ -1,0 +1,473 @@
+"""Retrofit a Hugging Face Llama checkpoint for Dynamic Memory Compression (DMC), as the DMC paper
+and its reference code do, at a small scale, by distillation from the original model.
+
+Decision neurons: the last dimension D-1 of each key head gives the merge decision (alpha logit
+``k[D-1] - init_val``), the last dimension of the query heads the token's importance weight
+(omega = ``sigmoid(mean over the KV head's query heads of q[D-1] + init_val)``); neither takes
+part in attention any more (engine/dmc.py has the inference side).
+
+- Stage 1 (``--stage1-steps``, only with ``--train attention``): the repurposed dims' share of
+  q and k is decayed linearly to zero over 80% of the stage, while the attention weights learn to
+  do without them (distillation); then the decision rows are set to zero: alpha logit -5
+  (append), weight sigmoid(5).
+- Stage 2 (``--steps``): DMC in its training form (the notes' section 1.6): Gumbel-sigmoid
+  relaxed decisions (temperature ``--temp`` 0.1, noise on the logits), each position's key and
+  value the weighted partial accumulation of its merge run over the last ``--window`` tokens
+  (alpha-gated running sums), and the additive mask log(1 - alpha_{j+1}) on key j for later
+  queries (a query always sees its own row). Loss: KL(original model || DMC model) on the next
+  token, plus ``--dmc-weight`` x the mean over layers of relu(prior - mean decision), with
+  prior = 1 - 1/CR and CR raised linearly from 1 to ``--cr`` over ``--anneal`` of the stage,
+  then held.
+
+Trainable (``--train``): ``decision`` (default), the q/k decision rows only, a delta of
+(heads + kv heads) x hidden floats per layer; ``attention``: also every layer's q/k/v/o
+projections (a delta of the whole attention, bfloat16).
+
+Data: the model's own greedy chat replies cached by training/medusa.py (``--replies``, by default
+its cache file for this model if present) and/or text files (``--text``, cut into ``--seq-len``
+token pieces); a share (``--holdout``) of each is held out.
+
+Outputs (``--out``, default assets/dmc/): ``<model>.safetensors``, the delta engine/dmc_retrofit.py
+loads; ``<model>.json``: data, steps, times, and on the held-out data with the engine's
+DMCDecoder: the KV compression of held-out chat replies (prompt + reply prefilled), and
+perplexity of held-out sequences for the original model (dense cache) and the DMC model.
+
+    python -m training.dmc --steps 4 --stage1-steps 0 --seq-len 64       # smoke run, a minute on CPU
+    python -m training.dmc --device cuda --steps 1500 --cr 2.5 --batch 8     # the real retrofit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.checkpoint import TensorSource  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.dmc import DMCDecoder, INIT_VAL, WINDOW  # noqa: E402
+from engine.dmc_retrofit import ROWS, decision_row_index, delta_metadata, load_retrofitted  # noqa: E402
+from engine.errors import EngineError  # noqa: E402
+from engine.llama import LlamaModel  # noqa: E402
+from engine.models import resolve  # noqa: E402
+from engine.paths import cache_dir  # noqa: E402
+from engine.rope import cos_sin_table  # noqa: E402
+from engine.tokenizer import ChatTokenizer  # noqa: E402
+from kernels.dmc import WEIGHT_EPS  # noqa: E402
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- data ------------------------------------------------------------------------------------
+def load_replies(path: Path | None) -> list[list[int]]:
+    """prompt + reply token ids of each cached reply (training/medusa.py's jsonl)."""
+    if path is None or not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        try:
+            d = json.loads(line)
+            out.append([int(t) for t in d["prompt_ids"]] + [int(t) for t in d["reply_ids"]])
+        except (ValueError, KeyError, TypeError) as e:
+            raise EngineError(f"{path}: line {n + 1} is not a cached reply ({e})") from None
+    return out
+
+
+def text_pieces(files: list[Path], tok: ChatTokenizer, seq_len: int) -> list[list[int]]:
+    out = []
+    for f in files:
+        try:
+            ids = tok.encode(Path(f).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise EngineError(f"{f}: cannot read it as UTF-8 text ({e})") from None
+        out += [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len) if len(ids[i:i + seq_len]) > 1]
+    return out
+
+
+def split(seqs: list[list[int]], holdout: float, seed: int) -> tuple[list, list]:
+    idx = list(range(len(seqs)))
+    random.Random(seed).shuffle(idx)
+    n = max(1, round(len(seqs) * holdout)) if len(seqs) > 1 else 0
+    return [seqs[i] for i in idx[n:]], [seqs[i] for i in idx[:n]]
+
+
+def batches(seqs: list[list[int]], batch: int, seq_len: int, pad: int, rng: random.Random):
+    """Endless random batches: ids [B, T] (right-padded) and the mask of real tokens."""
+    while True:
+        group = [s[:seq_len] for s in rng.sample(seqs, min(batch, len(seqs)))]
+        t = max(len(s) for s in group)
+        ids = torch.full((len(group), t), pad, dtype=torch.long)
+        mask = torch.zeros(len(group), t, dtype=torch.bool)
+        for r, s in enumerate(group):
+            ids[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s)] = True
+        yield ids, mask
+
+
+# ---- the model in training form ---------------------------------------------------------------
+class Retrofit:
+    """The checkpoint's weights as float32 tensors (trainable ones as leaf tensors) and a
+    differentiable forward: dense (the original model), stage 1 (decision dims scaled) or DMC."""
+
+    def __init__(self, model_dir: Path, device, train: str, init_val: float, window: int, temp: float):
+        self.cfg = cfg = load_config(model_dir)
+        if cfg.attention_bias or cfg.mlp_bias:
+            raise EngineError(f"{model_dir}: attention or MLP biases are not supported by the retrofit")
+        src = TensorSource(model_dir)
+        self.device, self.init_val, self.window, self.temp = torch.device(device), init_val, window, temp
+        self.w = {n: src.get(n).to(self.device, torch.float32) for n in sorted(src.names())}
+        self.embed = self.w["model.embed_tokens.weight"]
+        self.head = self.w.get("lm_head.weight", self.embed) if not cfg.tie_word_embeddings else self.embed
+        d = cfg.head_dim
+        self.q_rows = decision_row_index(cfg.num_heads, d).to(self.device)
+        self.k_rows = decision_row_index(cfg.num_kv_heads, d).to(self.device)
+        # the original attention weights, for the teacher (copies only when they are trained)
+        names = [self.attn(li, p) for li in range(cfg.num_layers) for p in ATTN]
+        self.original = {n: self.w[n].clone() if train == "attention" else self.w[n] for n in names}
+        # decision rows, kept apart from the projections so that they can be trained alone
+        self.rows = {}
+        for li in range(cfg.num_layers):
+            self.rows[li, "q"] = self.w[self.attn(li, "q_proj")][self.q_rows].clone()
+            self.rows[li, "k"] = self.w[self.attn(li, "k_proj")][self.k_rows].clone()
+        self.cos, self.sin = cos_sin_table(cfg, 4096, self.device, torch.float32)
+        self.last = torch.arange(d, device=self.device) == d - 1
+
+    @staticmethod
+    def attn(li: int, proj: str) -> str:
+        return f"model.layers.{li}.self_attn.{proj}.weight"
+
+    def parameters(self, with_attention: bool) -> list[torch.Tensor]:
+        params = list(self.rows.values())
+        if with_attention:
+            params += [self.w[self.attn(li, p)] for li in range(self.cfg.num_layers) for p in ATTN]
+        for t in params:
+            t.requires_grad_(True)
+        return params
+
+    def zero_decision_rows(self):
+        with torch.no_grad():
+            for t in self.rows.values():
+                t.zero_()
+
+    def _proj(self, li: int, x: torch.Tensor, original: bool):
+        cfg, d = self.cfg, self.cfg.head_dim
+        weights = self.original if original else self.w
+        wq, wk, wv = (weights[self.attn(li, p)] for p in ("q_proj", "k_proj", "v_proj"))
+        if not original:  # the decision rows replace rows D-1 of each head
+            wq = wq.index_put((self.q_rows,), self.rows[li, "q"])
+            wk = wk.index_put((self.k_rows,), self.rows[li, "k"])
+        b, t = x.shape[:2]
+        q = (x @ wq.t()).view(b, t, cfg.num_heads, d)
+        k = (x @ wk.t()).view(b, t, cfg.num_kv_heads, d)
+        v = (x @ wv.t()).view(b, t, cfg.num_kv_heads, d)
+        return q, k, v
+
+    def _rope(self, x: torch.Tensor, t: int, zero_last: bool) -> torch.Tensor:
+        cos, sin = self.cos[:t, None], self.sin[:t, None]
+        if zero_last:
+            x = x.masked_fill(self.last, 0)
+        x = x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+        return x.masked_fill(self.last, 0) if zero_last else x
+
+    def forward(self, ids: torch.Tensor, mode: str = "dmc", decay: float = 1.0, noise: bool = True):
+        """Logits [B, T, V] and, in DMC mode, each layer's mean decision (a list of scalars).
+        mode "dense": the original model; "stage1": dims D-1 of q and k scaled by ``decay``."""
+        cfg = self.cfg
+        b, t = ids.shape
+        h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        groups, eps = nh // nkv, cfg.rms_norm_eps
+        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+        x = F.embedding(ids, self.embed)
+        decisions = []
+        for li in range(cfg.num_layers):
+            p = f"model.layers.{li}."
+            hx = F.rms_norm(x, (h,), self.w[p + "input_layernorm.weight"], eps)
+            q, k, v = self._proj(li, hx, original=(mode == "dense"))
+            if mode == "dmc":
+                q, k, v, mask, mean_alpha = self._dmc(q, k, v, noise)
+                decisions.append(mean_alpha)
+                q, k = self._rope(q, t, True), self._rope(k, t, True)
+            else:
+                if mode == "stage1":
+                    scale = torch.where(self.last, decay, 1.0)
+                    q, k = q * scale, k * scale
+                q, k = self._rope(q, t, False), self._rope(k, t, False)
+                mask = causal
+            qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            kh, vh = kh.repeat_interleave(groups, 1), vh.repeat_interleave(groups, 1)
+            if mask.dim() == 4:
+                mask = mask.repeat_interleave(groups, 1)
+            a = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+            x = x + a.transpose(1, 2).reshape(b, t, nh * d) @ self.w[p + "self_attn.o_proj.weight"].t()
+            hm = F.rms_norm(x, (h,), self.w[p + "post_attention_layernorm.weight"], eps)
+            gate = hm @ self.w[p + "mlp.gate_proj.weight"].t()
+            up = hm @ self.w[p + "mlp.up_proj.weight"].t()
+            x = x + (F.silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].t()
+        x = F.rms_norm(x, (h,), self.w["model.norm.weight"], eps)
+        return x @ self.head.t(), decisions
+
+    def _dmc(self, q, k, v, noise: bool):
+        """Relaxed decisions, partial accumulations and the attention mask of one layer."""
+        b, t, nkv, d = k.shape
+        nh = q.shape[2]
+        logit = k[..., d - 1] - self.init_val  # [B, T, Hkv]
+        if noise:
+            u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
+            logit = logit + torch.log(u) - torch.log1p(-u)
+        z = logit / self.temp
+        alpha = torch.sigmoid(z)
+        first = torch.zeros_like(alpha)
+        first[:, 0] = 1.0
+        alpha = alpha * (1 - first)  # the first token never merges
+        w = torch.sigmoid(q[..., d - 1].view(b, t, nkv, nh // nkv).mean(-1) + self.init_val) + WEIGHT_EPS
+        kw = k.masked_fill(self.last, 0) * w[..., None]
+        vw = v * w[..., None]
+        # x_acc[i] = sum over o < window of (prod_{m=i-o+1..i} alpha_m) * w_{i-o} x_{i-o}
+        ksum, vsum, wsum = kw.clone(), vw.clone(), w.clone()
+        carry = torch.ones_like(alpha)
+        for o in range(1, min(self.window, t)):
+            carry = carry[:, 1:] * alpha[:, 1:t - o + 1]  # over positions i >= o
+            ksum = ksum + F.pad(carry[..., None] * kw[:, :-o], (0, 0, 0, 0, o, 0))
+            vsum = vsum + F.pad(carry[..., None] * vw[:, :-o], (0, 0, 0, 0, o, 0))
+            wsum = wsum + F.pad(carry * w[:, :-o], (0, 0, o, 0))
+        k_acc, v_acc = ksum / wsum[..., None], vsum / wsum[..., None]
+        # key j is hidden from queries i > j by log(1 - alpha_{j+1}); a query sees its own row
+        keep = F.logsigmoid(-z[:, 1:])  # [B, T-1, Hkv]
+        keep = F.pad(keep, (0, 0, 0, 1)).permute(0, 2, 1)[:, :, None, :]  # [B, Hkv, 1, T] over keys j
+        idx = torch.arange(t, device=k.device)
+        below = (idx[:, None] > idx[None, :])
+        mask = torch.where(below, keep, 0.0).masked_fill(idx[:, None] < idx[None, :], float("-inf"))
+        return q, k_acc, v_acc, mask, alpha[:, 1:].mean()
+
+    def delta(self, train: str) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        out = {}
+        for li in range(cfg.num_layers):
+            if train == "attention":
+                for p in ATTN:
+                    w = self.w[self.attn(li, p)].detach().clone()
+                    if p == "q_proj":
+                        w[self.q_rows] = self.rows[li, "q"].detach()
+                    if p == "k_proj":
+                        w[self.k_rows] = self.rows[li, "k"].detach()
+                    out[self.attn(li, p)] = w.to(torch.bfloat16).cpu().contiguous()
+            else:
+                out[self.attn(li, "q_proj")[:-len(".weight")] + ROWS] = self.rows[li, "q"].detach().cpu().contiguous()
+                out[self.attn(li, "k_proj")[:-len(".weight")] + ROWS] = self.rows[li, "k"].detach().cpu().contiguous()
+        return out
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, mean over real tokens."""
+    kl = F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
+                  reduction="none").sum(-1)
+    return (kl * mask).sum() / mask.sum()
+
+
+# ---- evaluation with the engine ---------------------------------------------------------------
+def nll(logits: torch.Tensor, ids: list[int]) -> tuple[float, int]:
+    target = torch.tensor(ids[1:], device=logits.device)
+    return float(F.cross_entropy(logits[:-1].float(), target, reduction="sum")), len(ids) - 1
+
+
+def evaluate(model_dir: Path, delta: Path, seqs: list[list[int]], replies: list[tuple[int, list[int]]],
+             device) -> dict:
+    """With the engine: perplexity of ``seqs`` for the original model (dense cache) and the DMC
+    model (DMCDecoder, whole sequence prefilled), and the DMC cache's compression after
+    prefilling each held-out chat (prompt + reply; ``replies`` [(prompt length, ids)])."""
+    base = LlamaModel.from_dir(model_dir, device, dtype=torch.float32)
+    model, settings = load_retrofitted(model_dir, delta, device, dtype=torch.float32)
+    longest = max([len(s) for s in seqs] + [len(s) for _, s in replies] + [16])
+    dmc = DMCDecoder(model, 1, longest, **settings)
+    cache = base.new_cache(longest)
+    base_nll = dmc_nll = 0.0
+    n = 0
+    with torch.inference_mode():
+        for s in seqs:
+            ids = torch.tensor([s], device=device)
+            cache.length = 0
+            a, _ = nll(base.forward(ids, cache, 0, all_logits=True)[0], s)
+            dmc.reset()
+            b, m = nll(dmc.prefill(ids, all_logits=True)[0], s)
+            base_nll, dmc_nll, n = base_nll + a, dmc_nll + b, n + m
+        ratios, tokens, slots = [], 0, 0
+        for _, s in replies:
+            dmc.reset()
+            dmc.prefill(torch.tensor([s], device=device))
+            st = dmc.stats()
+            ratios.append(st["kv_compression"])
+            tokens += st["tokens"]
+            slots += st["slots"]
+    cfg = model.cfg
+    per_token_slots = cfg.num_layers * cfg.num_kv_heads
+    out = {"perplexity_original": round(math.exp(base_nll / max(n, 1)), 4),
+           "perplexity_dmc": round(math.exp(dmc_nll / max(n, 1)), 4), "perplexity_tokens": n}
+    if replies:
+        out.update({"kv_compression": round(tokens * per_token_slots / max(slots, 1), 4),
+                    "kv_compression_per_chat_min": round(min(ratios), 4),
+                    "kv_compression_per_chat_max": round(max(ratios), 4), "chats": len(replies),
+                    "chat_tokens": tokens})
+    return out
+
+
+# ---- main ------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.dmc", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="base model (default: the embedded model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--replies", type=Path, default=None,
+                   help="cached greedy replies (jsonl; default: training/medusa.py's cache file for this model)")
+    p.add_argument("--text", type=Path, nargs="*", default=[], help="UTF-8 text files to train on too")
+    p.add_argument("--eval-text", type=Path, default=None,
+                   help="held-out text for perplexity (default: the held-out replies and text pieces)")
+    p.add_argument("--train", choices=["decision", "attention"], default="decision")
+    p.add_argument("--stage1-steps", type=int, default=60, help="with --train attention: decay steps")
+    p.add_argument("--steps", type=int, default=600, help="stage 2 steps")
+    p.add_argument("--cr", type=float, default=2.5, help="target compression ratio")
+    p.add_argument("--anneal", type=float, default=0.8, help="share of stage 2 over which CR rises from 1")
+    p.add_argument("--dmc-weight", type=float, default=5.0)
+    p.add_argument("--temp", type=float, default=0.1, help="Gumbel-sigmoid temperature")
+    p.add_argument("--window", type=int, default=WINDOW)
+    p.add_argument("--init-val", type=float, default=INIT_VAL)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-2 (decision rows), 1e-4 (attention)")
+    p.add_argument("--holdout", type=float, default=0.1)
+    p.add_argument("--eval-chats", type=int, default=24, help="held-out chats for the compression figure")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 1 or args.cr < 1 or args.window < 1:
+        raise SystemExit("training.dmc: --steps, --window must be >= 1 and --cr >= 1")
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    name, model_dir = resolve(args.model, log)
+    rf = Retrofit(model_dir, args.device, args.train, args.init_val, args.window, args.temp)
+    tok = ChatTokenizer(model_dir, rf.cfg)
+
+    replies_path = args.replies or next(iter(sorted((cache_dir() / "training").glob(f"{name}-replies-*.jsonl"),
+                                                     key=lambda f: -f.stat().st_size)), None)
+    replies = load_replies(replies_path)
+    pieces = text_pieces(args.text, tok, args.seq_len)
+    train_r, held_r = split(replies, args.holdout, 1)
+    train_t, held_t = split(pieces, args.holdout, 2)
+    train_seqs = train_r + train_t
+    if not train_seqs:
+        raise SystemExit("training.dmc: no training data: no cached replies for this model (run training.medusa "
+                         "first, or give --replies) and no --text files")
+    eval_seqs = [s[:args.seq_len] for s in held_r + held_t]
+    if args.eval_text is not None:
+        eval_seqs = text_pieces([args.eval_text], tok, args.seq_len)
+    log(f"{len(train_seqs)} training sequences ({len(train_r)} replies from {replies_path}, {len(train_t)} text "
+        f"pieces); held out: {len(held_r)} replies, {len(held_t)} text pieces")
+
+    pad = min(tok.eos_ids) if tok.eos_ids else 0
+    rng = random.Random(args.seed)
+    data = batches(train_seqs, args.batch, args.seq_len, pad, rng)
+    attention = args.train == "attention"
+    lr = args.lr or (1e-4 if attention else 1e-2)
+    history = []
+
+    # stage 1: the repurposed dims fade out of attention; the attention weights adapt
+    t1 = time.time()
+    s1 = args.stage1_steps if attention else 0
+    if s1:
+        params = [rf.w[rf.attn(li, pp)] for li in range(rf.cfg.num_layers) for pp in ATTN]
+        for t in params:
+            t.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        for step in range(s1):
+            ids, mask = next(data)
+            ids, mask = ids.to(rf.device), mask.to(rf.device)
+            decay = max(0.0, 1 - step / (0.8 * s1))
+            with torch.no_grad():
+                teacher, _ = rf.forward(ids, "dense")
+            student, _ = rf.forward(ids, "stage1", decay=decay)
+            loss = distill_loss(student, teacher, mask)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 10 == 0 or step == s1 - 1:
+                log(f"stage 1 step {step}/{s1}: decay {decay:.2f}, KL {loss.item():.4f}")
+    rf.zero_decision_rows()  # alpha logit -init_val (append), weight sigmoid(init_val)
+    t_stage1 = time.time() - t1
+
+    # stage 2: DMC with the compression target annealed upwards
+    params = rf.parameters(attention)
+    opt = torch.optim.AdamW([{"params": list(rf.rows.values()), "lr": args.lr or 1e-2}]
+                            + ([{"params": params[len(rf.rows):], "lr": lr}] if attention else []), weight_decay=0.0)
+    t2 = time.time()
+    for step in range(args.steps):
+        ids, mask = next(data)
+        ids, mask = ids.to(rf.device), mask.to(rf.device)
+        cr = 1 + (args.cr - 1) * min(1.0, (step + 1) / max(1, args.anneal * args.steps))
+        prior = 1 - 1 / cr
+        with torch.no_grad():
+            teacher, _ = rf.forward(ids, "dense")
+        student, decisions = rf.forward(ids, "dmc")
+        kl = distill_loss(student, teacher, mask)
+        mean_dec = torch.stack(decisions)
+        dmc_loss = F.relu(prior - mean_dec).mean()
+        loss = kl + args.dmc_weight * dmc_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rec = {"step": step, "cr_target": round(cr, 3), "kl": round(kl.item(), 5),
+               "mean_decision": round(mean_dec.mean().item(), 4), "dmc_loss": round(dmc_loss.item(), 5)}
+        if step % 10 == 0 or step == args.steps - 1:
+            history.append(rec)
+            log(f"stage 2 step {step}/{args.steps}: target CR {cr:.2f} (merge share {prior:.3f}), KL {rec['kl']:.4f}, "
+                f"mean decision {rec['mean_decision']:.3f}")
+    t_stage2 = time.time() - t2
+
+    out = args.out or ROOT / "assets" / "dmc"
+    out.mkdir(parents=True, exist_ok=True)
+    delta_path = out / f"{name}.safetensors"
+    save_file(rf.delta(args.train), str(delta_path), metadata=delta_metadata(rf.cfg, name, args.init_val, args.window))
+    log(f"wrote {delta_path}; evaluating on the held-out data with the engine")
+    rf = None
+    chats = [(0, s) for s in held_r[:args.eval_chats]]
+    t3 = time.time()
+    results = evaluate(model_dir, delta_path, eval_seqs, chats, args.device)
+    log(f"held out: {results}")
+    meta = {
+        "base_model": name, "format": "chatapp-dmc-delta 1", "trained": args.train,
+        "init_val": args.init_val, "window": args.window,
+        "training": {
+            "method": "DMC retrofit by distillation (KL to the original model's logits) with the annealed "
+                      "compression loss", "data_replies": str(replies_path) if replies else None,
+            "data_text": [str(f) for f in args.text], "train_sequences": len(train_seqs),
+            "held_out_replies": len(held_r), "held_out_text_pieces": len(held_t),
+            "stage1_steps": s1, "stage2_steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+            "lr": lr, "cr_target": args.cr, "anneal": args.anneal, "dmc_weight": args.dmc_weight,
+            "temperature": args.temp, "device": args.device, "stage1_s": round(t_stage1, 1),
+            "stage2_s": round(t_stage2, 1), "eval_s": round(time.time() - t3, 1),
+            "total_s": round(time.time() - t0, 1),
+        },
+        "held_out": {**results, "perplexity_text": str(args.eval_text) if args.eval_text else "held-out sequences"},
+        "history": history,
+    }
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    log(f"wrote {out / (name + '.json')} ({time.time() - t0:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
