@@ -528,7 +528,7 @@ def main(args) -> int:
         sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
                                     else socket.AF_INET)
     except OSError as e:
-        return fail(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
+        return fail(f"cannot listen on {args.host}:{args.port} ({(e.strerror or str(e)).split(' (while')[0]})")
     host, port = sock.getsockname()[:2]
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"chatapp: warning: listening on {args.host} without an API key (set {DEFAULT_API_KEY_ENV} "
@@ -561,6 +561,8 @@ def main(args) -> int:
     threading.Thread(target=load, name="chatapp-load", daemon=True).start()
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down gracefully on Ctrl+C, then passed the signal on
+        pass
     finally:
         runner.stop()
     if load_error:

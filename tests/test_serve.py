@@ -348,3 +348,60 @@ def test_stop_matcher_holds_back_partial_stop_sequences():
     assert m.feed("a</") == ("a", False)
     assert m.feed("s> more") == ("", True)
     assert StopMatcher(["b", "abc"]).feed("xabc") == ("x", True)  # the earliest stop sequence wins
+
+
+# ---- the command -------------------------------------------------------------------------------
+def _start(tmp_path, *args, env=None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "chatapp", "serve", "--port", "0", *args], stdout=log,
+                            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parent.parent,
+                            env={**os.environ, **(env or {})})
+    return proc, tmp_path / "serve.log"
+
+
+def _wait_for(proc, log, needle: str, timeout=120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        if needle in text or proc.poll() is not None:
+            return text
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"{needle!r} did not appear:\n{log.read_text()}")
+
+
+def test_serve_command(tmp_path, tiny_checkpoint):
+    import re
+    import signal
+
+    proc, log = _start(tmp_path, "--model", str(tiny_checkpoint), "--device", "cpu", "--max-tokens-limit", "32",
+                       env={"CHATAPP_API_KEY": "cmd-key"})
+    try:
+        text = _wait_for(proc, log, "serving ")
+        url = re.search(r"at (http://127\.0\.0\.1:\d+/v1) \(API key required\)", text).group(1)
+        client = openai.OpenAI(base_url=url, api_key="cmd-key", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == [str(tiny_checkpoint)]
+        r = client.completions.create(model=str(tiny_checkpoint), prompt="hello", max_tokens=4,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=str(tiny_checkpoint), prompt="hello", max_tokens=33)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    assert "cmd-key" not in log.read_text()  # the key is never logged
+
+
+def test_serve_command_errors(tmp_path):
+    proc, log = _start(tmp_path, "--model", str(tmp_path / "absent"), "--device", "cpu")
+    assert proc.wait(timeout=120) == 1
+    errors = [line for line in log.read_text().splitlines() if line.startswith("chatapp: error:")]
+    assert len(errors) == 1 and "absent" in errors[0], log.read_text()
+    proc, log = _start(tmp_path, "--api-key-env", "CHATAPP_TEST_UNSET_VARIABLE")
+    assert proc.wait(timeout=60) == 1
+    assert "CHATAPP_TEST_UNSET_VARIABLE" in log.read_text()
