@@ -59,7 +59,8 @@ def _serve_arguments(p) -> None:
     p.add_argument("--model", default=argparse.SUPPRESS, help="model id or checkpoint folder")
     p.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
     p.add_argument("--quantize", choices=["fp8"], default=argparse.SUPPRESS)
-    p.add_argument("--decoding", choices=["plain", "medusa"], default="plain")
+    p.add_argument("--decoding", choices=["plain", "medusa", "dmc"], default="plain",
+                   help="as for `chatapp run`")
     p.add_argument("--medusa-choices", metavar="PRESET|FILE", help="Medusa tree (as for `chatapp run`)")
     p.add_argument("--context", type=int, help="KV cache length in tokens")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

@@ -227,7 +227,7 @@ class Server:
         if max_tokens is not None and max_tokens > limit:
             raise ApiError(400, f"max_tokens {max_tokens} is more than this server allows ({limit})",
                            param="max_tokens")
-        context = self.session.cache.max_len
+        context = self.session.context
         if n_prompt >= context:
             raise ApiError(400, f"the prompt has {n_prompt} tokens; the model's context is {context} tokens",
                            code="context_length_exceeded", param="messages")
@@ -284,7 +284,7 @@ class Server:
 
     def _model_card(self) -> dict:
         return {"id": self.model_id(), "object": "model", "created": self.created, "owned_by": "chatapp",
-                "max_model_len": self.session.cache.max_len}
+                "max_model_len": self.session.context}
 
     async def chat(self, request: Request) -> Response:
         self._check_key(request)

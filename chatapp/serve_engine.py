@@ -115,6 +115,7 @@ class Metrics:
         self.medusa_steps = 0
         self.medusa_tokens = 0
         self.last_accepted_per_step = 0.0
+        self.last_kv_compression = 1.0
 
     def count_request(self, path: str, status: int) -> None:
         endpoint = path if path in ENDPOINTS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
@@ -136,6 +137,7 @@ class Metrics:
                         self.ttft_counts[i] += 1
             if stats.n_generated > 1:
                 self.last_decode_tps = stats.decode_tokens_per_s
+            self.last_kv_compression = getattr(stats, "kv_compression", 1.0)
             if stats.steps:
                 self.medusa_steps += stats.steps
                 self.medusa_tokens += stats.n_generated
@@ -181,6 +183,10 @@ class Metrics:
                        "Medusa: tokens accepted per verify step, mean over the last generation.",
                        [("", self.last_accepted_per_step)])
                 metric("chatapp_medusa_steps_total", "counter", "Medusa verify steps.", [("", self.medusa_steps)])
+            if decoding == "dmc":
+                metric("chatapp_last_kv_compression_ratio", "gauge",
+                       "DMC: K/V bytes a plain cache would hold over the bytes held, at the end of the last "
+                       "generation.", [("", self.last_kv_compression)])
             if model is not None:
                 metric("chatapp_model_info", "gauge", "The served model.",
                        [(f'{{model="{_label(model)}",decoding="{decoding}"}}', 1)])

@@ -405,3 +405,35 @@ def test_serve_command_errors(tmp_path):
     proc, log = _start(tmp_path, "--api-key-env", "CHATAPP_TEST_UNSET_VARIABLE")
     assert proc.wait(timeout=60) == 1
     assert "CHATAPP_TEST_UNSET_VARIABLE" in log.read_text()
+
+
+def test_metrics_render_medusa_and_histogram():
+    from chatapp.serve_engine import Metrics
+    from engine.events import GenerationStats
+
+    def stats(n, steps, ttft):
+        return GenerationStats(text="", token_ids=[0] * n, n_prompt_tokens=5, n_generated=n,
+                               time_to_first_token_s=ttft, decode_tokens_per_s=40.0, steps=steps,
+                               accepted_per_step=[], peak_memory_bytes=0, device="cpu", model="m",
+                               decoding="medusa")
+
+    m = Metrics()
+    m.count_generation(stats(12, 5, 0.03), cancelled=False)
+    m.count_generation(stats(9, 3, 0.2), cancelled=True)
+    m.count_request("/v1/chat/completions", 200)
+    m.count_request("/v1/models/some/model", 404)
+    m.count_request("/secret/path", 404)
+    text = m.render(waiting=2, running=1, model='a "quoted" name', decoding="medusa")
+    assert metric(text, "chatapp_medusa_accepted_tokens_per_step") == 3.0  # 9 tokens in 3 steps, the last one
+    assert metric(text, "chatapp_medusa_steps_total") == 8
+    assert metric(text, "chatapp_generation_tokens_total") == 21 and metric(text, "chatapp_prompt_tokens_total") == 10
+    assert metric(text, "chatapp_generations_cancelled_total") == 1
+    assert metric(text, "chatapp_queue_depth") == 2 and metric(text, "chatapp_requests_running") == 1
+    assert 'chatapp_time_to_first_token_seconds_bucket{le="0.05"} 1' in text
+    assert 'chatapp_time_to_first_token_seconds_bucket{le="0.25"} 2' in text
+    assert 'chatapp_time_to_first_token_seconds_bucket{le="+Inf"} 2' in text
+    assert metric(text, "chatapp_time_to_first_token_seconds_count") == 2
+    assert 'endpoint="other",status="404"} 1' in text and "/secret/path" not in text
+    assert 'endpoint="/v1/models/{id}",status="404"} 1' in text
+    assert 'model="a \\"quoted\\" name"' in text
+    assert "chatapp_medusa" not in m.render(waiting=0, running=0, model="m", decoding="plain")
