@@ -15,10 +15,12 @@ Delta format (one safetensors file; metadata ``format`` = ``chatapp-dmc-delta``,
     model.layers.N.self_attn.q_proj.decision_rows  [num_heads, hidden]     row D-1 of each query head
     model.layers.N.self_attn.k_proj.decision_rows  [num_kv_heads, hidden]  row D-1 of each key head
     <any base tensor name>                          its base shape          replaces it whole
+    <base weight name>.lora_a, .lora_b              [r, in], [out, r]       a low-rank update: W + b @ a
 
-Every layer needs its q and k decision rows, either as ``decision_rows`` or through a whole
-replaced q_proj / k_proj weight; a tensor the base checkpoint does not have, a shape that differs,
-a missing layer or metadata that does not match the model is refused with an EngineError."""
+The decision rows are applied last (over a replaced or updated q_proj / k_proj). Every layer
+needs its q and k decision rows, either as ``decision_rows`` or within a whole replaced q_proj /
+k_proj weight; a tensor the base checkpoint does not have, a shape that differs, a missing layer
+or metadata that does not match the model is refused with an EngineError."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "dmc"
 FORMAT = "chatapp-dmc-delta"
 VERSION = 1
 ROWS = ".decision_rows"
+LOW_RANK = (".lora_a", ".lora_b")
 LOCAL_NAME = "dmc/delta.safetensors"  # a delta inside the checkpoint folder (a subfolder: not a weights file)
 
 
@@ -99,7 +102,7 @@ def read_delta(path: Path, cfg: ModelConfig, base: TensorSource) -> tuple[dict[s
     if settings["window"] < 1:
         raise EngineError(f"{path}: DMC window {settings['window']}: must be at least 1")
     h, d = cfg.hidden_size, cfg.head_dim
-    whole, rows = {}, {}
+    whole, rows, low = {}, {}, {}
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise EngineError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected a float type")
@@ -111,6 +114,11 @@ def read_delta(path: Path, cfg: ModelConfig, base: TensorSource) -> tuple[dict[s
             if tuple(t.shape) != (n, h):
                 raise EngineError(f"{path}: tensor {name!r} has shape {list(t.shape)}, expected {[n, h]}")
             rows[target] = t
+        elif name.endswith(LOW_RANK):
+            target = name[: -len(".lora_a")]
+            if target not in base or base.get(target).dim() != 2:
+                raise EngineError(f"{path}: tensor {name!r} updates no weight matrix of the model")
+            low.setdefault(target, {})[name[-1]] = t
         else:
             if name not in base:
                 raise EngineError(f"{path}: tensor {name!r} is not in the base checkpoint")
@@ -118,15 +126,25 @@ def read_delta(path: Path, cfg: ModelConfig, base: TensorSource) -> tuple[dict[s
             if tuple(t.shape) != want:
                 raise EngineError(f"{path}: tensor {name!r} has shape {list(t.shape)}, the base has {list(want)}")
             whole[name] = t
+    for target, ab in low.items():
+        out_f, in_f = base.get(target).shape
+        a, b = ab.get("a"), ab.get("b")
+        if a is None or b is None:
+            raise EngineError(f"{path}: {target} has only one of lora_a, lora_b")
+        if target in whole:
+            raise EngineError(f"{path}: {target} is given both whole and as a low-rank update")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+            raise EngineError(f"{path}: {target}.lora_a {list(a.shape)} / lora_b {list(b.shape)} do not make a "
+                              f"[{out_f}, {in_f}] update")
+        w = base.get(target)
+        whole[target] = (w.float() + b.float() @ a.float()).to(w.dtype)
     for li in range(cfg.num_layers):
         for proj in ("q_proj", "k_proj"):
             name = f"model.layers.{li}.self_attn.{proj}.weight"
             if name not in rows and name not in whole:
                 raise EngineError(f"{path}: no decision rows for {name} (expected {name[:-len('.weight')]}{ROWS})")
-            if name in rows and name in whole:
-                raise EngineError(f"{path}: {name} is given both whole and as decision rows")
     for target, r in rows.items():
-        w = base.get(target).clone()
+        w = (whole[target] if target in whole else base.get(target)).clone()
         w[decision_row_index(r.shape[0], d)] = r.to(w.dtype)
         whole[target] = w
     return whole, settings

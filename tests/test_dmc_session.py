@@ -137,6 +137,11 @@ def test_models_without_dmc_and_bad_deltas_are_refused(dmc_checkpoint, tiny_chec
         "unknown": ({**good, "model.layers.0.self_attn.x_proj.weight": torch.zeros(2)}, meta,
                     "x_proj.weight' is not in the base checkpoint"),
         "config": (good, {**meta, "num_layers": "30"}, "made for a model with num_layers=30"),
+        "half low-rank": ({**good, "model.layers.0.self_attn.v_proj.weight.lora_a": torch.zeros(4, 64)}, meta,
+                          "v_proj.weight has only one of lora_a, lora_b"),
+        "low-rank shape": ({**good, "model.layers.0.self_attn.v_proj.weight.lora_a": torch.zeros(4, 64),
+                            "model.layers.0.self_attn.v_proj.weight.lora_b": torch.zeros(64, 4)}, meta,
+                           r"do not make a \[32, 64\] update"),
         "format": (good, {}, "not a DMC delta"),
     }
     for name, (tensors, metadata, message) in cases.items():

@@ -55,7 +55,7 @@ def test_training_forward_equals_the_engine(forced):
     assert all(abs(float(d) - share) < 1e-6 for d in decisions)
 
 
-@pytest.mark.parametrize("train", ["decision", "attention"])
+@pytest.mark.parametrize("train", ["decision", "lora", "attention"])
 def test_script_writes_a_delta_the_engine_loads(forced, tmp_path, monkeypatch, embedded_session, train):
     monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))
     from engine.tokenizer import ChatTokenizer
@@ -75,21 +75,30 @@ def test_script_writes_a_delta_the_engine_loads(forced, tmp_path, monkeypatch, e
                          "--out", str(out)])
     assert rc == 0
     delta = load_file(str(out / "tiny.safetensors"))
+    rows = {f"model.layers.{li}.self_attn.{p}{ROWS}" for li in range(2) for p in ("q_proj", "k_proj")}
     if train == "decision":
-        assert sorted(delta) == sorted(f"model.layers.{li}.self_attn.{p}{ROWS}" for li in range(2)
-                                       for p in ("q_proj", "k_proj"))
-        assert delta["model.layers.0.self_attn.k_proj" + ROWS].shape == (2, 64)
+        assert set(delta) == rows and delta["model.layers.0.self_attn.k_proj" + ROWS].shape == (2, 64)
+    elif train == "lora":
+        assert set(delta) == rows | {f"model.layers.{li}.self_attn.{p}_proj.weight.lora_{ab}" for li in range(2)
+                                     for p in "qkvo" for ab in "ab"}
+        assert delta["model.layers.1.self_attn.o_proj.weight.lora_b"].abs().max() > 0  # trained
     else:
         assert len(delta) == 8 and all(t.dtype == torch.bfloat16 for t in delta.values())
     report = json.loads((out / "tiny.json").read_text())
     assert report["training"]["stage2_steps"] == 3 and report["training"]["held_out_replies"] == 2
-    assert report["training"]["stage1_steps"] == (2 if train == "attention" else 0)
+    assert report["training"]["stage1_steps"] == (0 if train == "decision" else 2)
     held = report["held_out"]
     assert held["chats"] == 2 and held["kv_compression"] >= 1.0
     assert math.isfinite(held["perplexity_original"]) and math.isfinite(held["perplexity_dmc"])
     assert len(report["history"]) == 2  # steps 0 and 2
     model, settings = load_retrofitted(forced, out / "tiny.safetensors", "cpu")
     assert settings == {"init_val": 5.0, "window": 12}
+    if train == "lora":  # the engine applies W + B A
+        base = load_file(str(forced / "model.safetensors"))
+        name = "model.layers.1.self_attn.o_proj.weight"
+        w = base[name] + delta[name + ".lora_b"] @ delta[name + ".lora_a"]
+        x = torch.randn(1, 1, 64)
+        assert torch.allclose(model.layers[1].o(x), x @ w.t(), atol=1e-5)
     dec = DMCDecoder(model, 1, 64, **settings)
     logits = dec.step(dec.prefill(torch.tensor([[5, 7, 9, 11]]))[0].argmax().view(1))
     assert logits.shape == (1, 49152) and torch.isfinite(logits).all() and dec.length == 5

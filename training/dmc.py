@@ -6,7 +6,7 @@ Decision neurons: the last dimension D-1 of each key head gives the merge decisi
 (omega = ``sigmoid(mean over the KV head's query heads of q[D-1] + init_val)``); neither takes
 part in attention any more (engine/dmc.py has the inference side).
 
-- Stage 1 (``--stage1-steps``, only with ``--train attention``): the repurposed dims' share of
+- Stage 1 (``--stage1-steps``, with ``--train lora`` or ``attention``): the repurposed dims' share of
   q and k is decayed linearly to zero over 80% of the stage, while the attention weights learn to
   do without them (distillation); then the decision rows are set to zero: alpha logit -5
   (append), weight sigmoid(5).
@@ -19,9 +19,10 @@ part in attention any more (engine/dmc.py has the inference side).
   prior = 1 - 1/CR and CR raised linearly from 1 to ``--cr`` over ``--anneal`` of the stage,
   then held.
 
-Trainable (``--train``): ``decision`` (default), the q/k decision rows only, a delta of
-(heads + kv heads) x hidden floats per layer; ``attention``: also every layer's q/k/v/o
-projections (a delta of the whole attention, bfloat16).
+Trainable (``--train``), beside the q/k decision rows ((heads + kv heads) x hidden floats per layer):
+``lora`` (default): rank-``--rank`` updates of every layer's q/k/v/o projections (a delta of a few
+MB); ``decision``: nothing else (the model cannot adapt to losing dim D-1 from attention);
+``attention``: the whole q/k/v/o projections (a delta of the whole attention, bfloat16).
 
 Data: the model's own greedy chat replies cached by training/medusa.py (``--replies``, by default
 its cache file for this model if present) and/or text files (``--text``, cut into ``--seq-len``
@@ -123,7 +124,8 @@ class Retrofit:
     """The checkpoint's weights as float32 tensors (trainable ones as leaf tensors) and a
     differentiable forward: dense (the original model), stage 1 (decision dims scaled) or DMC."""
 
-    def __init__(self, model_dir: Path, device, train: str, init_val: float, window: int, temp: float):
+    def __init__(self, model_dir: Path, device, train: str, init_val: float, window: int, temp: float,
+                 rank: int = 16):
         self.cfg = cfg = load_config(model_dir)
         if cfg.attention_bias or cfg.mlp_bias:
             raise EngineError(f"{model_dir}: attention or MLP biases are not supported by the retrofit")
@@ -138,11 +140,21 @@ class Retrofit:
         # the original attention weights, for the teacher (copies only when they are trained)
         names = [self.attn(li, p) for li in range(cfg.num_layers) for p in ATTN]
         self.original = {n: self.w[n].clone() if train == "attention" else self.w[n] for n in names}
+        self.train = train
         # decision rows, kept apart from the projections so that they can be trained alone
         self.rows = {}
         for li in range(cfg.num_layers):
             self.rows[li, "q"] = self.w[self.attn(li, "q_proj")][self.q_rows].clone()
             self.rows[li, "k"] = self.w[self.attn(li, "k_proj")][self.k_rows].clone()
+        # low-rank updates W + B A of the attention projections (B zero: no change at the start)
+        self.lora = {}
+        if train == "lora":
+            g = torch.Generator().manual_seed(0)
+            for li in range(cfg.num_layers):
+                for p in ATTN:
+                    out_f, in_f = self.w[self.attn(li, p)].shape
+                    a = torch.randn(rank, in_f, generator=g) / math.sqrt(in_f)
+                    self.lora[li, p] = (a.to(self.device), torch.zeros(out_f, rank, device=self.device))
         self.cos, self.sin = cos_sin_table(cfg, 4096, self.device, torch.float32)
         self.last = torch.arange(d, device=self.device) == d - 1
 
@@ -150,13 +162,27 @@ class Retrofit:
     def attn(li: int, proj: str) -> str:
         return f"model.layers.{li}.self_attn.{proj}.weight"
 
-    def parameters(self, with_attention: bool) -> list[torch.Tensor]:
-        params = list(self.rows.values())
-        if with_attention:
-            params += [self.w[self.attn(li, p)] for li in range(self.cfg.num_layers) for p in ATTN]
+    def adapted(self) -> list[torch.Tensor]:
+        """The trainable tensors besides the decision rows (requires_grad set)."""
+        if self.train == "lora":
+            params = [t for ab in self.lora.values() for t in ab]
+        elif self.train == "attention":
+            params = [self.w[n] for n in self.original]
+        else:
+            params = []
         for t in params:
             t.requires_grad_(True)
         return params
+
+    def weight(self, li: int, proj: str, original: bool = False) -> torch.Tensor:
+        """A projection weight as the student sees it (the teacher's with ``original``)."""
+        name = self.attn(li, proj)
+        if original:
+            return self.original[name]
+        if self.lora:
+            a, b = self.lora[li, proj]
+            return self.w[name] + b @ a
+        return self.w[name]
 
     def zero_decision_rows(self):
         with torch.no_grad():
@@ -165,8 +191,7 @@ class Retrofit:
 
     def _proj(self, li: int, x: torch.Tensor, original: bool):
         cfg, d = self.cfg, self.cfg.head_dim
-        weights = self.original if original else self.w
-        wq, wk, wv = (weights[self.attn(li, p)] for p in ("q_proj", "k_proj", "v_proj"))
+        wq, wk, wv = (self.weight(li, p, original) for p in ("q_proj", "k_proj", "v_proj"))
         if not original:  # the decision rows replace rows D-1 of each head
             wq = wq.index_put((self.q_rows,), self.rows[li, "q"])
             wk = wk.index_put((self.k_rows,), self.rows[li, "k"])
@@ -212,7 +237,7 @@ class Retrofit:
             if mask.dim() == 4:
                 mask = mask.repeat_interleave(groups, 1)
             a = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
-            x = x + a.transpose(1, 2).reshape(b, t, nh * d) @ self.w[p + "self_attn.o_proj.weight"].t()
+            x = x + a.transpose(1, 2).reshape(b, t, nh * d) @ self.weight(li, "o_proj", mode == "dense").t()
             hm = F.rms_norm(x, (h,), self.w[p + "post_attention_layernorm.weight"], eps)
             gate = hm @ self.w[p + "mlp.gate_proj.weight"].t()
             up = hm @ self.w[p + "mlp.up_proj.weight"].t()
@@ -257,6 +282,11 @@ class Retrofit:
         cfg = self.cfg
         out = {}
         for li in range(cfg.num_layers):
+            if train == "lora":
+                for p in ATTN:
+                    a, b = self.lora[li, p]
+                    out[self.attn(li, p) + ".lora_a"] = a.detach().cpu().contiguous()
+                    out[self.attn(li, p) + ".lora_b"] = b.detach().cpu().contiguous()
             if train == "attention":
                 for p in ATTN:
                     w = self.w[self.attn(li, p)].detach().clone()
@@ -265,7 +295,7 @@ class Retrofit:
                     if p == "k_proj":
                         w[self.k_rows] = self.rows[li, "k"].detach()
                     out[self.attn(li, p)] = w.to(torch.bfloat16).cpu().contiguous()
-            else:
+            if train != "attention":
                 out[self.attn(li, "q_proj")[:-len(".weight")] + ROWS] = self.rows[li, "q"].detach().cpu().contiguous()
                 out[self.attn(li, "k_proj")[:-len(".weight")] + ROWS] = self.rows[li, "k"].detach().cpu().contiguous()
         return out
@@ -276,6 +306,26 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
     kl = F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
                   reduction="none").sum(-1)
     return (kl * mask).sum() / mask.sum()
+
+
+def train_step(rf: Retrofit, opt, batch, mode: str, decay: float = 1.0, prior: float = 0.0,
+               dmc_weight: float = 0.0) -> dict:
+    """One optimizer step: KL to the original model (+ the compression loss in DMC mode)."""
+    ids, mask = (t.to(rf.device) for t in batch)
+    with torch.no_grad():
+        teacher, _ = rf.forward(ids, "dense")
+    student, decisions = rf.forward(ids, mode, decay=decay)
+    kl = distill_loss(student, teacher, mask)
+    loss, rec = kl, {"kl": round(kl.item(), 5)}
+    if mode == "dmc":
+        mean_dec = torch.stack(decisions)
+        dmc_loss = F.relu(prior - mean_dec).mean()
+        loss = kl + dmc_weight * dmc_loss
+        rec.update(mean_decision=round(mean_dec.mean().item(), 4), dmc_loss=round(dmc_loss.item(), 5))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return rec
 
 
 # ---- evaluation with the engine ---------------------------------------------------------------
@@ -334,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", type=Path, nargs="*", default=[], help="UTF-8 text files to train on too")
     p.add_argument("--eval-text", type=Path, default=None,
                    help="held-out text for perplexity (default: the held-out replies and text pieces)")
-    p.add_argument("--train", choices=["decision", "attention"], default="decision")
-    p.add_argument("--stage1-steps", type=int, default=60, help="with --train attention: decay steps")
+    p.add_argument("--train", choices=["lora", "decision", "attention"], default="lora")
+    p.add_argument("--rank", type=int, default=16, help="rank of the low-rank updates (--train lora)")
+    p.add_argument("--stage1-steps", type=int, default=60, help="decay steps (not with --train decision)")
     p.add_argument("--steps", type=int, default=600, help="stage 2 steps")
     p.add_argument("--cr", type=float, default=2.5, help="target compression ratio")
     p.add_argument("--anneal", type=float, default=0.8, help="share of stage 2 over which CR rises from 1")
@@ -345,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-val", type=float, default=INIT_VAL)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-2 (decision rows), 1e-4 (attention)")
+    p.add_argument("--lr", type=float, default=None, help="of the q/k/v/o updates (default: 1e-3 lora, "
+                   "1e-4 attention)")
+    p.add_argument("--lr-decision", type=float, default=1e-2, help="of the decision rows")
     p.add_argument("--holdout", type=float, default=0.1)
     p.add_argument("--eval-chats", type=int, default=24, help="held-out chats for the compression figure")
     p.add_argument("--threads", type=int, default=None)
@@ -359,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
     name, model_dir = resolve(args.model, log)
-    rf = Retrofit(model_dir, args.device, args.train, args.init_val, args.window, args.temp)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rf = Retrofit(model_dir, args.device, args.train, args.init_val, args.window, args.temp, args.rank)
     tok = ChatTokenizer(model_dir, rf.cfg)
 
     replies_path = args.replies or next(iter(sorted((cache_dir() / "training").glob(f"{name}-replies-*.jsonl"),
@@ -381,56 +436,34 @@ def main(argv: list[str] | None = None) -> int:
     pad = min(tok.eos_ids) if tok.eos_ids else 0
     rng = random.Random(args.seed)
     data = batches(train_seqs, args.batch, args.seq_len, pad, rng)
-    attention = args.train == "attention"
-    lr = args.lr or (1e-4 if attention else 1e-2)
+    lr = args.lr or (1e-4 if args.train == "attention" else 1e-3)
+    adapted = rf.adapted()
     history = []
 
     # stage 1: the repurposed dims fade out of attention; the attention weights adapt
     t1 = time.time()
-    s1 = args.stage1_steps if attention else 0
+    s1 = args.stage1_steps if adapted else 0
     if s1:
-        params = [rf.w[rf.attn(li, pp)] for li in range(rf.cfg.num_layers) for pp in ATTN]
-        for t in params:
-            t.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(adapted, lr=lr, weight_decay=0.0)
         for step in range(s1):
-            ids, mask = next(data)
-            ids, mask = ids.to(rf.device), mask.to(rf.device)
             decay = max(0.0, 1 - step / (0.8 * s1))
-            with torch.no_grad():
-                teacher, _ = rf.forward(ids, "dense")
-            student, _ = rf.forward(ids, "stage1", decay=decay)
-            loss = distill_loss(student, teacher, mask)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            rec = train_step(rf, opt, next(data), "stage1", decay=decay)
             if step % 10 == 0 or step == s1 - 1:
-                log(f"stage 1 step {step}/{s1}: decay {decay:.2f}, KL {loss.item():.4f}")
+                log(f"stage 1 step {step}/{s1}: decay {decay:.2f}, KL {rec['kl']:.4f}")
     rf.zero_decision_rows()  # alpha logit -init_val (append), weight sigmoid(init_val)
     t_stage1 = time.time() - t1
 
     # stage 2: DMC with the compression target annealed upwards
-    params = rf.parameters(attention)
-    opt = torch.optim.AdamW([{"params": list(rf.rows.values()), "lr": args.lr or 1e-2}]
-                            + ([{"params": params[len(rf.rows):], "lr": lr}] if attention else []), weight_decay=0.0)
+    for t in rf.rows.values():
+        t.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": list(rf.rows.values()), "lr": args.lr_decision}]
+                            + ([{"params": adapted, "lr": lr}] if adapted else []), weight_decay=0.0)
     t2 = time.time()
     for step in range(args.steps):
-        ids, mask = next(data)
-        ids, mask = ids.to(rf.device), mask.to(rf.device)
         cr = 1 + (args.cr - 1) * min(1.0, (step + 1) / max(1, args.anneal * args.steps))
         prior = 1 - 1 / cr
-        with torch.no_grad():
-            teacher, _ = rf.forward(ids, "dense")
-        student, decisions = rf.forward(ids, "dmc")
-        kl = distill_loss(student, teacher, mask)
-        mean_dec = torch.stack(decisions)
-        dmc_loss = F.relu(prior - mean_dec).mean()
-        loss = kl + args.dmc_weight * dmc_loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        rec = {"step": step, "cr_target": round(cr, 3), "kl": round(kl.item(), 5),
-               "mean_decision": round(mean_dec.mean().item(), 4), "dmc_loss": round(dmc_loss.item(), 5)}
+        rec = {"step": step, "cr_target": round(cr, 3),
+               **train_step(rf, opt, next(data), "dmc", prior=prior, dmc_weight=args.dmc_weight)}
         if step % 10 == 0 or step == args.steps - 1:
             history.append(rec)
             log(f"stage 2 step {step}/{args.steps}: target CR {cr:.2f} (merge share {prior:.3f}), KL {rec['kl']:.4f}, "
@@ -456,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
             "data_text": [str(f) for f in args.text], "train_sequences": len(train_seqs),
             "held_out_replies": len(held_r), "held_out_text_pieces": len(held_t),
             "stage1_steps": s1, "stage2_steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
-            "lr": lr, "cr_target": args.cr, "anneal": args.anneal, "dmc_weight": args.dmc_weight,
+            "lr": lr, "lr_decision": args.lr_decision, "rank": args.rank if args.train == "lora" else None,
+            "cr_target": args.cr, "anneal": args.anneal, "dmc_weight": args.dmc_weight,
             "temperature": args.temp, "device": args.device, "stage1_s": round(t_stage1, 1),
             "stage2_s": round(t_stage2, 1), "eval_s": round(time.time() - t3, 1),
             "total_s": round(time.time() - t0, 1),
