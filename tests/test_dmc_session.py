@@ -21,6 +21,7 @@ from engine.errors import EngineError
 from engine.events import Done, LoadModel, SamplingParams, Step
 from engine.session import Session
 from tests.conftest import write_tiny_checkpoint
+from tests.test_megatron_checkpoint import fake_megatron  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 D = 16  # head_dim of the tiny checkpoint (64 hidden / 4 heads)
@@ -156,3 +157,37 @@ def test_models_without_dmc_and_bad_deltas_are_refused(dmc_checkpoint, tiny_chec
     model, _ = load_retrofitted(dmc_checkpoint, whole, "cpu")
     x = torch.randn(1, 1, 64)
     assert torch.allclose(model.layers[1].o(x), x @ o.t(), atol=1e-6)
+
+
+def test_megatron_dmc_checkpoint(dmc_checkpoint, tmp_path, fake_megatron):
+    """A legacy Megatron checkpoint with the decision rows in its weights decodes with DMC, the
+    settings from its stored args; its tokenizer files are looked for next to it."""
+    import shutil
+
+    from engine.megatron_checkpoint import load_megatron_model
+    from tests.conftest import TOKENIZER_FILES
+    from tests.test_megatron_checkpoint import write_megatron
+
+    w = load_file(str(dmc_checkpoint / "model.safetensors"))
+    for name, rows in load_file(str(dmc_checkpoint / LOCAL_NAME)).items():
+        target = name.replace(".decision_rows", ".weight")
+        w[target][torch.arange(rows.shape[0]) * D + D - 1] = rows
+    w["lm_head.weight"] = w["model.embed_tokens.weight"].clone()
+    root = write_megatron(tmp_path / "meg", w, fake_megatron, padded_vocab_size=49152, ffn_hidden_size=128,
+                          max_position_embeddings=512, seq_length=512, dmc_init_val=5.0)
+    with pytest.raises(EngineError, match="no tokenizer.json: Megatron checkpoints do not include"):
+        Session.load(LoadModel(str(root), "cpu", decoding="dmc"))
+    for name in TOKENIZER_FILES:
+        if (dmc_checkpoint / name).exists():
+            shutil.copy(dmc_checkpoint / name, root / name)
+    session = Session.load(LoadModel(str(root), "cpu", decoding="dmc"))
+    chat = [{"role": "user", "content": "Count to ten."}]
+    stats = list(session.generate(chat, SamplingParams(max_new_tokens=12, ignore_eos=True)))[-1].stats
+    assert stats.decoding == "dmc" and stats.kv_compression > 1.3
+    dmc = DMCDecoder(load_megatron_model(root, "cpu", torch.float32), 1, 512)
+    logits = dmc.prefill(torch.tensor([session.tokenizer.encode_chat(chat)]))
+    own = []
+    for _ in range(12):
+        own.append(int(logits[0].argmax()))
+        logits = dmc.step(torch.tensor([own[-1]]))
+    assert stats.token_ids == own
