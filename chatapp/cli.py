@@ -7,6 +7,7 @@ import json
 import sys
 
 DEFAULT_API_KEY_ENV = "CHATAPP_API_KEY"  # `chatapp serve`: where the API key is read from by default
+DEFAULT_REMOTE_KEY_ENV = "CHATAPP_REMOTE_API_KEY"  # --remote: where the server's key is read from
 DESCRIPTION = "Terminal chat with a local inference engine (Llama-family models, CPU or NVIDIA GPU)."
 
 
@@ -15,11 +16,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model id or checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--quantize", choices=["fp8"], help="quantize a bf16/fp16/fp32 checkpoint's linear layers on load")
+    p.add_argument("--remote", metavar="URL",
+                   help="use a remote OpenAI-compatible server (e.g. http://host:8000/v1) instead of the local "
+                        "engine; --model then names the server's model (default: the first it lists)")
+    p.add_argument("--remote-key-env", metavar="VAR", default=DEFAULT_REMOTE_KEY_ENV,
+                   help=f"environment variable with the remote server's API key (default {DEFAULT_REMOTE_KEY_ENV})")
     sub = p.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="answer one prompt without the UI")
     run.add_argument("--model", default=argparse.SUPPRESS, help="model id or checkpoint folder")
     run.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
+    run.add_argument("--remote", metavar="URL", default=argparse.SUPPRESS,
+                     help="answer with a remote OpenAI-compatible server")
+    run.add_argument("--remote-key-env", metavar="VAR", default=argparse.SUPPRESS)
     run.add_argument("--prompt", required=True)
     run.add_argument("--system", help="system prompt")
     run.add_argument("--max-new-tokens", type=int, default=512)
@@ -77,10 +86,30 @@ def _serve_arguments(p) -> None:
                    help="the largest request body accepted; larger gets 413 (default 1048576)")
 
 
+def _remote_check(args) -> str | None:
+    """The remote server's API key; refuses the options that only apply to the local engine."""
+    import os
+
+    from engine.errors import EngineError
+
+    local = [f"--{name.replace('_', '-')}" for name in ("device", "quantize", "context", "medusa_choices")
+             if getattr(args, name, None) is not None]
+    if getattr(args, "decoding", "plain") != "plain":
+        local.append("--decoding")
+    if local:
+        raise EngineError(f"{', '.join(local)} apply to the local engine, not to --remote")
+    return os.environ.get(args.remote_key_env) or None
+
+
+def _remote_session(args, progress):
+    from engine.remote import RemoteSession
+
+    return RemoteSession.connect(args.remote, _remote_check(args), args.model, progress)
+
+
 def _run(args) -> int:
     from engine.errors import EngineError
     from engine.events import Done, LoadModel, SamplingParams, Token
-    from engine.session import Session
 
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr)
@@ -90,8 +119,13 @@ def _run(args) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     try:
-        session = Session.load(LoadModel(args.model, args.device, args.context, args.quantize, args.decoding,
-                                         args.medusa_choices), progress)
+        if args.remote:
+            session = _remote_session(args, progress)
+        else:
+            from engine.session import Session  # torch: not imported for a remote server
+
+            session = Session.load(LoadModel(args.model, args.device, args.context, args.quantize, args.decoding,
+                                             args.medusa_choices), progress)
         for ev in session.generate(messages, params):
             if isinstance(ev, Token) and not args.json:
                 sys.stdout.write(ev.text)
@@ -153,6 +187,9 @@ def _models() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.remote and args.command in ("models", "perplexity", "serve"):
+        print(f"chatapp: error: --remote does not apply to `chatapp {args.command}`", file=sys.stderr)
+        return 2
     if args.command == "run":
         return _run(args)
     if args.command == "models":
@@ -165,6 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     from .app import ChatApp
 
+    if args.remote:
+        from engine.client import EngineClient
+        from engine.errors import EngineError
+        from engine.remote import RemoteWorker
+
+        try:
+            client = EngineClient(RemoteWorker(args.remote, _remote_check(args)))
+        except EngineError as e:
+            print(f"chatapp: error: {e}", file=sys.stderr)
+            return 1
+        ChatApp(model=args.model, client=client).run()
+        return 0
     ChatApp(model=args.model, device=args.device, quantize=args.quantize).run()
     return 0
 

@@ -363,7 +363,7 @@ class Server:
                 if isinstance(item, Chunk):
                     pieces.append(item.text)
                 elif isinstance(item, Failed):
-                    raise ApiError(500, item.message, "server_error", "engine_error")
+                    raise _engine_error(item)
                 elif item.finish_reason == "cancelled":
                     return Response(status_code=499)  # nobody reads it: the client closed the request
                 else:
@@ -398,7 +398,7 @@ class Server:
             if isinstance(item, Chunk):
                 yield chunk({"content": item.text})
             elif isinstance(item, Failed):
-                yield ApiError(500, item.message, "server_error", "engine_error").body()
+                yield _engine_error(item).body()
             elif item.finish_reason != "cancelled":
                 yield chunk({}, item.finish_reason)
                 if include_usage:
@@ -420,12 +420,18 @@ class Server:
             if isinstance(item, Chunk):
                 yield chunk(item.text)
             elif isinstance(item, Failed):
-                yield ApiError(500, item.message, "server_error", "engine_error").body()
+                yield _engine_error(item).body()
             elif item.finish_reason != "cancelled":
                 yield chunk("", item.finish_reason)
                 if include_usage:
                     yield {"id": ident, "object": "text_completion", "created": created, "model": model,
                            "system_fingerprint": None, "choices": [], "usage": _usage(item)}
+
+
+def _engine_error(failed: Failed) -> ApiError:
+    if failed.message.startswith("out of memory"):  # the request may fit later, or a smaller one now
+        return ApiError(503, failed.message, "service_unavailable", "overloaded", headers={"Retry-After": "5"})
+    return ApiError(500, failed.message, "server_error", "engine_error")
 
 
 def _usage(end: Finished) -> dict:
