@@ -209,7 +209,8 @@ class Retrofit:
         return x.masked_fill(self.last, 0) if zero_last else x
 
     def forward(self, ids: torch.Tensor, mode: str = "dmc", decay: float = 1.0, noise: bool = True):
-        """Logits [B, T, V] and, in DMC mode, each layer's mean decision (a list of scalars).
+        """Logits [B, T, V] and, in DMC mode, each layer's relaxed decisions [B, T, Hkv] (0 for the
+        first token).
         mode "dense": the original model; "stage1": dims D-1 of q and k scaled by ``decay``."""
         cfg = self.cfg
         b, t = ids.shape
@@ -223,8 +224,8 @@ class Retrofit:
             hx = F.rms_norm(x, (h,), self.w[p + "input_layernorm.weight"], eps)
             q, k, v = self._proj(li, hx, original=(mode == "dense"))
             if mode == "dmc":
-                q, k, v, mask, mean_alpha = self._dmc(q, k, v, noise)
-                decisions.append(mean_alpha)
+                q, k, v, mask, alpha = self._dmc(q, k, v, noise)
+                decisions.append(alpha)
                 q, k = self._rope(q, t, True), self._rope(k, t, True)
             else:
                 if mode == "stage1":
@@ -276,7 +277,7 @@ class Retrofit:
         idx = torch.arange(t, device=k.device)
         below = (idx[:, None] > idx[None, :])
         mask = torch.where(below, keep, 0.0).masked_fill(idx[:, None] < idx[None, :], float("-inf"))
-        return q, k_acc, v_acc, mask, alpha[:, 1:].mean()
+        return q, k_acc, v_acc, mask, alpha
 
     def delta(self, train: str) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -318,7 +319,8 @@ def train_step(rf: Retrofit, opt, batch, mode: str, decay: float = 1.0, prior: f
     kl = distill_loss(student, teacher, mask)
     loss, rec = kl, {"kl": round(kl.item(), 5)}
     if mode == "dmc":
-        mean_dec = torch.stack(decisions)
+        real = mask[:, 1:, None].float()  # the first token's decision is fixed; padding does not count
+        mean_dec = torch.stack([(a[:, 1:] * real).sum() / (real.sum() * a.shape[2]) for a in decisions])
         dmc_loss = F.relu(prior - mean_dec).mean()
         loss = kl + dmc_weight * dmc_loss
         rec.update(mean_decision=round(mean_dec.mean().item(), 4), dmc_loss=round(dmc_loss.item(), 5))
