@@ -375,22 +375,22 @@ def _wait_for(proc, log, needle: str, timeout=120) -> str:
     raise AssertionError(f"{needle!r} did not appear:\n{log.read_text()}")
 
 
-def test_serve_command(tmp_path, tiny_checkpoint):
+def test_serve_command(tmp_path, embedded_session):
     import re
     import signal
 
-    proc, log = _start(tmp_path, "--model", str(tiny_checkpoint), "--device", "cpu", "--max-tokens-limit", "32",
+    proc, log = _start(tmp_path, "--device", "cpu", "--max-tokens-limit", "32", "--served-model-name", "my-model",
                        env={"CHATAPP_API_KEY": "cmd-key"})
     try:
         text = _wait_for(proc, log, "serving ")
-        url = re.search(r"at (http://127\.0\.0\.1:\d+/v1) \(API key required\)", text).group(1)
+        url = re.search(r"serving my-model \(cpu, plain\) at (http://127\.0\.0\.1:\d+/v1) \(API key required\)",
+                        text).group(1)
         client = openai.OpenAI(base_url=url, api_key="cmd-key", max_retries=0, timeout=60)
-        assert [m.id for m in client.models.list().data] == [str(tiny_checkpoint)]
-        r = client.completions.create(model=str(tiny_checkpoint), prompt="hello", max_tokens=4,
-                                      extra_body={"ignore_eos": True})
+        assert [m.id for m in client.models.list().data] == ["my-model"]
+        r = client.completions.create(model="my-model", prompt="hello", max_tokens=4, extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
         with pytest.raises(openai.BadRequestError):
-            client.completions.create(model=str(tiny_checkpoint), prompt="hello", max_tokens=33)
+            client.completions.create(model="my-model", prompt="hello", max_tokens=33)
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
