@@ -334,6 +334,30 @@ def test_disconnect_mid_stream_cancels_the_generation(server, embedded_session):
     assert metric(text, "chatapp_generations_cancelled_total") == cancelled_before + 1
 
 
+def test_disconnect_while_queued_skips_the_request(server, embedded_session):
+    """A client that goes away while its request waits behind another: the engine never runs it."""
+    client = server.client()
+    before = metric(server.get("/metrics")[2], "chatapp_generations_total")
+    first = client.chat.completions.create(model=embedded_session.name, messages=QUESTION, max_tokens=30,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(first)
+    next(chunks)
+    next(chunks)  # the first request is generating
+    waiting = client.chat.completions.create(model=embedded_session.name, messages=QUESTION, max_tokens=30,
+                                             temperature=0, stream=True)
+    assert next(iter(waiting)).choices[0].delta.role == "assistant"  # its stream is open, its turn not come
+    assert metric(server.get("/metrics")[2], "chatapp_queue_depth") == 1
+    waiting.close()
+    assert sum(1 for _ in chunks) > 0  # the first one goes on to its end
+    first.close()
+    deadline = time.monotonic() + 10
+    while metric(text := server.get("/metrics")[2], "chatapp_requests_running") or \
+            metric(text, "chatapp_queue_depth"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert metric(text, "chatapp_generations_total") == before + 1
+
+
 # ---- pieces --------------------------------------------------------------------------------------
 def test_stop_matcher_holds_back_partial_stop_sequences():
     m = StopMatcher(["END", "xyz"])
