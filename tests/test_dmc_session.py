@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from engine.dmc import DMCDecoder
 from engine.dmc_retrofit import LOCAL_NAME, delta_metadata, load_retrofitted
 from engine.errors import EngineError
-from engine.events import Done, LoadModel, SamplingParams, Step
+from engine.events import LoadModel, SamplingParams, Step
 from engine.session import Session
 from tests.conftest import write_tiny_checkpoint
 from tests.test_megatron_checkpoint import fake_megatron  # noqa: F401 (a fixture)
