@@ -146,8 +146,9 @@ class ChatApp(App):
                         pending.clear()
                         flushed_at = time.monotonic()
                 elif isinstance(event, Step):
-                    self.status_bar.set(speed=f"{event.tok_per_s:.1f} tok/s",
-                                        memory=f"{gib(event.vram_used)} / {gib(event.vram_total)}")
+                    # a remote engine reports no memory (vram_total 0): no memory field then
+                    memory = f"{gib(event.vram_used)} / {gib(event.vram_total)}" if event.vram_total else ""
+                    self.status_bar.set(speed=f"{event.tok_per_s:.1f} tok/s", memory=memory)
                 elif isinstance(event, (Done, Error)):
                     end = event
         finally:
