@@ -27,6 +27,20 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
+def server_figures(stats) -> str:
+    """A remote server's own figures, where it publishes them (vLLM's speculative decoding and
+    KV-cache usage, chatapp serve's Medusa and DMC gauges)."""
+    m = getattr(stats, "server_metrics", None) or {}
+    parts = []
+    if "accepted_per_step" in m:
+        parts.append(f"{m['accepted_per_step']:.2f} tok/step")
+    if "kv_cache_usage" in m:
+        parts.append(f"KV {m['kv_cache_usage'] * 100:.0f}%")
+    if "kv_compression" in m:
+        parts.append(f"KV {m['kv_compression']:.1f}x smaller")
+    return "".join(f"  ·  {p}" for p in parts)
+
+
 class ChatApp(App):
     CSS_PATH = "chat.tcss"
     TITLE = "chatapp"
@@ -157,7 +171,7 @@ class ChatApp(App):
             await stream.stop()
 
         if isinstance(end, Done):
-            self.status_bar.set(speed=f"{end.stats.decode_tokens_per_s:.1f} tok/s")
+            self.status_bar.set(speed=f"{end.stats.decode_tokens_per_s:.1f} tok/s" + server_figures(end.stats))
             self.conversation.append({"role": "assistant", "content": "".join(received)})
             if end.reason == "cancelled":
                 await self.chat.mount(Note("(cancelled)"))

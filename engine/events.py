@@ -92,6 +92,7 @@ class GenerationStats:
     decoding: str
     quantization: str | None = None
     medusa_tree: str | None = None  # how the verified tree was chosen (Medusa only)
+    server_metrics: dict | None = None  # remote engine: the server's own figures (remote_metrics.summarize)
     kv_cache_bytes: int = 0  # K/V bytes the cache holds at the end
     kv_cache_bytes_dense: int = 0  # a plain cache for the same tokens
     kv_compression: float = 1.0  # dense / held (1.0 unless DMC)

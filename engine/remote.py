@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from .errors import EngineError
 from .events import Done, GenerationStats, LoadModel, Loaded, ModelInfo, Progress, SamplingParams, Step, Token
+from .remote_metrics import metrics_url, scrape, summarize
 from .worker import Jobs, Worker
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -34,6 +35,7 @@ class RemoteSession:
         self._client = client
         self.device = "remote"
         self.decoding = "remote"
+        self._metrics_url = metrics_url(url)
 
     @classmethod
     def connect(cls, url: str, api_key: str | None = None, model: str | None = None, progress=lambda msg: None,
@@ -66,6 +68,9 @@ class RemoteSession:
     def close(self) -> None:
         self._client.close()
 
+    def _scrape(self) -> dict[str, float] | None:
+        return scrape(self._metrics_url)
+
     def generate(self, messages: list[dict], params: SamplingParams | None = None,
                  cancel: threading.Event | None = None) -> Iterator[Token | Step | Done]:
         params = params or self.recommended_params()
@@ -80,6 +85,7 @@ class RemoteSession:
         chunks = 0
         finish = usage = None
         reason = None
+        before = self._scrape()
         try:
             stream = self._client.chat.completions.create(
                 model=self.name, messages=messages, stream=True, stream_options={"include_usage": True},
@@ -120,7 +126,8 @@ class RemoteSession:
             text="".join(pieces), token_ids=[], n_prompt_tokens=usage.prompt_tokens if usage is not None else 0,
             n_generated=n, time_to_first_token_s=(t_first - t0) if t_first is not None else 0.0,
             decode_tokens_per_s=(n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0, steps=chunks,
-            accepted_per_step=[], peak_memory_bytes=0, device="remote", model=self.name, decoding="remote")
+            accepted_per_step=[], peak_memory_bytes=0, device="remote", model=self.name, decoding="remote",
+            server_metrics=summarize(before, self._scrape()) or None)
         yield Done(reason, stats)
 
 

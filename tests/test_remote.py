@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from engine.client import EngineClient
@@ -109,8 +109,10 @@ class FakeServer:
 
     def __init__(self):
         self.mode = "ok"
+        self.drafts = 0  # vLLM-style speculative-decoding counters, advanced by each chat request
         app = Starlette(routes=[Route("/v1/models", self.models), Route("/v1/chat/completions", self.chat,
-                                                                       methods=["POST"])])
+                                                                       methods=["POST"]),
+                                Route("/metrics", self.metrics)])
         sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -127,8 +129,20 @@ class FakeServer:
         return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0,
                                                          "owned_by": "test"}]})
 
+    async def metrics(self, request: Request):
+        if self.mode == "no-metrics":
+            return JSONResponse({"detail": "Not Found"}, 404)
+        return PlainTextResponse(
+            "# HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.\n"
+            "# TYPE vllm:spec_decode_num_drafts_total counter\n"
+            f'vllm:spec_decode_num_drafts_total{{engine="0",model_name="fake-model"}} {float(self.drafts)}\n'
+            f'vllm:spec_decode_num_accepted_tokens_total{{engine="0",model_name="fake-model"}} '
+            f"{1.1 * self.drafts}\n"
+            'vllm:kv_cache_usage_perc{engine="0",model_name="fake-model"} 0.25\n')
+
     async def chat(self, request: Request):
         body = await request.json()
+        self.drafts += 10
         if self.mode == "busy":
             return JSONResponse({"error": {"message": "queue full", "type": "rate_limit_error"}}, 429,
                                 headers={"Retry-After": "7"})
@@ -188,6 +202,32 @@ def test_fake_server_success_and_failures(fake):
         msg = _one_line_error(lambda: run(s, QUESTION, SamplingParams(max_new_tokens=5)))
         assert needle in msg and fake.url in msg, (mode, msg)
     fake.mode = "ok"
+
+
+def test_server_metrics_of_a_vllm_like_server(fake):
+    """vLLM publishes speculative-decoding counters and KV-cache usage: one request's tokens per
+    step come from the counters' change around it; a server without /metrics gives none."""
+    s = RemoteSession.connect(fake.url, "fake-key")
+    stats = run(s, QUESTION, SamplingParams(max_new_tokens=5))[-1].stats
+    assert stats.server_metrics == {"accepted_per_step": pytest.approx(2.1), "kv_cache_usage": 0.25}
+    fake.mode = "no-metrics"
+    try:
+        assert run(s, QUESTION, SamplingParams(max_new_tokens=5))[-1].stats.server_metrics is None
+    finally:
+        fake.mode = "ok"
+    from chatapp.app import server_figures
+
+    assert server_figures(stats) == "  ·  2.10 tok/step  ·  KV 25%"
+
+
+def test_prometheus_text_parsing():
+    from engine.remote_metrics import metrics_url, parse, summarize
+
+    text = ('# HELP x\nchatapp_last_kv_compression_ratio 3.5\nreq_total{code="200",path="/v1/x"} 2\n'
+            'req_total{code="429"} 1\nbad_line\nnan_metric NaN\n')
+    assert parse(text) == {"chatapp_last_kv_compression_ratio": 3.5, "req_total": 3.0}
+    assert summarize(None, parse(text)) == {"kv_compression": 3.5}
+    assert metrics_url("http://h:8000/v1/") == "http://h:8000/metrics"
 
 
 def test_fake_server_connect_errors(fake):
