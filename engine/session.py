@@ -220,6 +220,14 @@ class Session:
     def _plain_steps(self, prompt: list[int], params: SamplingParams, sampler: Sampler, eos):
         """One token per step. Returns why it stopped: "eos" or "length"."""
         logits, _ = self._prefill(prompt)
+        return (yield from self._one_token_steps(
+            logits, params, sampler, eos, lambda: self.cache.length >= self.cache.max_len,
+            lambda tok: self.model.forward(torch.tensor([[tok]], device=self.device), self.cache,
+                                           self.cache.length)[0, -1]))
+
+    def _one_token_steps(self, logits, params: SamplingParams, sampler: Sampler, eos, full, advance):
+        """The loop of the one-token-per-step decodings: sample, stop at EOS, the token limit or
+        when ``full()``, else ``advance(token)`` to the next logits."""
         produced = 0
         while True:
             tok = sampler(logits)
@@ -227,10 +235,9 @@ class Session:
                 return "eos"
             yield [tok]
             produced += 1
-            if produced >= params.max_new_tokens or self.cache.length >= self.cache.max_len:
+            if produced >= params.max_new_tokens or full():
                 return "length"
-            logits = self.model.forward(torch.tensor([[tok]], device=self.device), self.cache,
-                                        self.cache.length)[0, -1]
+            logits = advance(tok)
             self.cached_ids.append(tok)
 
     def _dmc_steps(self, prompt: list[int], params: SamplingParams, sampler: Sampler, eos):
@@ -243,17 +250,9 @@ class Session:
             self.cached_ids, held = [], 0
         logits = dmc.prefill(torch.tensor([prompt[held:]], device=self.device))[0]
         self.cached_ids = list(prompt)
-        produced = 0
-        while True:
-            tok = sampler(logits)
-            if tok in eos:
-                return "eos"
-            yield [tok]
-            produced += 1
-            if produced >= params.max_new_tokens or dmc.length >= self.context:
-                return "length"
-            logits = dmc.step(torch.tensor([tok], device=self.device))[0]
-            self.cached_ids.append(tok)
+        return (yield from self._one_token_steps(
+            logits, params, sampler, eos, lambda: dmc.length >= self.context,
+            lambda tok: dmc.step(torch.tensor([tok], device=self.device))[0]))
 
     def _medusa_steps(self, prompt: list[int], params: SamplingParams, sampler: Sampler, eos):
         """Medusa: the root and the accepted proposals per step (greedy acceptance when greedy,
