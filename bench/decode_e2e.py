@@ -77,6 +77,7 @@ def bytes_per_token(model, context: int) -> int:
 
 def run(cfg_dict, quantize, device, context, steps, graphs) -> dict:
     from engine.config import config_from_dict
+    from engine.cuda_graph import capture
     from engine.llama import LlamaModel
 
     cfg = config_from_dict({"model_type": "llama", **cfg_dict})
@@ -91,15 +92,7 @@ def run(cfg_dict, quantize, device, context, steps, graphs) -> dict:
         pos = torch.tensor(prompt, device=device)
         step = lambda: model.decode_step(tok, pos, cache).argmax(-1, keepdim=True)  # noqa: E731
         if graphs:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step()
+            graph, out = capture(step, warmup=3)
 
             def replay():
                 graph.replay()

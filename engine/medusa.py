@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .cuda_graph import capture
 from .kv_cache import KVCache
 from .llama import Linear, LlamaModel, default_splits
 from .medusa_tree import MedusaTree
@@ -113,15 +114,12 @@ class TreeGraph:
         # warm-up runs write the tree's keys/values somewhere: at the end of the cache, which is
         # free (a step is only taken while the tree fits after the cached tokens)
         self.pos.fill_(cache.max_len - tree.num_nodes)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.hidden, self.logits = run()
+        self.graph, (self.hidden, self.logits) = capture(run)
+
+    @classmethod
+    def for_device(cls, model: LlamaModel, tree: MedusaTree, cache: KVCache) -> "TreeGraph | None":
+        """A graph on a GPU; None elsewhere (the verify pass runs eagerly)."""
+        return cls(model, tree, cache) if model.device.type == "cuda" else None
 
     def __call__(self, tokens: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.tokens.copy_(tokens)
@@ -172,20 +170,15 @@ def _compact(cache: KVCache, start: int, path: torch.Tensor) -> None:
 
 
 def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, root_logits: torch.Tensor,
-             hidden: torch.Tensor, max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy):
+             hidden: torch.Tensor, max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy,
+             graph: TreeGraph | None = None):
     """Medusa decoding after a prefill (the cache holds the prompt; ``root_logits`` and
     ``hidden`` are the base model's logits and final-normed hidden state after its last token):
     yields the tokens accepted at each step (at least one), ending at EOS (not yielded), at
     ``max_new_tokens``, or where the context is full. Every yielded token's keys/values are in
-    the cache, in order. ``sampler`` picks each root (argmax when None). On a GPU the verify pass
-    runs as a CUDA graph (captured per tree and cache, kept on the cache object)."""
+    the cache, in order. ``sampler`` picks each root (argmax when None). ``graph``: the verify
+    pass of this tree and cache as a CUDA graph (``TreeGraph.for_device``), or None (eager)."""
     pick = sampler if sampler is not None else (lambda logits: logits.argmax())
-    graph = None
-    if model.device.type == "cuda":
-        graphs = cache.__dict__.setdefault("tree_graphs", {})
-        if id(tree) not in graphs:
-            graphs[id(tree)] = (tree, TreeGraph(model, tree, cache))  # the tree is kept alive with its graph
-        graph = graphs[id(tree)][1]
     proposals = heads.propose(hidden, model.lm_head, tree.topk)
     produced = 0
     while produced < max_new_tokens and cache.length + tree.num_nodes <= cache.max_len:
@@ -206,4 +199,4 @@ def prefill_and_generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree
     """``generate`` after one prefill pass of ``prompt`` from an empty cache (tests, benchmarks)."""
     logits, hidden = model.forward(torch.tensor([prompt], device=model.device), cache, 0, return_hidden=True)
     yield from generate(model, heads, tree, cache, logits[0, -1], hidden[0, -1], max_new_tokens, eos_ids, sampler,
-                        accept)
+                        accept, TreeGraph.for_device(model, tree, cache))

@@ -89,7 +89,7 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
                     context: int = 256) -> dict[int, float]:
     """Median time of one verify step (heads included) per tree size, with ``context`` tokens
     already in a scratch cache; size 0 is a plain decode step."""
-    from .medusa import verify
+    from .medusa import TreeGraph, verify
 
     cache = model.new_cache(context + max(sizes) + 1)
     out = {}
@@ -104,9 +104,10 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
                 tree = build_tree(paths or [[0]], heads.num_heads).to(model.device)
                 hidden = torch.zeros(model.cfg.hidden_size, device=model.device, dtype=model.dtype)
                 proposals = heads.propose(hidden, model.lm_head, tree.topk)
+                graph = TreeGraph.for_device(model, tree, cache)  # as decoding runs it
 
                 def step():
-                    verify(model, heads, tree, cache, 0, proposals)
+                    verify(model, heads, tree, cache, 0, proposals, graph=graph)
             times = []
             for i in range(warmup + reps):
                 cache.length = context

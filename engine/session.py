@@ -46,7 +46,7 @@ class Session:
                  dmc: dict | None = None):
         self.name = name
         self.heads, self.plan = heads, plan
-        self.tree = plan.tree if plan is not None else None
+        self._tree_graph = None  # the verify pass as a CUDA graph, captured at the first Medusa reply on a GPU
         self.quantization = quantization
         self.path = path
         self.model = model
@@ -57,6 +57,11 @@ class Session:
         self.cache = model.new_cache(context) if dmc is None else None
         self.context = context
         self.cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
+
+    @property
+    def tree(self):
+        """The Medusa tree verified per step (None: one token per step)."""
+        return self.plan.tree if self.plan is not None else None
 
     @property
     def decoding(self) -> str:
@@ -261,8 +266,11 @@ class Session:
         accept = accept_greedy if greedy else TypicalAcceptance(params.temperature)
         logits, hidden = self._prefill(prompt)
         produced = 0
+        if self._tree_graph is None:
+            self._tree_graph = medusa.TreeGraph.for_device(self.model, self.tree, self.cache)
         for ids in medusa.generate(self.model, self.heads, self.tree, self.cache, logits, hidden,
-                                   params.max_new_tokens, eos, None if greedy else sampler, accept):
+                                   params.max_new_tokens, eos, None if greedy else sampler, accept,
+                                   self._tree_graph):
             produced += len(ids)
             self.cached_ids += ids  # every accepted token's keys/values are in the cache, in order
             yield ids
