@@ -49,7 +49,17 @@ def _parser() -> argparse.ArgumentParser:
                           "tree), or a JSON file with a list of paths such as [[0], [0, 0], [1]]")
     run.add_argument("--json", action="store_true", help="print one JSON object with the reply and its figures")
 
-    sub.add_parser("models", help="list the known and the locally available models")
+    models = sub.add_parser("models", help="list the known and the locally available models, with the memory each "
+                                          "needs on this machine's GPU (or RAM) and whether it fits")
+    models.add_argument("--context", type=int,
+                        help="KV cache length the estimates assume (default: the engine's, min(model's, 8192))")
+    models.add_argument("--online", action="store_true",
+                        help="ask the Hugging Face hub for exact download sizes (default: the catalog's)")
+    models.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
+
+    pull = sub.add_parser("pull", help="download a model from the Hugging Face hub (resumes an interrupted one)")
+    pull.add_argument("id", help="model id, e.g. nvidia/Llama-3.1-8B-Medusa-FP8 (see `chatapp models`)")
+    pull.add_argument("--revision", help="branch, tag or commit (default: main)")
 
     _serve_arguments(sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API"))
 
@@ -61,6 +71,22 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     ppl.add_argument("--stride", type=int, default=256, help="tokens between window starts (default 256)")
     ppl.add_argument("--json", action="store_true")
+
+    cmp = sub.add_parser("compare", help="one prompt, two decoding set-ups side by side (speed, memory, text)")
+    cmp.add_argument("--a", metavar="SPEC", default="plain",
+                     help="set-up A (default plain): comma-separated terms: a decoding (plain, medusa, dmc), a "
+                          "weight format (fp8: quantize on load, bf16: as stored), model=ID_OR_PATH, "
+                          "medusa-choices=auto|card|FILE, temperature=, top_p=, top_k=, seed=, max_new_tokens= "
+                          "(e.g. medusa,fp8 or plain,temperature=0.8,seed=1); greedy unless told")
+    cmp.add_argument("--b", metavar="SPEC", default="medusa", help="set-up B (default medusa), as for --a")
+    cmp.add_argument("--prompt", help="the prompt both set-ups answer (required with --json)")
+    cmp.add_argument("--model", default=argparse.SUPPRESS,
+                     help="model id or checkpoint folder for the set-ups that name none")
+    cmp.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
+    cmp.add_argument("--context", type=int, help="KV cache length in tokens")
+    cmp.add_argument("--max-new-tokens", type=int, default=256, help="per set-up, unless its spec says (default 256)")
+    cmp.add_argument("--json", action="store_true",
+                     help="run headless and print one JSON object: both set-ups' figures, speed-up, same text")
     return p
 
 
@@ -175,27 +201,127 @@ def _perplexity(args) -> int:
     return 0
 
 
-def _models() -> int:
-    from engine.models import list_models
+def _compare(args) -> int:
+    from engine.errors import EngineError
+    from engine.setup_spec import parse_setup
 
-    for m in list_models():
-        size = f"{m.params_b:g}B" if m.params_b else "?"
+    if args.remote:
+        print("chatapp: error: --remote does not apply to `chatapp compare`", file=sys.stderr)
+        return 2
+    try:
+        a, b = (parse_setup(spec, model=args.model, device=args.device, context=args.context,
+                            max_new_tokens=args.max_new_tokens) for spec in (args.a, args.b))
+    except EngineError as e:
+        print(f"chatapp: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        from engine.compare import run_compare
+
+        if not (args.prompt or "").strip():
+            print("chatapp: error: `chatapp compare --json` needs --prompt", file=sys.stderr)
+            return 2
+        try:
+            result = run_compare(a, b, args.prompt, lambda msg: print(msg, file=sys.stderr))
+        except KeyboardInterrupt:
+            return 130
+        print(json.dumps(result, ensure_ascii=False))
+        return 1 if any("error" in result[k] for k in ("a", "b")) else 0
+    from .app import ChatApp
+
+    ChatApp(model=args.model, device=args.device, compare=(a, b, args.prompt)).run()
+    return 0
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _models(args) -> int:
+    from engine.catalog import device_memory, gib, model_rows
+
+    device = device_memory()
+    rows = model_rows(args.context, device, online=args.online)
+    if args.json:
+        print(json.dumps({"device": {"name": device.name, "free_bytes": device.free_bytes,
+                                     "total_bytes": device.total_bytes},
+                          "models": [r.to_dict() for r in rows]}, ensure_ascii=False))
+        return 0
+    ctx = f"{args.context} tokens of context" if args.context else "the default context (min(model's, 8192) tokens)"
+    print(f"device: {device.name}, {gib(device.free_bytes)} free of {gib(device.total_bytes)}; estimates for {ctx}")
+    print(f"{'MODEL':56s} {'FORMAT':28s} {'PARAMS':>7s} {'DOWNLOAD':>9s} {'MEMORY':>10s}  {'FIT':9s}  WHERE")
+    for r in rows:
+        m, est = r.entry, r.estimate
+        params = f"{m.params_b:.3g}B" if m.params_b else "?"
         where = m.local_path or "not downloaded"
-        print(f"{m.id:58s} {m.format:28s} {size:>7s}  {where}")
+        if m.partial:
+            where += " (incomplete: `chatapp pull` resumes it)"
+        size = "bundled" if r.download_source == "embedded" else _size(r.download_bytes)
+        print(f"{m.id:56s} {m.format:28s} {params:>7s} {size:>9s} {gib(est.total_bytes):>10s}  "
+              f"{est.verdict:9s}  {where}")
+        print(f"    {est.reason}")
+    return 0
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "--:--"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+
+
+def _progress_line(p) -> str:
+    width = 24
+    filled = int(p.fraction * width)
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {p.fraction:4.0%} {_size(p.done_bytes)}/{_size(p.total_bytes)} "
+            f"{_size(int(p.bytes_per_s))}/s ETA {_duration(p.eta_s)} {p.files_done}/{p.files_total} files")
+
+
+def _pull(args) -> int:
+    from engine.download import DownloadCancelled, pull
+    from engine.errors import EngineError
+
+    last = [0]
+
+    def draw(p) -> None:
+        line = _progress_line(p)
+        sys.stderr.write("\r" + line + " " * max(0, last[0] - len(line)))
+        sys.stderr.flush()
+        last[0] = len(line)
+
+    try:
+        path = pull(args.id, draw, revision=args.revision)
+    except DownloadCancelled as e:
+        print(f"\nchatapp: {e}", file=sys.stderr)
+        return 130
+    except EngineError as e:
+        print(("\n" if last[0] else "") + f"chatapp: error: {e}", file=sys.stderr)
+        return 1
+    if last[0]:
+        sys.stderr.write("\n")
+    print(path)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.remote and args.command in ("models", "perplexity", "serve"):
+    if args.remote and args.command in ("models", "perplexity", "serve", "pull"):
         print(f"chatapp: error: --remote does not apply to `chatapp {args.command}`", file=sys.stderr)
         return 2
     if args.command == "run":
         return _run(args)
     if args.command == "models":
-        return _models()
+        return _models(args)
+    if args.command == "pull":
+        return _pull(args)
     if args.command == "perplexity":
         return _perplexity(args)
+    if args.command == "compare":
+        return _compare(args)
     if args.command == "serve":
         from .serve import main as serve
 

@@ -1,29 +1,15 @@
-"""Which models chatapp knows (assets/catalog.json), which are on this machine, and how a
-``--model`` argument (an id or a path) becomes a checkpoint folder."""
+"""How a ``--model`` argument (an id or a path) becomes a checkpoint folder. The catalog of known
+models and the list of those on this machine are in engine.catalog."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import embedded
 from .errors import EngineError
 
-CATALOG = Path(__file__).resolve().parent.parent / "assets" / "catalog.json"
-
-
-@dataclass
-class ModelEntry:
-    id: str
-    format: str
-    params_b: float | None
-    description: str
-    local_path: str | None  # where it is on this machine, if it is
-
-
-def catalog() -> list[dict]:
-    return json.loads(CATALOG.read_text(encoding="utf-8"))["models"]
+# The catalog and the list of models moved to engine.catalog; kept importable from here.
+from .catalog import CATALOG, ModelEntry, catalog, list_models  # noqa: E402,F401
 
 
 def is_embedded(spec: str | None) -> bool:
@@ -31,11 +17,15 @@ def is_embedded(spec: str | None) -> bool:
 
 
 def _hf_cached_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot of ``repo_id`` when it holds every file the engine loads (what
+    ``chatapp pull`` downloads: engine.download.allow_patterns), else None."""
     from huggingface_hub import snapshot_download
 
+    from .download import allow_patterns
+
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not in the cache (or not a valid repo id)
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=allow_patterns(repo_id)))
+    except Exception:  # not in the cache, only partly downloaded, or not a valid repo id
         return None
 
 
@@ -54,26 +44,3 @@ def resolve(spec: str | None, progress=lambda msg: None) -> tuple[str, Path]:
             return spec, snap
         raise EngineError(f"model {spec!r} is not downloaded to the Hugging Face cache on this machine")
     raise EngineError(f"model {spec!r}: no such folder, and not a model id")
-
-
-def list_models() -> list[ModelEntry]:
-    """The catalog's models, then any other Llama checkpoints in the Hugging Face cache."""
-    local: dict[str, str] = {}
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        for repo in scan_cache_dir().repos:
-            if repo.repo_type == "model" and repo.revisions:
-                newest = max(repo.revisions, key=lambda r: r.last_modified)
-                local[repo.repo_id] = str(newest.snapshot_path)
-    except Exception:  # no cache folder yet
-        pass
-    out = []
-    for m in catalog():
-        path = local.pop(m["id"], None)
-        if m.get("source") == "embedded":
-            path = str(embedded.converted_dir()) if embedded.converted_dir().exists() else "(built on first use)"
-        out.append(ModelEntry(m["id"], m["format"], m.get("params_b"), m["description"], path))
-    for repo_id, path in sorted(local.items()):
-        out.append(ModelEntry(repo_id, "?", None, "in the Hugging Face cache", path))
-    return out

@@ -18,3 +18,9 @@ def data_dir() -> Path:
     """User data (chat history). ``CHATAPP_DATA_DIR`` overrides the platform default."""
     override = os.environ.get("CHATAPP_DATA_DIR")
     return Path(override) if override else Path(platformdirs.user_data_dir(APP))
+
+
+def config_dir() -> Path:
+    """User settings (settings.toml). ``CHATAPP_CONFIG_DIR`` overrides the platform default."""
+    override = os.environ.get("CHATAPP_CONFIG_DIR")
+    return Path(override) if override else Path(platformdirs.user_config_dir(APP))

@@ -135,7 +135,16 @@ def _serve(requests, events, flags, log_path: str) -> None:
     os.dup2(log.fileno(), 2)
     sys.stderr = log
     jobs = Jobs()
-    while (job := requests.get()) is not None:
+    parent = os.getppid()
+    while True:
+        try:
+            job = requests.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the UI was killed (kill -9): nobody to answer to
+                break
+            continue
+        if job is None:
+            break
         job_id, request = job
         jobs.run(request, lambda ev, j=job_id: events.put((j, ev)), _Flag(flags, job_id))
         events.put((job_id, None))  # the job is over

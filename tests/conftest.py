@@ -12,6 +12,14 @@ from engine.events import LoadModel
 from engine.session import Session
 
 
+@pytest.fixture(autouse=True)
+def _user_dirs(tmp_path_factory, monkeypatch):
+    """Chat history and settings of each test in folders of its own, never the user's."""
+    root = tmp_path_factory.mktemp("user")
+    monkeypatch.setenv("CHATAPP_DATA_DIR", str(root / "data"))
+    monkeypatch.setenv("CHATAPP_CONFIG_DIR", str(root / "config"))
+
+
 @pytest.fixture(scope="session")
 def embedded_session() -> Session:
     """The embedded model on CPU, loaded once for the test run."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -15,17 +16,28 @@ INFO = ModelInfo(name="fake-model", path="/fake", device="cpu", dtype="float32",
 
 class FakeWorker:
     """Same interface as engine.worker.Worker, with scripted events: Loaded (or an error) on LoadModel;
-    on Generate a token every ``interval`` seconds until cancelled or ``max_tokens`` are out."""
+    on Generate ``accepted`` tokens every ``interval`` seconds until cancelled or ``max_tokens`` (or the
+    request's max_new_tokens) are out.
+
+    ``per_decoding`` scripts set-ups apart (compare mode): {"medusa": {"accepted": 3, ...}} overrides
+    these settings for a LoadModel with that decoding and the Generates after it. Keys: load_error,
+    generate_error (sent after three tokens, every time), max_tokens, interval, token, accepted,
+    decode_tokens_per_s, load_gate."""
 
     def __init__(self, load_error: str | None = None, generate_error: str | None = None,
                  max_tokens: int = 400, interval: float = 0.05, load_gate: threading.Event | None = None,
-                 token: str = "word{} "):
+                 token: str = "word{} ", accepted: int = 1, decode_tokens_per_s: float = 19.5,
+                 per_decoding: dict[str, dict] | None = None):
         self.load_error = load_error
         self.load_gate = load_gate  # loading waits for it when given
         self.generate_error = generate_error  # sent after three tokens, by the first Generate only
         self.max_tokens = max_tokens
         self.interval = interval
         self.token = token  # the text of token n
+        self.accepted = accepted  # tokens per step
+        self.decode_tokens_per_s = decode_tokens_per_s  # the rate Done reports
+        self.per_decoding = per_decoding or {}
+        self.decoding = "plain"  # of the last LoadModel submitted
         self.requests: list = []
         self._threads: list[threading.Thread] = []
 
@@ -34,7 +46,10 @@ class FakeWorker:
 
     def submit(self, request, sink, cancel: threading.Event) -> None:
         self.requests.append(request)
-        t = threading.Thread(target=self._run, args=(request, sink, cancel), daemon=True)
+        if isinstance(request, LoadModel):
+            self.decoding = request.decoding
+        script = self.per_decoding.get(self.decoding, {})
+        t = threading.Thread(target=self._run, args=(request, sink, cancel, script, self.decoding), daemon=True)
         self._threads.append(t)
         t.start()
 
@@ -42,27 +57,45 @@ class FakeWorker:
         for t in self._threads:
             t.join(timeout=5)
 
-    def _run(self, request, sink, cancel: threading.Event) -> None:
+    def _run(self, request, sink, cancel: threading.Event, script: dict, decoding: str) -> None:
+        def setting(name):
+            return script.get(name, getattr(self, name))
+
         if isinstance(request, LoadModel):
-            if self.load_gate is not None:
-                self.load_gate.wait(timeout=10)
-            sink(Error(self.load_error) if self.load_error else Loaded(INFO))
+            gate = setting("load_gate")
+            if gate is not None:
+                gate.wait(timeout=10)
+            error = setting("load_error")
+            sink(Error(error) if error else Loaded(INFO))
             return
         words: list[str] = []
-        while not cancel.is_set() and len(words) < self.max_tokens:
-            if self.generate_error and len(words) == 3:
-                message, self.generate_error = self.generate_error, None
-                sink(Error(message))
-                return
-            time.sleep(self.interval)
-            words.append(self.token.format(len(words)))
-            sink(Token(words[-1], [len(words)], 1))
-            sink(Step(1, 20.0, 3 * 2**29, 8 * 2**30, 1024))
+        ids: list[int] = []
+        accepted: list[int] = []
+        max_tokens, token, k = setting("max_tokens"), setting("token"), setting("accepted")
+        if getattr(request, "params", None) is not None:
+            max_tokens = min(max_tokens, request.params.max_new_tokens)
+        while not cancel.is_set() and len(words) < max_tokens:
+            if len(words) >= 3:
+                if "generate_error" in script:
+                    sink(Error(script["generate_error"]))
+                    return
+                if self.generate_error:
+                    message, self.generate_error = self.generate_error, None
+                    sink(Error(message))
+                    return
+            time.sleep(setting("interval"))
+            new = [token.format(len(words) + i) for i in range(min(k, max_tokens - len(words)))]
+            new_ids = [zlib.crc32(w.encode()) for w in new]
+            words += new
+            ids += new_ids
+            accepted.append(len(new))
+            sink(Token("".join(new), new_ids, len(new)))
+            sink(Step(len(new), 20.0, 3 * 2**29, 8 * 2**30, 1024))
         stats = GenerationStats(
-            text="".join(words), token_ids=list(range(len(words))), n_prompt_tokens=5, n_generated=len(words),
-            time_to_first_token_s=0.05, decode_tokens_per_s=19.5, steps=len(words),
-            accepted_per_step=[1] * len(words), peak_memory_bytes=2**30, device="cpu", model="fake-model",
-            decoding="plain")
+            text="".join(words), token_ids=ids, n_prompt_tokens=5, n_generated=len(words),
+            time_to_first_token_s=0.05, decode_tokens_per_s=setting("decode_tokens_per_s"), steps=len(accepted),
+            accepted_per_step=accepted, peak_memory_bytes=2**30, device="cpu", model="fake-model",
+            decoding=decoding, kv_cache_bytes=1024 * len(words), kv_cache_bytes_dense=1024 * len(words))
         sink(Done("cancelled" if cancel.is_set() else "length", stats))
 
 

@@ -1,0 +1,135 @@
+"""The stats panel: what the running reply costs, live from the engine's Step events.
+
+Accepted tokens per step as a sparkline (1 every step for plain decoding, more with Medusa),
+decode speed, time to first token, memory in use against the device's total, and the KV cache's
+size with its compression against a plain cache (DMC). Repainted at most ``FPS`` times a second
+whatever the rate of events."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.timer import Timer
+from textual.widgets import Label, Sparkline, Static
+
+FPS = 8
+HISTORY = 64  # steps shown in the sparkline
+BAR = 20  # cells of the memory bar
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def bar(used: float, total: float, cells: int = BAR) -> str:
+    """A text bar (readable in a terminal capture), e.g. ``█████░░░░░``."""
+    filled = round(cells * min(max(used / total, 0.0), 1.0)) if total > 0 else 0
+    return "█" * filled + "░" * (cells - filled)
+
+
+class StatsPanel(Vertical):
+    """Live figures of the reply being generated, and the last reply's once it is done."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.accepted: deque[int] = deque(maxlen=HISTORY)
+        self.fields: dict[str, str] = {}
+        self._dirty = False
+        self._timer: Timer | None = None
+        self._started = 0.0
+
+    def compose(self) -> ComposeResult:
+        yield Label("tokens per step", classes="stats-heading")
+        yield Sparkline([], summary_function=max, id="accepted")
+        yield Static("", id="figures", markup=False)
+
+    def on_mount(self) -> None:
+        self.border_title = "stats"
+        self._timer = self.set_interval(1 / FPS, self._paint, pause=True)
+        self._paint_now()
+
+    # ---- what the chat screen calls ----------------------------------------------------------
+    def reply_started(self) -> None:
+        self.accepted.clear()
+        self._started = time.monotonic()
+        self.fields.update({"speed": "", "ttft": "", "steps": ""})
+        self._changed()
+
+    def first_token(self) -> None:
+        if self._started and not self.fields.get("ttft"):
+            self.fields["ttft"] = f"{time.monotonic() - self._started:.2f} s"
+            self._changed()
+
+    def step(self, ev) -> None:
+        """One engine Step event."""
+        self.accepted.append(ev.accepted)
+        n = len(self.accepted)
+        self.fields["speed"] = f"{ev.tok_per_s:.1f} tok/s"
+        self.fields["steps"] = f"{sum(self.accepted) / n:.2f} mean of last {n}"
+        if ev.vram_total:
+            self.fields["memory"] = f"{bar(ev.vram_used, ev.vram_total)} {human_bytes(ev.vram_used)} / " \
+                                    f"{human_bytes(ev.vram_total)}"
+        if ev.kv_bytes:
+            dense = ev.kv_bytes_dense or ev.kv_bytes
+            self.fields["kv"] = human_bytes(ev.kv_bytes) + (
+                f" ({dense / ev.kv_bytes:.1f}x smaller than {human_bytes(dense)})" if dense > ev.kv_bytes else "")
+        self._changed()
+
+    def finished(self, stats) -> None:
+        """The reply's Done: the engine's own figures replace the live ones."""
+        self.fields["speed"] = f"{stats.decode_tokens_per_s:.1f} tok/s"
+        self.fields["ttft"] = f"{stats.time_to_first_token_s:.2f} s"
+        if stats.steps:
+            self.fields["steps"] = f"{stats.n_generated / stats.steps:.2f} mean over {stats.steps} steps"
+        if stats.kv_cache_bytes:
+            self.fields["kv"] = human_bytes(stats.kv_cache_bytes) + (
+                f" ({stats.kv_compression:.1f}x smaller)" if stats.kv_compression > 1.0 else "")
+        self.fields["peak"] = human_bytes(stats.peak_memory_bytes)
+        self._paint_now()
+
+    def model_loaded(self, info) -> None:
+        self.fields["model"] = info.name
+        self.fields["decoding"] = info.decoding + (f" · {info.medusa_tree}" if info.medusa_tree else "") + (
+            f" · {info.quantization}" if info.quantization else "")
+        self.fields["weights"] = human_bytes(info.weight_bytes) if info.weight_bytes else ""
+        self._paint_now()
+
+    # ---- painting ------------------------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        """The figures as last painted."""
+        return str(self.query_one("#figures", Static).content)
+
+    def _changed(self) -> None:
+        if not self._dirty and self._timer is not None:
+            self._dirty = True
+            self._timer.resume()
+
+    def _paint(self) -> None:
+        if self._timer is not None:
+            self._timer.pause()
+        self._paint_now()
+
+    def _paint_now(self) -> None:
+        self._dirty = False
+        if not self.is_mounted:
+            return
+        self.query_one("#accepted", Sparkline).data = list(self.accepted) or [0]
+        f = self.fields
+        lines = [
+            ("decoding", f.get("decoding", "")),
+            ("tokens/step", f.get("steps", "")),
+            ("speed", f.get("speed", "")),
+            ("first token", f.get("ttft", "")),
+            ("memory", f.get("memory", "")),
+            ("peak", f.get("peak", "")),
+            ("KV cache", f.get("kv", "")),
+            ("weights", f.get("weights", "")),
+        ]
+        self.query_one("#figures", Static).update("\n".join(f"{k:<12}{v}" for k, v in lines if v))
