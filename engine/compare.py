@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .errors import EngineError
 from .events import Done, GenerationStats
 from .setup_spec import Setup
 
@@ -129,9 +128,17 @@ def run_one(setup: Setup, prompt: str, progress: Callable[[str], None] = lambda 
             if isinstance(ev, Done):
                 done = ev
         return {"label": setup.label, "reason": done.reason, **done.stats.to_dict()}
-    except EngineError as e:
-        progress(f"[{setup.label}] error: {e}")
-        return {"label": setup.label, "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - one set-up failing must not stop the other
+        import traceback
+
+        from .errors import EngineError
+        from .worker import describe
+
+        if not isinstance(e, EngineError):
+            traceback.print_exc()
+        message = describe(e)
+        progress(f"[{setup.label}] error: {message}")
+        return {"label": setup.label, "error": message}
     finally:
         if session is not None:
             session.close()  # one model at a time: free this one before the next loads

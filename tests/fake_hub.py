@@ -71,7 +71,12 @@ class FakeHub:
 
     # ---- wiring ---------------------------------------------------------------------------------
     def client(self) -> httpx2.Client:
-        return httpx2.Client(transport=httpx2.MockTransport(self.handle), follow_redirects=True)
+        """A client like huggingface_hub's default one (its request hook refuses requests in
+        offline mode), with the fake hub behind it."""
+        from huggingface_hub.utils._http import hf_request_event_hook
+
+        return httpx2.Client(transport=httpx2.MockTransport(self.handle), follow_redirects=True,
+                             event_hooks={"request": [hf_request_event_hook]})
 
     def file_bytes(self, name: str | None = None) -> int:
         """File content bytes served (of one file, or all)."""

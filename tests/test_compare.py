@@ -137,9 +137,10 @@ class _App(App):
         self.push_screen(self.screen_under_test, callback=self.dismissed.append)
 
 
-def make(fake: FakeWorker, a: str = "plain", b: str = "medusa", prompt: str | None = "hi", **kw):
-    screen = CompareScreen(EngineClient(fake), parse_setup(a, max_new_tokens=12), parse_setup(b, max_new_tokens=12),
-                           prompt, **kw)
+def make(fake: FakeWorker, a: str = "plain", b: str = "medusa", prompt: str | None = "hi", max_new_tokens: int = 12,
+         **kw):
+    screen = CompareScreen(EngineClient(fake), parse_setup(a, max_new_tokens=max_new_tokens),
+                           parse_setup(b, max_new_tokens=max_new_tokens), prompt, **kw)
     return _App(screen), screen
 
 
@@ -165,7 +166,8 @@ async def test_both_panes_stream_and_the_table_fills():
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert screen.prompt_input.value == "hi"
-        assert "A: plain · waiting" in header(screen, "a") and "B: medusa · waiting" in header(screen, "b")
+        assert header(screen, "a") == "A: plain\nwaiting" and header(screen, "b") == "B: medusa\nwaiting"
+        assert table_rows(screen)["decode tok/s"] == ["—", "—", "—"]
         await pilot.press("enter")
         await wait_for(pilot, lambda: screen.outcome["a"] == "done", 5, "A to finish")
         # A is done and its figures are in; B loads (held by the gate), marked as the running one
@@ -187,6 +189,7 @@ async def test_both_panes_stream_and_the_table_fills():
         assert rows["tokens per step"] == ["1.00", "3.00", "3.00x"]
         assert rows["same text"][2] == "identical"
         assert screen.summary_text == "B is 1.47x faster than A · greedy texts identical"
+        assert screen.pane("a").body.scroll_y == 0  # a short reply shows from its top
         assert [r.decoding for r in fake.requests if isinstance(r, LoadModel)] == ["plain", "medusa"]
         assert [r.params.max_new_tokens for r in fake.requests if isinstance(r, Generate)] == [12, 12]
         assert fake.requests[1] == Generate([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=12))
@@ -194,6 +197,24 @@ async def test_both_panes_stream_and_the_table_fills():
         await pilot.press("q")
         await wait_for(pilot, lambda: app.dismissed, 2, "the screen to close")
         assert app.dismissed == [True]
+
+
+async def test_long_replies_keep_each_pane_at_the_bottom():
+    fake = FakeWorker(interval=0.005, token="paragraph {}\n\n", per_decoding={"medusa": {"accepted": 4}})
+    app, screen = make(fake, max_new_tokens=60)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: finished(screen), 10, "the comparison")
+        for key in ("a", "b"):
+            body = screen.pane(key).body
+            assert "paragraph 59" in screen.pane(key).reply.source
+            await wait_for(pilot, lambda: body.scroll_y == body.max_scroll_y > 60, 2, f"pane {key} at the bottom")
+        # a short reply in a re-run starts at the top again
+        fake.max_tokens = 3
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: finished(screen) and screen.outcome["b"] == "done", 5, "the re-run")
+        await pilot.pause(0.2)
+        assert [screen.pane(k).body.scroll_y for k in ("a", "b")] == [0, 0]
 
 
 async def test_error_of_one_setup_is_shown_and_the_other_completes():
@@ -241,7 +262,7 @@ async def test_sampling_and_differing_texts():
 
 async def test_escape_stops_and_ctrl_r_reruns():
     fake = FakeWorker(interval=0.05, max_tokens=400)
-    app, screen = make(fake)
+    app, screen = make(fake, max_new_tokens=400)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("enter")
         await wait_for(pilot, lambda: screen.pane("a").reply.source.count("word") >= 3, 5, "some tokens")
@@ -320,6 +341,45 @@ def test_cli_compare_json_on_the_embedded_model(capsys):
     rows = {r[0]: r[1:] for r in result["rows"]}
     assert rows["tokens generated"] == ["24", "24", "1.00x"] and rows["same text"][2] == "identical"
     assert "greedy texts identical" in result["summary"]
+
+
+def test_cli_compare_json_reports_a_failed_setup_and_runs_the_other(capsys):
+    from chatapp.cli import main
+
+    rc = main(["compare", "--a", "dmc", "--b", "plain", "--prompt", "Hi", "--max-new-tokens", "6", "--device", "cpu",
+               "--json"])
+    out = capsys.readouterr()
+    assert rc == 1
+    result = json.loads(out.out)
+    assert result["a"]["label"] == "dmc" and "no DMC" in result["a"]["error"]
+    assert result["b"]["n_generated"] == 6 and result["b"]["decoding"] == "plain"
+    assert result["speedup"] is None and result["identical"] is None
+    assert result["summary"] == "no comparison: A failed"
+    assert "[dmc] error:" in out.err
+
+
+async def test_screen_on_the_embedded_model_shows_the_dmc_error_and_goes_on():
+    from engine.worker import Worker
+
+    client = EngineClient(Worker())
+    screen = CompareScreen(client, parse_setup("dmc", device="cpu", max_new_tokens=8),
+                           parse_setup("medusa", device="cpu", max_new_tokens=8), "What is the capital of France?")
+    app = _App(screen)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: finished(screen), 120, "the comparison")
+            assert screen.outcome == {"a": "error", "b": "done"}
+            [message] = screen.pane("a").errors
+            assert "no DMC" in message and message in header(screen, "a")
+            assert "SmolLM2-135M-Instruct on cpu" in header(screen, "b") and "done ·" in header(screen, "b")
+            assert "Paris" in screen.pane("b").reply.source
+            assert screen.summary_text == "no comparison: A failed"
+            await pilot.press("q")
+            await wait_for(pilot, lambda: app.dismissed, 2, "the screen to close")
+            assert app.dismissed == [True]
+    finally:
+        client.close()
 
 
 def test_cli_compare_bad_spec(capsys):
