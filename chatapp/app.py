@@ -64,7 +64,7 @@ class ChatApp(App):
         Binding("ctrl+t", "compare", "Compare"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("f3", "chat_settings", "Chat settings"),
-        Binding("ctrl+b", "toggle_sidebar", "Chats", show=False),
+        Binding("ctrl+b", "chats", "Chats"),
         Binding("ctrl+g", "toggle_stats", "Stats", show=False),
         Binding("ctrl+y", "copy_reply", "Copy reply", show=False),
         Binding("ctrl+s", "export", "Export", show=False),
@@ -149,7 +149,8 @@ class ChatApp(App):
             self.notify(f"the history database was unreadable; it was kept as {self.history.recovered_from} "
                         f"and a new one started", severity="warning", timeout=10)
         if self.compare_request is not None:
-            self.open_compare(*self.compare_request)
+            a, b, prompt = self.compare_request
+            self.open_compare(a, b, prompt, autorun=bool(prompt))  # `chatapp compare --prompt`: runs at once
         else:
             self.load_model()
 
@@ -438,6 +439,17 @@ class ChatApp(App):
             return
         self.notify(f"exported to {path}")
 
+    def action_chats(self) -> None:
+        """To the list of chats (shown if hidden); from it, back to the prompt."""
+        sidebar = self.sidebar
+        if sidebar.has_focus:
+            self.prompt.focus()
+            return
+        sidebar.display = True
+        if sidebar.highlighted is None and sidebar.option_count:
+            sidebar.highlighted = 0
+        sidebar.focus()
+
     def action_toggle_sidebar(self) -> None:
         self.sidebar.display = not self.sidebar.display
 
@@ -483,14 +495,14 @@ class ChatApp(App):
         last_prompt = next((m["content"] for m in reversed(self.conversation) if m["role"] == "user"), None)
         self.open_compare(a, b, last_prompt)
 
-    def open_compare(self, a, b, prompt: str | None) -> None:
+    def open_compare(self, a, b, prompt: str | None, autorun: bool = False) -> None:
         from .compare import CompareScreen
 
         def back(loaded_any) -> None:
             if loaded_any or self.info is None:
                 self.load_model()  # compare mode loaded its own models: the chat's comes back
 
-        self.push_screen(CompareScreen(self.client, a, b, prompt), back)
+        self.push_screen(CompareScreen(self.client, a, b, prompt, autorun=autorun), back)
 
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)

@@ -37,6 +37,29 @@ class PaneHeader(Static):
         return str(self.content)
 
 
+class PaneBody(VerticalScroll):
+    """The reply's scroller. While ``follow`` is on it anchors itself to the bottom once the
+    reply overflows it (anchored while the reply still fits, Textual scrolls it to a negative
+    offset), so a long reply stays in view as it streams in."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.follow = False
+        self.following = False  # anchored by follow
+
+    def stop_following(self) -> None:
+        self.follow = self.following = False
+        self.anchor(False)
+
+    def catch_up(self) -> None:
+        if self.follow and not self.following and self.max_scroll_y > 0:
+            self.following = True
+            self.anchor()
+
+    def watch_virtual_size(self) -> None:  # the reply grew (or the pane changed size)
+        self.call_after_refresh(self.catch_up)
+
+
 class ComparePane(Vertical):
     """One set-up: a header line and its reply, streamed in as Markdown."""
 
@@ -50,7 +73,7 @@ class ComparePane(Vertical):
 
     def compose(self) -> ComposeResult:
         yield PaneHeader(classes="pane-header")
-        with VerticalScroll(classes="pane-body"):
+        with PaneBody(classes="pane-body"):
             yield Markdown(classes="pane-reply")
 
     def on_mount(self) -> None:
@@ -61,8 +84,8 @@ class ComparePane(Vertical):
         return self.query_one(PaneHeader)
 
     @property
-    def body(self) -> VerticalScroll:
-        return self.query_one(".pane-body", VerticalScroll)
+    def body(self) -> PaneBody:
+        return self.query_one(PaneBody)
 
     @property
     def reply(self) -> Markdown:
@@ -89,7 +112,7 @@ class ComparePane(Vertical):
         """Back to "waiting", with an empty reply."""
         self.info = None
         self.running = False
-        self.body.anchor(False)
+        self.body.stop_following()
         await self.body.remove_children()
         await self.body.mount(Markdown(classes="pane-reply"))
         self.body.scroll_home(animate=False, immediate=True)
@@ -234,11 +257,6 @@ class CompareScreen(Screen):
             return "stopped: no comparison"
         return summary(self.results["a"], self.results["b"], self.greedy)
 
-    @staticmethod
-    def _follow(body: VerticalScroll) -> None:
-        if body.max_scroll_y > 0:
-            body.anchor()
-
     @work(exclusive=True, group="compare")
     async def compare(self, prompt: str, run_id: int, previous: Worker | None) -> None:
         if previous is not None:
@@ -297,10 +315,10 @@ class CompareScreen(Screen):
 
         pane.set_state("generating…")
         stream = Markdown.get_stream(pane.reply)
+        pane.body.follow = True
         pending: list[str] = []  # text not yet handed to the Markdown stream
         flushed_at = 0.0
         rate = ""
-        anchored = False
         end: Done | Error | None = None
         request = Generate(messages=[{"role": "user", "content": prompt}], params=setup.params)
         try:
@@ -317,19 +335,13 @@ class CompareScreen(Screen):
                     if pending:
                         await stream.write("".join(pending))
                         pending.clear()
-                        # follow the reply down once it overflows the pane (anchored while it
-                        # still fits, Textual scrolls the pane to a negative offset)
-                        if not anchored and pane.body.max_scroll_y > 0:
-                            pane.body.anchor()
-                            anchored = True
+                        pane.body.catch_up()
                     pane.set_state(f"generating…{rate}")
                     flushed_at = time.monotonic()
         finally:
             if pending:
                 await stream.write("".join(pending))
             await stream.stop()
-        if not anchored:  # a reply that came in faster than the repaints: follow it once laid out
-            self.call_after_refresh(self._follow, pane.body)
 
         if isinstance(end, Done):
             s = end.stats

@@ -120,7 +120,7 @@ class StatsPanel(Vertical):
         self._dirty = False
         if not self.is_mounted:
             return
-        self.query_one("#accepted", Sparkline).data = list(self.accepted) or [0]
+        self.query_one("#accepted", Sparkline).data = list(self.accepted)
         f = self.fields
         lines = [
             ("decoding", f.get("decoding", "")),

@@ -134,7 +134,9 @@ def test_kill_9_during_a_reply_keeps_the_reply(user_env):
     term = Terminal(user_env)
     try:
         term.wait_for(lambda s: "ready" in s and "Write a long story" in s, 300, "the app to start again")
-        term.keys("BTab", "Down", "Enter")  # from the prompt to the list of chats; open the first
+        term.keys("C-b")  # to the list of chats
+        time.sleep(0.5)
+        term.keys("Enter")  # open the first
         screen = term.wait_for(lambda s: "(incomplete)" in s, 30, "the saved partial reply")
         assert content[:30].split("\n")[0] in screen
     finally:
