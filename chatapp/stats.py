@@ -17,7 +17,7 @@ from textual.widgets import Label, Sparkline, Static
 
 FPS = 8
 HISTORY = 64  # steps shown in the sparkline
-BAR = 20  # cells of the memory bar
+BAR = 24  # cells of the memory bar
 
 
 def human_bytes(n: float) -> str:
@@ -73,8 +73,8 @@ class StatsPanel(Vertical):
         self.fields["speed"] = f"{ev.tok_per_s:.1f} tok/s"
         self.fields["steps"] = f"{sum(self.accepted) / n:.2f} mean of last {n}"
         if ev.vram_total:
-            self.fields["memory"] = f"{bar(ev.vram_used, ev.vram_total)} {human_bytes(ev.vram_used)} / " \
-                                    f"{human_bytes(ev.vram_total)}"
+            self.fields["memory"] = f"{human_bytes(ev.vram_used)} / {human_bytes(ev.vram_total)}"
+            self.fields["memory_bar"] = bar(ev.vram_used, ev.vram_total)
         if ev.kv_bytes:
             dense = ev.kv_bytes_dense or ev.kv_bytes
             self.fields["kv"] = human_bytes(ev.kv_bytes) + (
@@ -128,6 +128,7 @@ class StatsPanel(Vertical):
             ("speed", f.get("speed", "")),
             ("first token", f.get("ttft", "")),
             ("memory", f.get("memory", "")),
+            ("", f.get("memory_bar", "")),
             ("peak", f.get("peak", "")),
             ("KV cache", f.get("kv", "")),
             ("weights", f.get("weights", "")),

@@ -16,7 +16,6 @@ Range request). Every request is logged, with the bytes of file content served."
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from dataclasses import dataclass, field
 from typing import Callable

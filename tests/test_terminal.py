@@ -101,7 +101,7 @@ def test_a_new_user_chats_compares_and_finds_the_chat_again(user_env):
     term = Terminal(user_env)
     try:
         screen = term.wait_for(lambda s: "ready" in s, 300, "the model to load again")
-        assert "What is the capital of France?" in screen  # the list of chats
+        assert "What is the capital" in screen  # the list of chats (the title wraps in it)
     finally:
         term.close()
 
