@@ -98,6 +98,10 @@ class ComparePane(Vertical):
     def paint(self) -> None:
         marker = "▶ " if self.running else ""
         model = f" · {self.info.name} on {self.info.device}" if self.info is not None else ""
+        tree = self.info.medusa_tree if self.info is not None else None
+        if tree:  # how Medusa's tree was chosen: on a slow device no tree may beat plain steps
+            model += " · tree: none, plain steps are faster here" if tree.startswith("auto (plain") \
+                else f" · tree: {tree}"
         self.header.update(f"{marker}{self.key.upper()}: {self.setup.label}{model}\n{self.state}")
         self.set_class(self.running, "-running")
         self.set_class(self.state.startswith("error"), "-error")

@@ -24,6 +24,15 @@ def empty_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
+async def steady(pilot) -> None:
+    """No blinking cursors: a snapshot must not depend on when it is taken."""
+    await wait_for(pilot, lambda: pilot.app.focused is not None, 5, "the focus to settle")
+    await pilot.pause(0.2)
+    for widget in pilot.app.screen.query("Input, TextArea"):
+        widget.cursor_blink = False
+    await pilot.pause(0.2)
+
+
 def chat_app() -> ChatApp:
     return ChatApp(client=EngineClient(FakeWorker(max_tokens=12, interval=0.005, token="word{} ")))
 
@@ -35,7 +44,7 @@ async def answered(pilot) -> None:
     await pilot.press(*"What is the capital of France?", "enter")
     await wait_for(pilot, lambda: app.state == "ready" and len(app.conversation) == 2, 5, "the reply")
     await wait_for(pilot, lambda: "19.5 tok/s" in app.stats.text, 2, "the stats")
-    await pilot.pause(0.3)
+    await steady(pilot)
 
 
 def test_chat_screen(snap_compare):
@@ -50,7 +59,7 @@ def test_model_picker(snap_compare, empty_hf_cache):
                               device=DeviceMemory("NVIDIA H100 80GB HBM3", 79 * 2**30, 80 * 2**30))
         app.push_screen(screen)
         await wait_for(pilot, lambda: screen.is_mounted and screen.table.row_count > 5, 5, "the rows")
-        await pilot.pause(0.3)
+        await steady(pilot)
 
     assert snap_compare(chat_app(), terminal_size=SIZE, run_before=open_picker)
 
@@ -60,5 +69,6 @@ def test_chat_settings_dialog(snap_compare):
         await wait_for(pilot, lambda: pilot.app.state == "ready", 5, "the model to load")
         await pilot.press("f3")
         await pilot.pause(0.3)
+        await steady(pilot)
 
     assert snap_compare(chat_app(), terminal_size=SIZE, run_before=open_dialog)
