@@ -19,12 +19,13 @@ from engine.client import EngineClient
 from engine.embedded import EMBEDDED_ID
 from engine.events import (Done, Error, Generate, Loaded, LoadModel, ModelInfo, Progress, SamplingParams, Step,
                            Token)
+from engine.units import binary_size
 from engine.worker import ProcessWorker
 
 from .chat_settings import ChatSettingsScreen
 from .history import Chat, History, HistoryError
 from .settings import Settings, SettingsError, load_settings, save_settings
-from .stats import StatsPanel, human_bytes
+from .stats import StatsPanel
 from .widgets import AssistantMessage, ErrorMessage, Note, StatusBar, UserMessage
 
 REPLY_FPS = 15
@@ -103,7 +104,6 @@ class ChatApp(App):
         self.chat_record: Chat | None = None  # the conversation on screen, once it has a message
         self.conversation: list[dict] = []  # [{"role": ..., "content": ...}], as sent to the engine
         self.error = ""  # the last error message
-        self.reply_started_at = 0.0
 
     # ---- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -261,6 +261,9 @@ class ChatApp(App):
         await self.chat.remove_children()
         self.chat_record = record
         self.conversation = []
+        # a turn whose reply failed is shown but not sent again (as when it failed)
+        failed = {i for i, m in enumerate(messages) if m.role == "assistant" and (m.stats or {}).get("error")}
+        failed |= {i - 1 for i in failed if i > 0 and messages[i - 1].role == "user"}
         widgets = []
         for i, m in enumerate(messages):
             if m.role == "user":
@@ -270,10 +273,7 @@ class ChatApp(App):
                 if not m.complete:
                     reason = (m.stats or {}).get("reason")
                     widgets.append(Note("(cancelled)" if reason == "cancelled" else "(incomplete)"))
-            failed = m.role == "assistant" and (m.stats or {}).get("error")
-            nxt_failed = (m.role == "user" and i + 1 < len(messages) and messages[i + 1].role == "assistant"
-                          and (messages[i + 1].stats or {}).get("error"))
-            if m.role in ("user", "assistant") and not failed and not nxt_failed:
+            if m.role in ("user", "assistant") and i not in failed:
                 self.conversation.append({"role": m.role, "content": m.content})
         await self.chat.mount_all(widgets)
         self.chat.anchor()
@@ -361,7 +361,7 @@ class ChatApp(App):
                         saved_at = now
                 elif isinstance(event, Step):
                     # a remote engine reports no memory (vram_total 0): no memory field then
-                    memory = f"{human_bytes(event.vram_used)} / {human_bytes(event.vram_total)}" \
+                    memory = f"{binary_size(event.vram_used)} / {binary_size(event.vram_total)}" \
                         if event.vram_total else ""
                     self.status_bar.set(speed=f"{event.tok_per_s:.1f} tok/s", memory=memory)
                     self.stats.step(event)

@@ -9,31 +9,25 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, TextArea
 
-# (field, label, type, check, what a valid value is)
-FIELDS = [
-    ("temperature", "temperature", float, lambda v: v >= 0, "a number ≥ 0 (0 = greedy)"),
-    ("top_p", "top p", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    ("top_k", "top k", int, lambda v: v >= 0, "a whole number ≥ 0 (0 = off)"),
-    ("max_new_tokens", "max new tokens", int, lambda v: v > 0, "a whole number > 0"),
-    ("seed", "seed", int, lambda v: v >= 0, "a whole number ≥ 0"),
-]
+from .settings import SettingsError, sampling_value
+
+# (field, label); the values are checked by the rules of settings.toml's [sampling]
+FIELDS = [("temperature", "temperature"), ("top_p", "top p"), ("top_k", "top k"),
+          ("max_new_tokens", "max new tokens"), ("seed", "seed")]
 
 
 def parse_fields(values: dict[str, str]) -> tuple[dict, str]:
     """(sampling params, "") or ({}, the first problem as one line). An empty field is left out:
     the model's own recommendation (its generation_config.json) applies."""
     params = {}
-    for name, label, kind, check, expected in FIELDS:
+    for name, label in FIELDS:
         raw = values.get(name, "").strip()
         if raw == "":
             continue
         try:
-            value = kind(raw)
-        except ValueError:
-            return {}, f"{label}: expected {expected}, got {raw!r}"
-        if not check(value):
-            return {}, f"{label}: expected {expected}, got {raw!r}"
-        params[name] = value
+            params[name] = sampling_value(name, raw)
+        except SettingsError as e:
+            return {}, f"{label}: {e}"
     return params, ""
 
 
@@ -62,7 +56,7 @@ class ChatSettingsScreen(ModalScreen[tuple[str, dict] | None]):
             yield Label("system prompt")
             yield TextArea(self.system_prompt, id="system")
             with Grid():
-                for name, label, *_ in FIELDS:
+                for name, label in FIELDS:
                     value = self.params.get(name)
                     yield Label(label)
                     yield Input("" if value is None else str(value), placeholder="the model's default", id=name, compact=True)
@@ -78,7 +72,7 @@ class ChatSettingsScreen(ModalScreen[tuple[str, dict] | None]):
     @on(Button.Pressed, "#save")
     @on(Input.Submitted)
     def action_save(self) -> None:
-        params, problem = parse_fields({name: self.query_one(f"#{name}", Input).value for name, *_ in FIELDS})
+        params, problem = parse_fields({name: self.query_one(f"#{name}", Input).value for name, _ in FIELDS})
         if problem:
             self.query_one("#problem", Label).update(problem)
             return

@@ -148,7 +148,9 @@ def _run(args) -> int:
         if args.remote:
             session = _remote_session(args, progress)
         else:
-            from engine.session import Session  # torch: not imported for a remote server
+            from engine.session import (
+                Session,  # torch: not imported for a remote server
+            )
 
             session = Session.load(LoadModel(args.model, args.device, args.context, args.quantize, args.decoding,
                                              args.medusa_choices), progress)
@@ -232,17 +234,9 @@ def _compare(args) -> int:
     return 0
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def _models(args) -> int:
     from engine.catalog import device_memory, gib, model_rows
+    from engine.units import decimal_size
 
     device = device_memory()
     rows = model_rows(args.context, device, online=args.online)
@@ -260,25 +254,20 @@ def _models(args) -> int:
         where = m.local_path or "not downloaded"
         if m.partial:
             where += " (incomplete: `chatapp pull` resumes it)"
-        size = "bundled" if r.download_source == "embedded" else _size(r.download_bytes)
+        size = "bundled" if r.download_source == "embedded" else decimal_size(r.download_bytes)
         print(f"{m.id:56s} {m.format:28s} {params:>7s} {size:>9s} {gib(est.total_bytes):>10s}  "
               f"{est.verdict:9s}  {where}")
         print(f"    {est.reason}")
     return 0
 
 
-def _duration(s: float | None) -> str:
-    if s is None:
-        return "--:--"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
-
-
 def _progress_line(p) -> str:
+    from engine.units import decimal_size, duration
+
     width = 24
     filled = int(p.fraction * width)
-    return (f"[{'#' * filled}{'.' * (width - filled)}] {p.fraction:4.0%} {_size(p.done_bytes)}/{_size(p.total_bytes)} "
-            f"{_size(int(p.bytes_per_s))}/s ETA {_duration(p.eta_s)} {p.files_done}/{p.files_total} files")
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {p.fraction:4.0%} {decimal_size(p.done_bytes)}/{decimal_size(p.total_bytes)} "
+            f"{decimal_size(int(p.bytes_per_s))}/s ETA {duration(p.eta_s)} {p.files_done}/{p.files_total} files")
 
 
 def _pull(args) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -14,7 +15,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, Select, Static
 
-from engine.catalog import DeviceMemory, ModelRow, device_memory, gib, model_rows
+from engine.catalog import DeviceMemory, ModelRow, device_memory, estimate_for_device, gib, model_rows
+from engine.download import hub_offline
 from engine.errors import EngineError
 from engine.events import LoadModel
 
@@ -80,7 +82,7 @@ class PickerScreen(Screen):
         self.current = current or LoadModel()
         self.device = device
         # exact sizes from the hub unless told not to ask it
-        self.online = online if online is not None else os.environ.get("HF_HUB_OFFLINE", "") in ("", "0")
+        self.online = online if online is not None else not hub_offline()
         self.rows: dict[str, ModelRow] = {}
         self.remotes: dict[str, RemoteServer] = {f"remote:{r.name}": r for r in settings.remote}
         self.confirm: str | None = None  # a row the user was warned about; Enter again loads it
@@ -134,6 +136,7 @@ class PickerScreen(Screen):
     def show_rows(self, device: DeviceMemory, rows: list[ModelRow], context: int | None) -> None:
         if context != self.context():
             return  # the context was changed since: newer rows are on their way
+        self.device = device  # read once: the estimates for another context reuse it
         free = f"{gib(device.free_bytes)} free of {gib(device.total_bytes)}" if device.total_bytes else "size unknown"
         kind = "RAM" if device.is_cpu else "GPU memory"
         self.query_one("#device", Static).update(f"this machine: {device.name} · {kind} {free} · estimates at "
@@ -158,8 +161,16 @@ class PickerScreen(Screen):
 
     @on(Input.Changed, "#context")
     def _context_changed(self) -> None:
-        if self.context():
-            self.load_rows(self.context(), online=False)
+        """New estimates for the rows shown (no new look at the cache, the hub or the device)."""
+        context = self.context()
+        if not context:
+            return
+        if self.rows and self.device is not None:
+            rows = [replace(r, estimate=estimate_for_device(r.entry, context, self.device))
+                    for r in self.rows.values()]
+            self.show_rows(self.device, rows, context)
+        else:  # the first rows are still on their way, for the context as it was
+            self.load_rows(context, online=False)
 
     def selected(self) -> str | None:
         t = self.table

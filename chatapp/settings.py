@@ -226,6 +226,21 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
         "show_stats": _boolean,
     }),
 }
+
+
+def sampling_value(key: str, text: str) -> float | int:
+    """A sampling setting as a person types it (``0.7``, ``40``), read as TOML and checked by the
+    rules of the file's [sampling] section; SettingsError("expected …, got …") otherwise."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    try:
+        return _SECTIONS["sampling"][1][key](value)
+    except _Bad as e:
+        raise SettingsError(f"expected {e}, got {_show(value)}") from None
+
+
 _REMOTE_KEYS: dict[str, Callable[[Any], Any]] = {
     "name": _text(nonempty=True),
     "url": _url,

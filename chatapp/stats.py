@@ -15,16 +15,11 @@ from textual.containers import Vertical
 from textual.timer import Timer
 from textual.widgets import Label, Sparkline, Static
 
+from engine.units import binary_size
+
 FPS = 8
 HISTORY = 64  # steps shown in the sparkline
 BAR = 24  # cells of the memory bar
-
-
-def human_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 def bar(used: float, total: float, cells: int = BAR) -> str:
@@ -73,12 +68,12 @@ class StatsPanel(Vertical):
         self.fields["speed"] = f"{ev.tok_per_s:.1f} tok/s"
         self.fields["steps"] = f"{sum(self.accepted) / n:.2f} mean of last {n}"
         if ev.vram_total:
-            self.fields["memory"] = f"{human_bytes(ev.vram_used)} / {human_bytes(ev.vram_total)}"
+            self.fields["memory"] = f"{binary_size(ev.vram_used)} / {binary_size(ev.vram_total)}"
             self.fields["memory_bar"] = bar(ev.vram_used, ev.vram_total)
         if ev.kv_bytes:
             dense = ev.kv_bytes_dense or ev.kv_bytes
-            self.fields["kv"] = human_bytes(ev.kv_bytes) + (
-                f" ({dense / ev.kv_bytes:.1f}x smaller than {human_bytes(dense)})" if dense > ev.kv_bytes else "")
+            self.fields["kv"] = binary_size(ev.kv_bytes) + (
+                f" ({dense / ev.kv_bytes:.1f}x smaller than {binary_size(dense)})" if dense > ev.kv_bytes else "")
         self._changed()
 
     def finished(self, stats) -> None:
@@ -88,16 +83,16 @@ class StatsPanel(Vertical):
         if stats.steps:
             self.fields["steps"] = f"{stats.n_generated / stats.steps:.2f} mean over {stats.steps} steps"
         if stats.kv_cache_bytes:
-            self.fields["kv"] = human_bytes(stats.kv_cache_bytes) + (
+            self.fields["kv"] = binary_size(stats.kv_cache_bytes) + (
                 f" ({stats.kv_compression:.1f}x smaller)" if stats.kv_compression > 1.0 else "")
-        self.fields["peak"] = human_bytes(stats.peak_memory_bytes)
+        self.fields["peak"] = binary_size(stats.peak_memory_bytes)
         self._paint_now()
 
     def model_loaded(self, info) -> None:
         self.fields["model"] = info.name
         self.fields["decoding"] = info.decoding + (f" · {info.medusa_tree}" if info.medusa_tree else "") + (
             f" · {info.quantization}" if info.quantization else "")
-        self.fields["weights"] = human_bytes(info.weight_bytes) if info.weight_bytes else ""
+        self.fields["weights"] = binary_size(info.weight_bytes) if info.weight_bytes else ""
         self._paint_now()
 
     # ---- painting ------------------------------------------------------------------------------

@@ -363,13 +363,11 @@ def estimate_for_device(entry: ModelEntry, context: int | None = None,
 
 
 # ---- download size ---------------------------------------------------------------------------
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE (read by huggingface_hub when it is imported; tests patch the constant)."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return True
-    return bool(constants.HF_HUB_OFFLINE or constants.is_offline_mode())
+def catalog_size(entry: ModelEntry | None) -> tuple[int | None, str]:
+    """(bytes, "catalog") from the entry's approx_download_gb, or (None, "unknown")."""
+    if entry is not None and entry.approx_download_gb is not None:
+        return int(entry.approx_download_gb * 1e9), "catalog"
+    return None, "unknown"
 
 
 def download_size(entry_or_repo_id: ModelEntry | str, token: str | None = None,
@@ -380,28 +378,23 @@ def download_size(entry_or_repo_id: ModelEntry | str, token: str | None = None,
     entry = entry_or_repo_id if isinstance(entry_or_repo_id, ModelEntry) else find(entry_or_repo_id)
     repo_id = entry.repo_id if entry else str(entry_or_repo_id)
 
-    def fallback() -> tuple[int | None, str]:
-        if entry is not None and entry.approx_download_gb is not None:
-            return int(entry.approx_download_gb * 1e9), "catalog"
-        return None, "unknown"
+    from .download import allow_patterns, hub_offline
 
     if entry is not None and entry.source == "embedded":
         return 0, "embedded"
-    if _hub_offline():
-        return fallback()
+    if hub_offline():
+        return catalog_size(entry)
     try:
         from huggingface_hub import HfApi
         from huggingface_hub.utils import filter_repo_objects
-
-        from .download import allow_patterns
 
         info = HfApi(token=token).model_info(repo_id, files_metadata=True, timeout=timeout)
         sizes = {s.rfilename: (s.lfs.size if s.lfs is not None else s.size) for s in info.siblings or []}
         wanted = filter_repo_objects(sizes.keys(), allow_patterns=allow_patterns(entry or repo_id))
         total = sum(sizes[name] or 0 for name in wanted)
-        return (total, "hub") if total else fallback()
+        return (total, "hub") if total else catalog_size(entry)
     except Exception:  # offline, gated, unknown repo, hub down: the catalog's figure is the best we have
-        return fallback()
+        return catalog_size(entry)
 
 
 # ---- the picker's rows ---------------------------------------------------------------------
@@ -436,7 +429,6 @@ def model_rows(context: int | None = None, device: DeviceMemory | None = None, o
         elif online:
             size, src = download_size(e, token)
         else:
-            size, src = (int(e.approx_download_gb * 1e9), "catalog") if e.approx_download_gb is not None \
-                else (None, "unknown")
+            size, src = catalog_size(e)
         rows.append(ModelRow(e, size, src, estimate_for_device(e, context, device), device.name))
     return rows

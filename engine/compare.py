@@ -7,15 +7,9 @@ from collections.abc import Callable
 
 from .events import Done, GenerationStats
 from .setup_spec import Setup
+from .units import binary_size
 
 NONE = "—"  # a figure that is missing (the set-up failed or has not run)
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -83,9 +77,9 @@ def compare_figures(a: GenerationStats | None, b: GenerationStats | None, greedy
         row("tokens generated", lambda s: s.n_generated, lambda v: f"{v:d}"),
         row("steps", lambda s: s.steps, lambda v: f"{v:d}"),
         row("tokens per step", tokens_per_step, lambda v: f"{v:.2f}"),
-        row("KV cache", lambda s: s.kv_cache_bytes, _bytes),
+        row("KV cache", lambda s: s.kv_cache_bytes, binary_size),
         row("KV compression", lambda s: s.kv_compression, lambda v: f"{v:.2f}x"),
-        row("peak memory", lambda s: s.peak_memory_bytes, _bytes),
+        row("peak memory", lambda s: s.peak_memory_bytes, binary_size),
     ]
     if a is None or b is None:
         verdict = NONE

@@ -215,7 +215,8 @@ def _bar_class(tracker: _Tracker) -> type:
     return Bar
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (read by huggingface_hub when it is imported; tests patch the constant)."""
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
@@ -245,7 +246,7 @@ def _error(repo_id: str, e: BaseException) -> EngineError:
     if first(hf.RepositoryNotFoundError):
         return EngineError(f"{repo_id}: no such model on the Hugging Face hub (if it is private, give a token: "
                            f"{login})")
-    if first(hf.OfflineModeIsEnabled) or _hub_offline():
+    if first(hf.OfflineModeIsEnabled) or hub_offline():
         return EngineError(f"HF_HUB_OFFLINE is set: cannot download {repo_id} (it is not complete in the cache "
                            "either); unset HF_HUB_OFFLINE to download it")
     http = first(hf.HfHubHTTPError)

@@ -105,3 +105,16 @@ async def wait_for(pilot, condition, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         await pilot.pause(0.1)
+
+
+async def send(pilot, text: str) -> None:
+    """Type a message into the chat screen's prompt and send it."""
+    await pilot.click("#prompt")
+    await pilot.press(*text, "enter")
+
+
+async def ask(pilot, text: str) -> None:
+    """Send the first message of a conversation and wait for the whole reply."""
+    app = pilot.app
+    await send(pilot, text)
+    await wait_for(pilot, lambda: app.state == "ready" and len(app.conversation) == 2, 5, "the reply")

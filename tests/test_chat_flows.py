@@ -10,14 +10,9 @@ from chatapp.history import History
 from chatapp.widgets import AssistantMessage, Note, UserMessage
 from engine.client import EngineClient
 from engine.events import Generate, SamplingParams
-from tests.fake_engine import FakeWorker, wait_for
+from tests.fake_engine import FakeWorker, ask, send, wait_for
 
 SIZE = (140, 36)
-
-
-async def send(pilot, text: str) -> None:
-    await pilot.click("#prompt")
-    await pilot.press(*text, "enter")
 
 
 def new_app(**fake) -> tuple[ChatApp, FakeWorker]:
@@ -89,8 +84,7 @@ async def test_regenerate_replaces_the_last_reply():
     app, worker = new_app(max_tokens=3, interval=0.01, token="try{} ")
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
-        await send(pilot, "Say something")
-        await wait_for(pilot, lambda: app.state == "ready" and len(app.conversation) == 2, 5, "the reply")
+        await ask(pilot, "Say something")
         worker.token = "again{} "
         await pilot.press("ctrl+r")
         await wait_for(pilot, lambda: app.state == "ready" and "again0" in app.conversation[-1]["content"], 5,
@@ -120,8 +114,7 @@ async def test_chat_settings_set_the_system_prompt_and_sampling():
         await pilot.click("#save")
         await pilot.pause()
         assert app.screen is not dialog
-        await send(pilot, "Hi")
-        await wait_for(pilot, lambda: app.state == "ready" and len(app.conversation) == 2, 5, "the reply")
+        await ask(pilot, "Hi")
         assert worker.requests[-1] == Generate(
             messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
             params=SamplingParams(temperature=0.7, seed=5))
@@ -132,8 +125,7 @@ async def test_export_writes_markdown(tmp_path, monkeypatch):
     app, _ = new_app(max_tokens=2, interval=0.01)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
-        await send(pilot, "Hello there")
-        await wait_for(pilot, lambda: app.state == "ready" and len(app.conversation) == 2, 5, "the reply")
+        await ask(pilot, "Hello there")
         await pilot.press("ctrl+s")
         await pilot.pause()
     [exported] = tmp_path.glob("chat-*.md")
@@ -146,8 +138,7 @@ async def test_stats_panel_shows_the_reply_figures():
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
         assert "decoding    plain" in app.stats.text
-        await send(pilot, "Hi")
-        await wait_for(pilot, lambda: app.state == "ready" and len(app.conversation) == 2, 5, "the reply")
+        await ask(pilot, "Hi")
         await wait_for(pilot, lambda: "19.5 tok/s" in app.stats.text, 2, "the final figures")
         text = app.stats.text
         assert "first token 0.05 s" in text and "tokens/step 1.00" in text and "peak        1.0 GiB" in text
@@ -160,13 +151,11 @@ async def test_new_chat_and_the_command_palette():
     app, _ = new_app(max_tokens=2, interval=0.01)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
-        await send(pilot, "First chat")
-        await wait_for(pilot, lambda: app.state == "ready" and len(app.conversation) == 2, 5, "the reply")
+        await ask(pilot, "First chat")
         await pilot.press("ctrl+n")
         await pilot.pause()
         assert not app.query(UserMessage) and app.conversation == []
-        await send(pilot, "Second chat")
-        await wait_for(pilot, lambda: app.state == "ready" and len(app.conversation) == 2, 5, "the reply")
+        await ask(pilot, "Second chat")
         assert [o.prompt for o in app.sidebar.options] == ["Second chat", "First chat"]
 
         await pilot.press("ctrl+p")
