@@ -10,7 +10,7 @@ from chatapp.app import ChatApp
 from chatapp.picker import PickerScreen
 from engine.catalog import DeviceMemory
 from engine.client import EngineClient
-from tests.fake_engine import FakeWorker, wait_for
+from tests.fake_engine import FakeWorker, ask, wait_for
 
 SIZE = (140, 36)
 
@@ -26,7 +26,9 @@ def empty_hf_cache(tmp_path, monkeypatch):
 
 async def steady(pilot) -> None:
     """No blinking cursors: a snapshot must not depend on when it is taken."""
-    await wait_for(pilot, lambda: pilot.app.focused is not None, 5, "the focus to settle")
+    app = pilot.app
+    await wait_for(pilot, lambda: app.focused is not None and app.focused.screen is app.screen, 5,
+                   "the focus to settle on the screen shown")
     await pilot.pause(0.2)
     for widget in pilot.app.screen.query("Input, TextArea"):
         widget.cursor_blink = False
@@ -40,9 +42,7 @@ def chat_app() -> ChatApp:
 async def answered(pilot) -> None:
     app = pilot.app
     await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
-    await pilot.click("#prompt")
-    await pilot.press(*"What is the capital of France?", "enter")
-    await wait_for(pilot, lambda: app.state == "ready" and len(app.conversation) == 2, 5, "the reply")
+    await ask(pilot, "What is the capital of France?")
     await wait_for(pilot, lambda: "19.5 tok/s" in app.stats.text, 2, "the stats")
     await steady(pilot)
 
