@@ -459,7 +459,7 @@ class ChatApp(App):
         self.save_settings()
 
     def action_chat_settings(self) -> None:
-        record = self._record()
+        record = self.chat_record
         system = record.system_prompt if record else self.settings.chat.system_prompt
         params = record.params if record else self.settings.sampling.to_dict()
 
@@ -467,9 +467,10 @@ class ChatApp(App):
             if result is None:
                 return
             new_system, new_params = result
-            if self.chat_record is not None and self.history is not None:
-                self.history.update_chat(self.chat_record.id, system_prompt=new_system, params=new_params)
-                self.chat_record = self.history.chat(self.chat_record.id)
+            record = self._record()  # a new chat is saved once it has settings of its own
+            if record is not None:
+                self.history.update_chat(record.id, system_prompt=new_system, params=new_params)
+                self.chat_record = self.history.chat(record.id)
             self.notify("chat settings saved")
 
         self.push_screen(ChatSettingsScreen(system, params), done)

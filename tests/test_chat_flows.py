@@ -120,6 +120,18 @@ async def test_chat_settings_set_the_system_prompt_and_sampling():
             params=SamplingParams(temperature=0.7, seed=5))
 
 
+async def test_cancelled_chat_settings_save_no_chat():
+    app, _ = new_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        await pilot.press("f3")
+        await pilot.pause()
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.chat_record is None
+    assert History().chats() == []
+
+
 async def test_export_writes_markdown(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app, _ = new_app(max_tokens=2, interval=0.01)
