@@ -184,6 +184,15 @@ def _text(nonempty: bool = False) -> Callable[[Any], str]:
     return check
 
 
+def _theme(v):
+    from textual.theme import BUILTIN_THEMES
+
+    v = _text(nonempty=True)(v)
+    if v not in BUILTIN_THEMES:
+        raise _Bad("a theme name: " + ", ".join(sorted(BUILTIN_THEMES)))
+    return v
+
+
 def _boolean(v):
     if not isinstance(v, bool):
         raise _Bad("true or false")
@@ -222,7 +231,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
         "system_prompt": _text(),
     }),
     "ui": (UISettings, {
-        "theme": _text(nonempty=True),
+        "theme": _theme,
         "show_stats": _boolean,
     }),
 }

@@ -132,6 +132,19 @@ async def test_cancelled_chat_settings_save_no_chat():
     assert History().chats() == []
 
 
+async def test_a_bad_settings_file_falls_back_to_the_defaults():
+    from chatapp.settings import default_path
+
+    path = default_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('[ui]\ntheme = "no-such-theme"\n')
+    app, _ = new_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        assert app.theme == "textual-dark"
+        assert "[ui] theme" in app.settings_error and str(path) in app.settings_error
+
+
 async def test_export_writes_markdown(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app, _ = new_app(max_tokens=2, interval=0.01)

@@ -109,6 +109,7 @@ def test_save_refuses_bad_values_and_keeps_the_old_file(path):
     ("[chat]\nsystem_prompt = 3\n", "[chat] system_prompt", "expected a string, got 3"),
     ('[ui]\nshow_stats = "yes"\n', "[ui] show_stats", "expected true or false, got 'yes'"),
     ("[ui]\ntheme = 1\n", "[ui] theme", "expected a non-empty string"),
+    ('[ui]\ntheme = "no-such-theme"\n', "[ui] theme", "expected a theme name: ansi-dark, "),
     ("[sampling]\ntemprature = 0.5\n", "[sampling] temprature", "unknown key"),
     ("[colours]\nbg = 1\n", "[colours]", "unknown section"),
     ('model = "x"\n', "[model]", "expected a table, got 'x'"),
