@@ -102,3 +102,36 @@ def test_script_writes_a_delta_the_engine_loads(forced, tmp_path, monkeypatch, e
     dec = DMCDecoder(model, 1, 64, **settings)
     logits = dec.step(dec.prefill(torch.tensor([[5, 7, 9, 11]]))[0].argmax().view(1))
     assert logits.shape == (1, 49152) and torch.isfinite(logits).all() and dec.length == 5
+
+
+def test_a_stopped_run_resumes_where_it_stopped(forced, tmp_path, monkeypatch):
+    """A run stopped in stage 2 and resumed with --resume writes the same delta as one run through."""
+    monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text("The lighthouse stood at the end of a narrow spit of land. " * 12)
+    args = ["--model", str(forced), "--replies", str(tmp_path / "none.jsonl"), "--text", str(text), "--train", "lora",
+            "--stage1-steps", "2", "--steps", "3", "--batch", "2", "--seq-len", "24", "--save-every", "1",
+            "--eval-chats", "0"]
+    assert train_dmc.main(args + ["--out", str(tmp_path / "whole")]) == 0
+    state = tmp_path / "cache" / "training" / "tiny-dmc-state.pt"
+    assert not state.exists()  # removed when a run completes
+
+    real_step, calls = train_dmc.train_step, []
+
+    def stopping_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:  # stage 1's two steps, stage 2's steps 0 and 1 ran and were saved
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_dmc, "train_step", stopping_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_dmc.main(args + ["--out", str(tmp_path / "stopped")])
+    assert state.exists() and not (tmp_path / "stopped" / "tiny.safetensors").exists()
+    monkeypatch.setattr(train_dmc, "train_step", real_step)
+    with pytest.raises(SystemExit, match="other settings"):
+        train_dmc.main(args + ["--cr", "3", "--resume", "--out", str(tmp_path / "stopped")])
+    assert train_dmc.main(args + ["--resume", "--out", str(tmp_path / "stopped")]) == 0
+    whole, resumed = (load_file(str(tmp_path / d / "tiny.safetensors")) for d in ("whole", "stopped"))
+    assert set(whole) == set(resumed)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)

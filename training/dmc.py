@@ -330,6 +330,48 @@ def train_step(rf: Retrofit, opt, batch, mode: str, decay: float = 1.0, prior: f
     return rec
 
 
+# ---- stopping and resuming ---------------------------------------------------------------------
+RESUME_ARGS = ("train", "rank", "stage1_steps", "steps", "cr", "anneal", "batch", "seq_len", "window", "seed")
+
+
+def save_state(path: Path, rf: Retrofit, opt, stage: int, step: int, rng: random.Random, history: list) -> None:
+    """The trainable tensors, the optimizer and the data order after ``step`` steps of ``stage``
+    (written to a temporary file and renamed, so a stop mid-write keeps the previous state)."""
+    state = {"stage": stage, "step": step, "args": rf.resume_args, "rng": rng.getstate(),
+             "torch_rng": torch.get_rng_state(), "optimizer": opt.state_dict(), "history": history,
+             "rows": [rf.rows[k].detach().cpu() for k in sorted(rf.rows)],
+             "lora": [t.detach().cpu() for k in sorted(rf.lora) for t in rf.lora[k]],
+             "weights": [rf.w[n].detach().cpu() for n in rf.original] if rf.train == "attention" else []}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_state(path: Path, args) -> dict:
+    if not path.is_file():
+        raise SystemExit(f"training.dmc: --resume: no training state at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    want = {k: getattr(args, k) for k in RESUME_ARGS}
+    if state.get("args") != want:
+        raise SystemExit(f"training.dmc: --resume: {path} was saved with other settings "
+                         f"({state.get('args')}; now {want})")
+    return state
+
+
+def restore(rf: Retrofit, opt, state: dict) -> int:
+    """Load the saved tensors and optimizer state; the first step to run."""
+    with torch.no_grad():
+        for k, t in zip(sorted(rf.rows), state["rows"]):
+            rf.rows[k].copy_(t)
+        for t, s in zip([t for k in sorted(rf.lora) for t in rf.lora[k]], state["lora"]):
+            t.copy_(s)
+        for n, s in zip(list(rf.original), state["weights"]):
+            rf.w[n].copy_(s)
+    opt.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
 # ---- evaluation with the engine ---------------------------------------------------------------
 def nll(logits: torch.Tensor, ids: list[int]) -> tuple[float, int]:
     target = torch.tensor(ids[1:], device=logits.device)
@@ -406,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--save-every", type=int, default=20, help="steps between saves of the training state")
+    p.add_argument("--state", type=Path, default=None,
+                   help="training state file (default: <cache>/training/<model>-dmc-state.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from the saved training state")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -417,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
     rf = Retrofit(model_dir, args.device, args.train, args.init_val, args.window, args.temp, args.rank)
+    rf.resume_args = {k: getattr(args, k) for k in RESUME_ARGS}
     tok = ChatTokenizer(model_dir, rf.cfg)
 
     replies_path = args.replies or next(iter(sorted((cache_dir() / "training").glob(f"{name}-replies-*.jsonl"),
@@ -442,17 +489,29 @@ def main(argv: list[str] | None = None) -> int:
     adapted = rf.adapted()
     history = []
 
+    state_path = args.state or cache_dir() / "training" / f"{name}-dmc-state.pt"
+    state = load_state(state_path, args) if args.resume else None
+    if state is not None:
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        log(f"resuming from {state_path}: stage {state['stage']}, step {state['step']}")
+
     # stage 1: the repurposed dims fade out of attention; the attention weights adapt
     t1 = time.time()
     s1 = args.stage1_steps if adapted else 0
-    if s1:
+    if s1 and (state is None or state["stage"] == 1):
         opt = torch.optim.AdamW(adapted, lr=lr, weight_decay=0.0)
-        for step in range(s1):
+        first = restore(rf, opt, state) if state is not None else 0
+        for step in range(first, s1):
             decay = max(0.0, 1 - step / (0.8 * s1))
             rec = train_step(rf, opt, next(data), "stage1", decay=decay)
             if step % 10 == 0 or step == s1 - 1:
                 log(f"stage 1 step {step}/{s1}: decay {decay:.2f}, KL {rec['kl']:.4f}")
-    rf.zero_decision_rows()  # alpha logit -init_val (append), weight sigmoid(init_val)
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < s1:
+                save_state(state_path, rf, opt, 1, step + 1, rng, history)
+        state = None
+    if state is None:
+        rf.zero_decision_rows()  # alpha logit -init_val (append), weight sigmoid(init_val)
     t_stage1 = time.time() - t1
 
     # stage 2: DMC with the compression target annealed upwards
@@ -460,8 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         t.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": list(rf.rows.values()), "lr": args.lr_decision}]
                             + ([{"params": adapted, "lr": lr}] if adapted else []), weight_decay=0.0)
+    first = restore(rf, opt, state) if state is not None else 0
+    if state is not None:
+        history = state["history"]
     t2 = time.time()
-    for step in range(args.steps):
+    for step in range(first, args.steps):
         cr = 1 + (args.cr - 1) * min(1.0, (step + 1) / max(1, args.anneal * args.steps))
         prior = 1 - 1 / cr
         rec = {"step": step, "cr_target": round(cr, 3),
@@ -470,12 +532,15 @@ def main(argv: list[str] | None = None) -> int:
             history.append(rec)
             log(f"stage 2 step {step}/{args.steps}: target CR {cr:.2f} (merge share {prior:.3f}), KL {rec['kl']:.4f}, "
                 f"mean decision {rec['mean_decision']:.3f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_state(state_path, rf, opt, 2, step + 1, rng, history)
     t_stage2 = time.time() - t2
 
     out = args.out or ROOT / "assets" / "dmc"
     out.mkdir(parents=True, exist_ok=True)
     delta_path = out / f"{name}.safetensors"
     save_file(rf.delta(args.train), str(delta_path), metadata=delta_metadata(rf.cfg, name, args.init_val, args.window))
+    state_path.unlink(missing_ok=True)  # the run is complete; nothing to resume
     log(f"wrote {delta_path}; evaluating on the held-out data with the engine")
     rf = None
     chats = [(0, s) for s in held_r[:args.eval_chats]]
