@@ -70,6 +70,10 @@ class TensorSource:
     def _keys(self, path: Path) -> set[str]:
         return set(self._handles[path].keys())
 
+    def files(self) -> list[Path]:
+        """The files the tensors come from."""
+        return sorted(set(self._where.values()))
+
     def names(self) -> set[str]:
         return set(self._where)
 

@@ -78,6 +78,25 @@ class Layer:
     down: Linear | Fp8Linear
 
 
+def block_linears(cfg: ModelConfig, li: int) -> dict[str, tuple[list[tuple[str, tuple[int, int]]], bool]]:
+    """Layer ``li``'s linear layers as chatapp fuses them: name -> ([(checkpoint name, [out, in])
+    of each part, in order], has a bias)."""
+    p, h, i = f"model.layers.{li}.", cfg.hidden_size, cfg.intermediate_size
+    return {
+        p + "qkv": ([(p + "self_attn.q_proj", (cfg.q_size, h)), (p + "self_attn.k_proj", (cfg.kv_size, h)),
+                     (p + "self_attn.v_proj", (cfg.kv_size, h))], cfg.attention_bias),
+        p + "o": ([(p + "self_attn.o_proj", (h, cfg.q_size))], cfg.attention_bias),
+        p + "gate_up": ([(p + "mlp.gate_proj", (i, h)), (p + "mlp.up_proj", (i, h))], cfg.mlp_bias),
+        p + "down": ([(p + "mlp.down_proj", (h, i))], cfg.mlp_bias),
+    }
+
+
+def fused_weight(src: TensorSource, names_shapes, get=None) -> torch.Tensor:
+    """The parts' weights [out, in] stacked along out (``get(name, shape)``: how to read one)."""
+    get = get or src.get_shaped
+    return torch.cat([get(n + ".weight", s) for n, s in names_shapes], dim=0)
+
+
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[Layer], norm: torch.Tensor,
                  lm_head: Linear, device: torch.device, dtype: torch.dtype):
@@ -93,23 +112,31 @@ class LlamaModel:
     # ---- loading -------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, model_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 quantize: str | None = None):
+                 quantize: str | None = None, progress=lambda msg: None):
+        """``quantize="fp8"``: FP8 weights rounded with error compensation calibrated on the model's
+        own samples (engine/fp8_calibration.py; computed once per checkpoint, then cached)."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise EngineError(f"{model_dir}: model folder not found")
         cfg = load_config(model_dir)
         fmt = detect(model_dir, cfg.quantization_config)
         src = TensorSource(model_dir)
+        if quantize == "fp8" and fmt is None:
+            from .fp8_calibration import load_calibrated  # GPTQ rounding, cached per checkpoint
+
+            return load_calibrated(cls, cfg, src, device, dtype, progress)
         return cls.from_source(cfg, src, device, dtype, quantize, fmt)
 
     @classmethod
     def from_source(cls, cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.dtype | None = None,
-                    quantize: str | None = None, fmt: Fp8Format | None = None):
+                    quantize: str | None = None, fmt: Fp8Format | None = None,
+                    fp8_weights: dict[str, torch.Tensor] | None = None):
         """``fmt``: the checkpoint's FP8 format (see quantized_checkpoint), whose quantized layers
         are read as they are stored. ``quantize="fp8"``: a high-precision checkpoint's block linear
         layers are quantized to FP8 as they are loaded (per-channel weight scales, dynamic per-token
-        activations); embeddings, norms and lm_head stay in ``dtype``, as in the published FP8
-        checkpoints."""
+        activations), rounded to nearest, or taken from ``fp8_weights`` (``<linear>.weight`` e4m3
+        and ``<linear>.weight_scale`` [N, 1] for each name of ``block_linears``); embeddings, norms
+        and lm_head stay in ``dtype``, as in the published FP8 checkpoints."""
         if quantize not in (None, "fp8"):
             raise EngineError(f"quantize {quantize!r} is not supported (supported: fp8)")
         if quantize and fmt is not None:
@@ -117,7 +144,7 @@ class LlamaModel:
         device = torch.device(device)
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        h, i = cfg.hidden_size, cfg.intermediate_size
+        h = cfg.hidden_size
 
         def get(name, shape):
             t = src.get_shaped(name, shape)
@@ -127,7 +154,7 @@ class LlamaModel:
 
         splits = default_splits(device)
 
-        def fused(names_shapes, bias: bool, quantizable: bool = True) -> Linear | Fp8Linear:
+        def fused(names_shapes, bias: bool, quantizable: bool = True, key: str = "") -> Linear | Fp8Linear:
             b = torch.cat([get(n + ".bias", (s[0],)) for n, s in names_shapes]) if bias else None
             if fmt is not None:
                 stored = {fmt.quantized(n) for n, _ in names_shapes}
@@ -136,7 +163,10 @@ class LlamaModel:
                                       "some of them are quantized")
                 if stored.pop():
                     return fmt.load(src, names_shapes, b, device)
-            w = torch.cat([get(n + ".weight", s) for n, s in names_shapes], dim=0)
+            if quantize == "fp8" and quantizable and fp8_weights is not None:
+                return Fp8Linear(fp8_weights[key + ".weight"].to(device), fp8_weights[key + ".weight_scale"].to(device),
+                                 None, b)
+            w = fused_weight(src, names_shapes, get)
             if quantize == "fp8" and quantizable:
                 return Fp8Linear.quantize(w, b)
             return Linear(w.t(), b, splits)
@@ -144,16 +174,10 @@ class LlamaModel:
         layers = []
         for li in range(cfg.num_layers):
             p = f"model.layers.{li}."
-            layers.append(Layer(
-                attn_norm=get(p + "input_layernorm.weight", (h,)),
-                qkv=fused([(p + "self_attn.q_proj", (cfg.q_size, h)),
-                           (p + "self_attn.k_proj", (cfg.kv_size, h)),
-                           (p + "self_attn.v_proj", (cfg.kv_size, h))], cfg.attention_bias),
-                o=fused([(p + "self_attn.o_proj", (h, cfg.q_size))], cfg.attention_bias),
-                mlp_norm=get(p + "post_attention_layernorm.weight", (h,)),
-                gate_up=fused([(p + "mlp.gate_proj", (i, h)), (p + "mlp.up_proj", (i, h))], cfg.mlp_bias),
-                down=fused([(p + "mlp.down_proj", (h, i))], cfg.mlp_bias),
-            ))
+            lin = {key: fused(parts, bias, key=key) for key, (parts, bias) in block_linears(cfg, li).items()}
+            layers.append(Layer(attn_norm=get(p + "input_layernorm.weight", (h,)), qkv=lin[p + "qkv"], o=lin[p + "o"],
+                                mlp_norm=get(p + "post_attention_layernorm.weight", (h,)),
+                                gate_up=lin[p + "gate_up"], down=lin[p + "down"]))
         embed = get("model.embed_tokens.weight", (cfg.vocab_size, h))
         if cfg.tie_word_embeddings or "lm_head.weight" not in src:
             lm_head = Linear(embed.t(), None, splits)
@@ -194,34 +218,19 @@ class LlamaModel:
         end = start + t
         if end > cache.max_len:
             raise EngineError(f"context full: {end} tokens exceed the context size of {cache.max_len}")
-        h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        groups = nh // nkv
+        h = cfg.hidden_size
         cos, sin = self._rope_tables(end)
         if tree is None:
             cos, sin = cos[start:end, None], sin[start:end, None]  # [T, 1, D]: broadcast over heads
-            mask = self._mask(start, t, groups)
+            mask = self._mask(start, t, cfg.num_heads // cfg.num_kv_heads)
         else:
+            mask = None  # the tree's mask is tree[1]
             positions = tree[0] + start
             cos, sin = cos.index_select(0, positions)[:, None], sin.index_select(0, positions)[:, None]
         eps = cfg.rms_norm_eps
         x = F.embedding(ids, self.embed)
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
-            keys, values = cache.write(li, start, k, v)
-            if tree is not None:
-                attn = tree_attention(q, keys, values, start, tree[1])  # Triton on CUDA
-            else:
-                # Grouped-query attention without copying K/V: the query heads that share a KV
-                # head become extra query rows of that head.
-                qg = q.reshape(bsz, nkv, groups * t, d).contiguous()
-                if mask is None and t > 1:
-                    attn = F.scaled_dot_product_attention(qg, keys, values, is_causal=True)
-                else:
-                    attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-                attn = attn.view(bsz, nh, t, d)
-            attn = attn.transpose(1, 2).reshape(bsz, t, cfg.q_size)
-            x = layer.o(attn, residual=x)
-            x = self._mlp(layer, x)
+            x = self._layer(li, layer, x, cache, start, cos, sin, mask, tree)
         cache.length = end
         if not logits:
             return F.rms_norm(x, (h,), self.norm, eps)
@@ -230,6 +239,37 @@ class LlamaModel:
         hidden = F.rms_norm(x, (h,), self.norm, eps)
         out = self.logits(hidden)
         return (out, hidden) if return_hidden else out
+
+    def _layer(self, li: int, layer: Layer, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor,
+               sin: torch.Tensor, mask: torch.Tensor | None, tree) -> torch.Tensor:
+        """One decoder layer of ``forward`` (its arguments as forward computes them)."""
+        cfg = self.cfg
+        bsz, t = x.shape[:2]
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = self._qkv(layer, x, cos, sin)
+        keys, values = cache.write(li, start, k, v)
+        if tree is not None:
+            attn = tree_attention(q, keys, values, start, tree[1])  # Triton on CUDA
+        else:
+            # Grouped-query attention without copying K/V: the query heads that share a KV
+            # head become extra query rows of that head.
+            qg = q.reshape(bsz, nkv, (nh // nkv) * t, d).contiguous()
+            if mask is None and t > 1:
+                attn = F.scaled_dot_product_attention(qg, keys, values, is_causal=True)
+            else:
+                attn = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+            attn = attn.view(bsz, nh, t, d)
+        attn = attn.transpose(1, 2).reshape(bsz, t, cfg.q_size)
+        x = layer.o(attn, residual=x)
+        return self._mlp(layer, x)
+
+    def layer_pass(self, li: int, layer: Layer, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Hidden states ``x`` [B, T, H] of tokens at positions 0..T-1 through ``layer`` in the place
+        of layer ``li`` (its cache rows are overwritten): for calibrating one layer at a time."""
+        t = x.shape[1]
+        cos, sin = self._rope_tables(t)
+        mask = self._mask(0, t, self.cfg.num_heads // self.cfg.num_kv_heads)
+        return self._layer(li, layer, x, cache, 0, cos[:t, None], sin[:t, None], mask, None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [..., H] -> float32 logits [..., vocab]."""

@@ -90,7 +90,7 @@ class Session:
             progress(f"DMC decoding (weights: {source})")
             path = tokenizer_dir(path)
         else:
-            model = LlamaModel.from_dir(path, device, quantize=req.quantize)
+            model = LlamaModel.from_dir(path, device, quantize=req.quantize, progress=progress)
         tokenizer = ChatTokenizer(path, model.cfg)
         context = req.context or min(model.cfg.max_position_embeddings, DEFAULT_CONTEXT)
         if context < 16:

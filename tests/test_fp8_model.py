@@ -79,7 +79,7 @@ def test_perplexity_cli_fp8_close_to_unquantized():
     assert full["tokens"] == fp8["tokens"] > 400
     assert 5 < full["perplexity"] < 60  # a real language model on English prose
     assert fp8["quantization"] == "fp8"
-    assert abs(fp8["perplexity"] / full["perplexity"] - 1) < 0.05
+    assert abs(fp8["perplexity"] / full["perplexity"] - 1) < 0.03  # GPTQ rounding (round-to-nearest: ~3.4%)
 
 
 def test_perplexity_matches_transformers_loss(embedded_session, hf_reference):
