@@ -11,9 +11,13 @@ compressed-tensors); scale_w: scalar or [N, 1] (per-channel); output bf16 (or fp
 Two launch shapes of one kernel: decode (M <= 16) uses a 16-row tile and split-K, so that a
 weight-read-bound GEMV spreads over all SMs; prefill uses large tiles. With split-K the partial
 sums go to an fp32 buffer and a second kernel reduces them and applies the epilogue
-(deterministic, unlike atomics)."""
+(deterministic, unlike atomics). On a GPU each problem shape's launch configuration is timed
+among a few candidates the first time it runs (``tuned_config``); the heuristic pick is the
+fallback."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -130,7 +134,9 @@ def fp8_gemm_triton(a: torch.Tensor, w: torch.Tensor, scale_a: torch.Tensor, sca
     m, k = a.shape
     n, k2 = w.shape
     assert k == k2 and a.stride(1) == 1 and w.stride(1) == 1
-    cfg = dict(config or pick_config(m, n, k, _num_sms(a.device)))
+    if config is None:
+        config = tuned_config(a, w, scale_a, scale_w, bias, out_dtype)
+    cfg = dict(config)
     split = cfg.pop("SPLIT_K")
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     sa = scale_a.float().reshape(-1)
@@ -147,6 +153,68 @@ def fp8_gemm_triton(a: torch.Tensor, w: torch.Tensor, scale_a: torch.Tensor, sca
         _reduce_kernel[rgrid](part, sa, sw, bias_arg, out, m, n, out.stride(0), SPLIT_K=split, BLOCK_M=16,
                               BLOCK_N=128, **flags)
     return out
+
+
+def candidate_configs(m: int, n: int, k: int, num_sms: int = 132) -> list[dict]:
+    """The launch configurations timed for a problem (the heuristic pick first): for decode,
+    N tiles, K blocks and split-K factors around the pick; for prefill, tile shapes that fit
+    Hopper's shared memory (228 KB per SM) with 3-4 pipeline stages."""
+    pick = pick_config(m, n, k, num_sms)
+    out = [pick]
+    if m <= 16:
+        for block_n in (32, 64, 128):
+            for block_k in (128, 256):
+                for split in {max(1, pick["SPLIT_K"] // 2), pick["SPLIT_K"], pick["SPLIT_K"] * 2}:
+                    if k // split >= block_k:
+                        out.append(dict(pick, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split))
+    else:
+        for bm, bn, bk, warps, stages in ((64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (128, 128, 64, 4, 4),
+                                          (128, 256, 64, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                          (64, 256, 128, 8, 3)):
+            if bm <= max(64, triton.next_power_of_2(m)):
+                out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, GROUP_M=8, num_warps=warps,
+                                num_stages=stages))
+    unique = []
+    for c in out:
+        if c not in unique:
+            unique.append(c)
+    return unique
+
+
+AUTOTUNE = os.environ.get("CHATAPP_FP8_AUTOTUNE", "1") != "0"
+_tuned: dict[tuple, dict] = {}
+
+
+def tuned_config(a, w, scale_a, scale_w, bias, out_dtype, timer=None) -> dict:
+    """The fastest of ``candidate_configs`` for this problem on this GPU, timed once per process
+    and shape (M rounded up to a power of two); the heuristic pick in Triton's interpreter, with
+    ``CHATAPP_FP8_AUTOTUNE=0``, or while a CUDA graph is being captured (a capture cannot time;
+    the engine's captures run their warm-up calls first, so those shapes are tuned already).
+    ``timer(fn) -> ms``: how to time a launch (default triton.testing.do_bench)."""
+    m, k = a.shape
+    n = w.shape[0]
+    key = (a.device, triton.next_power_of_2(m), n, k, out_dtype, bias is not None, scale_a.numel() > 1,
+           scale_w.numel() > 1)
+    if key in _tuned:
+        return _tuned[key]
+    tunable = timer is not None or (AUTOTUNE and a.device.type == "cuda" and not torch.cuda.is_current_stream_capturing())
+    if not tunable:
+        return pick_config(m, n, k, _num_sms(a.device))
+    if timer is None:
+        from triton.testing import do_bench
+
+        def timer(fn):
+            return do_bench(fn, warmup=5, rep=20)
+    best, best_ms = None, float("inf")
+    for cfg in candidate_configs(m, n, k, _num_sms(a.device)):
+        try:
+            ms = timer(lambda cfg=cfg: fp8_gemm_triton(a, w, scale_a, scale_w, bias, out_dtype, config=cfg))
+        except Exception:  # a configuration this GPU cannot run (e.g. out of shared memory)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _tuned[key] = best = best or pick_config(m, n, k, _num_sms(a.device))
+    return best
 
 
 def _num_sms(device: torch.device) -> int:

@@ -81,3 +81,37 @@ def test_gemm_with_default_configs():
     assert cfg["BLOCK_M"] == 16 and cfg["SPLIT_K"] > 1  # decode: split-K to fill the SMs
     got = fp8_gemm_triton(a, w, sa, sw)
     torch.testing.assert_close(got.float(), fp8_gemm_ref(a, w, sa, sw).float(), atol=1e-2, rtol=1.6e-2)
+
+
+def test_autotuning_times_the_candidates_once_per_shape_and_keeps_the_fastest(monkeypatch):
+    from kernels import fp8_gemm as mod
+
+    monkeypatch.setattr(mod, "_tuned", {})
+    g = torch.Generator().manual_seed(5)
+    a, sa = quantize_rows_ref(torch.randn(3, 512, generator=g))
+    w, sw = quantize_rows_ref(torch.randn(40, 512, generator=g) * 0.05)
+    cands = mod.candidate_configs(3, 40, 512)
+    assert cands[0] == pick_config(3, 40, 512) and len(cands) > 3
+    assert len({c["SPLIT_K"] for c in cands}) > 1 and len({c["BLOCK_N"] for c in cands}) > 1
+    times = [5.0] * len(cands)
+    times[2] = 1.0
+    timed = []
+
+    def timer(fn):
+        if len(timed) == 1:
+            timed.append("failed")
+            raise RuntimeError("out of resources")  # a configuration the GPU cannot run is skipped
+        out = fn()
+        torch.testing.assert_close(out.float(), fp8_gemm_ref(a, w, sa, sw, out_dtype=torch.float32),
+                                   atol=2e-2, rtol=2e-2)
+        timed.append(out)
+        return times[len(timed) - 1]
+
+    best = mod.tuned_config(a, w, sa, sw, None, torch.bfloat16, timer=timer)
+    assert best == cands[2] and len(timed) == len(cands)
+    # the same shape bucket (M 3 -> 4) is not timed again; another one falls back to the pick off a GPU
+    assert mod.tuned_config(a[:2].contiguous().repeat(2, 1), w, sa.repeat(2, 1)[:4], sw, None, torch.bfloat16) \
+        == cands[2]
+    assert mod.tuned_config(a[:1], w, sa[:1], sw, None, torch.bfloat16) == pick_config(1, 40, 512)
+    prefill = mod.candidate_configs(300, 256, 512)
+    assert prefill[0] == pick_config(300, 256, 512) and all(c["SPLIT_K"] == 1 for c in prefill)
