@@ -48,3 +48,12 @@ def test_medusa_decode_8b_shape():
     s = smoke("medusa_decode.py", "--shape", "8b")
     assert s["shape"] == "tiny" and s["plain_step_ms"] > 0
     assert [r["nodes"] for r in s["rows"]][:3] == [2, 3, 4] and all(r["step_ms"] > 0 for r in s["rows"])
+
+
+def test_dmc_decode():
+    s = smoke("dmc_decode.py")
+    assert s["decisions"] == "synthetic, CR 8" and len(s["result"]) == 4
+    for r in s["result"]:
+        assert r["kv_compression"] == 8.0  # every 8th token appends
+        assert r["dmc_kv_bytes_per_token"] * 8 == r["plain_kv_bytes_per_token"]
+        assert r["plain_tok_s"] > 0 and r["dmc_tok_s"] > 0
