@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="Medusa tree: auto (default: the best for this device, from the heads' measured "
                           "acceptance and this device's measured step time), card (the 8B model card's 63-node "
                           "tree), or a JSON file with a list of paths such as [[0], [0, 0], [1]]")
+    run.add_argument("--tokenizer", metavar="PATH",
+                     help="tokenizer for a checkpoint without one (a Megatron DMC checkpoint): the Llama 2 "
+                          "SentencePiece tokenizer.model, or a folder with tokenizer.json (default: in the "
+                          "checkpoint's root folder)")
     run.add_argument("--json", action="store_true", help="print one JSON object with the reply and its figures")
 
     models = sub.add_parser("models", help="list the known and the locally available models, with the memory each "
@@ -97,6 +101,7 @@ def _serve_arguments(p) -> None:
     p.add_argument("--decoding", choices=["plain", "medusa", "dmc"], default="plain",
                    help="as for `chatapp run`")
     p.add_argument("--medusa-choices", metavar="PRESET|FILE", help="Medusa tree (as for `chatapp run`)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer for a checkpoint without one (as for `chatapp run`)")
     p.add_argument("--context", type=int, help="KV cache length in tokens")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
@@ -118,7 +123,7 @@ def _remote_check(args) -> str | None:
 
     from engine.errors import EngineError
 
-    local = [f"--{name.replace('_', '-')}" for name in ("device", "quantize", "context", "medusa_choices")
+    local = [f"--{name.replace('_', '-')}" for name in ("device", "quantize", "context", "medusa_choices", "tokenizer")
              if getattr(args, name, None) is not None]
     if getattr(args, "decoding", "plain") != "plain":
         local.append("--decoding")
@@ -153,7 +158,7 @@ def _run(args) -> int:
             )
 
             session = Session.load(LoadModel(args.model, args.device, args.context, args.quantize, args.decoding,
-                                             args.medusa_choices), progress)
+                                             args.medusa_choices, args.tokenizer), progress)
         for ev in session.generate(messages, params):
             if isinstance(ev, Token) and not args.json:
                 sys.stdout.write(ev.text)

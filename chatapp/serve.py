@@ -554,7 +554,7 @@ def main(args) -> int:
 
         try:
             session = Session.load(LoadModel(args.model, args.device, args.context, args.quantize, args.decoding,
-                                             args.medusa_choices), lambda msg: print(msg, file=sys.stderr))
+                                             args.medusa_choices, args.tokenizer), lambda msg: print(msg, file=sys.stderr))
         except BaseException as exc:  # noqa: BLE001 - reported, and the server stops
             load_error.append(describe(exc))
             server.should_exit = True

@@ -197,16 +197,20 @@ def load_dmc_model(name: str, path: Path, device, delta: Path | None = None):
 
 
 
-def tokenizer_dir(path: Path) -> Path:
-    """Where the tokenizer files are: the checkpoint folder, or a Megatron checkpoint's root
-    folder (Megatron checkpoints do not include their tokenizer)."""
+def tokenizer_dir(path: Path, tokenizer: Path | None = None) -> Path:
+    """Where the tokenizer files are: the checkpoint folder, or for a Megatron checkpoint (which
+    does not include its tokenizer) ``tokenizer`` when given (a tokenizer.model or a folder with
+    tokenizer.json), else its root folder's tokenizer.json or SentencePiece tokenizer.model."""
     if not is_megatron(path):
         return Path(path)
-    from .megatron_checkpoint import checkpoint_file, checkpoint_root
+    from .megatron_checkpoint import checkpoint_file, checkpoint_root, tokenizer_path
+    from .tokenizer import sentencepiece_dir
 
+    if tokenizer is not None and Path(tokenizer).is_dir():
+        if not (Path(tokenizer) / "tokenizer.json").is_file():
+            raise EngineError(f"{tokenizer}: no tokenizer.json in this folder")
+        return Path(tokenizer)
     root = checkpoint_root(checkpoint_file(path))
-    if not (root / "tokenizer.json").is_file():
-        raise EngineError(f"{root}: no tokenizer.json: Megatron checkpoints do not include their tokenizer; put the "
-                          "Hugging Face tokenizer files of the base model (tokenizer.json, tokenizer_config.json) "
-                          "there")
-    return root
+    if tokenizer is None and (root / "tokenizer.json").is_file():
+        return root
+    return sentencepiece_dir(tokenizer_path(path, tokenizer))

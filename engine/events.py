@@ -25,6 +25,7 @@ class LoadModel:
     decoding: str = "plain"  # plain | medusa (the checkpoint's Medusa heads, or the ones shipped for it)
     #                          | dmc (Dynamic Memory Compression: a Megatron DMC checkpoint, or a shipped retrofit)
     medusa_choices: str | None = None  # Medusa tree: "auto" (None: best for this device), "card", or a JSON file
+    tokenizer: str | None = None  # for a checkpoint without one (Megatron DMC): a tokenizer.model or a folder
 
 
 @dataclass

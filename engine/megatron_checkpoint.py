@@ -157,7 +157,7 @@ def tokenizer_path(checkpoint: Path, tokenizer: Path | None = None) -> Path:
         return found
     raise EngineError(f"{root}: no {TOKENIZER_FILE}: Megatron checkpoints do not include their tokenizer; put the "
                       f"Llama 2 SentencePiece {TOKENIZER_FILE} (from meta-llama/Llama-2-7b) at {found}, or give "
-                      "its path with the tokenizer option")
+                      "its path with --tokenizer PATH")
 
 
 # ---- config ----------------------------------------------------------------------------------

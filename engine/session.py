@@ -88,7 +88,7 @@ class Session:
                 raise EngineError(f"--quantize {req.quantize} cannot be combined with DMC decoding")
             model, dmc, source = load_dmc_model(name, path, device)
             progress(f"DMC decoding (weights: {source})")
-            path = tokenizer_dir(path)
+            path = tokenizer_dir(path, req.tokenizer)
         else:
             model = LlamaModel.from_dir(path, device, quantize=req.quantize, progress=progress)
         tokenizer = ChatTokenizer(path, model.cfg)

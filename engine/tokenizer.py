@@ -40,6 +40,46 @@ def _template_env():
     return env
 
 
+def sentencepiece_dir(model_file: Path) -> Path:
+    """A folder with tokenizer.json and tokenizer_config.json for a SentencePiece ``tokenizer.model``
+    (the Llama 2 tokenizer, which Megatron checkpoints do not include): converted once with
+    transformers' Llama converter (legacy whitespace handling, as the Hugging Face Llama 2 files
+    have it; it can differ from SentencePiece on text that starts with a run of spaces) and cached
+    under ``<cache>/tokenizers/<content hash>/``."""
+    import hashlib
+
+    from .paths import cache_dir
+
+    model_file = Path(model_file)
+    try:
+        data = model_file.read_bytes()
+    except OSError as e:
+        raise EngineError(f"{model_file}: cannot read the tokenizer file ({e.strerror})") from None
+    out = cache_dir() / "tokenizers" / hashlib.sha256(data).hexdigest()[:24]
+    if (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    import shutil
+    import tempfile
+
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(model_file, Path(tmp) / "tokenizer.model")
+        try:
+            tok = LlamaTokenizer.from_pretrained(tmp, legacy=True)
+            if tok.vocab_size < 3:
+                raise ValueError("no vocabulary")
+        except Exception as e:  # transformers raises many kinds for a file that is not SentencePiece
+            raise EngineError(f"{model_file}: not a SentencePiece tokenizer model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+        staging = out.with_name(out.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        tok.save_pretrained(str(staging))
+        shutil.rmtree(out, ignore_errors=True)
+        staging.replace(out)
+    return out
+
+
 class ChatTokenizer:
     def __init__(self, model_dir: Path, cfg: ModelConfig):
         model_dir = Path(model_dir)

@@ -159,13 +159,8 @@ def test_models_without_dmc_and_bad_deltas_are_refused(dmc_checkpoint, tiny_chec
     assert torch.allclose(model.layers[1].o(x), x @ o.t(), atol=1e-6)
 
 
-def test_megatron_dmc_checkpoint(dmc_checkpoint, tmp_path, fake_megatron):
-    """A legacy Megatron checkpoint with the decision rows in its weights decodes with DMC, the
-    settings from its stored args; its tokenizer files are looked for next to it."""
-    import shutil
-
-    from engine.megatron_checkpoint import load_megatron_model
-    from tests.conftest import TOKENIZER_FILES
+def megatron_dmc(dmc_checkpoint, folder, megatron_writer):
+    """The DMC checkpoint's weights (decision rows included) as a legacy Megatron checkpoint."""
     from tests.test_megatron_checkpoint import write_megatron
 
     w = load_file(str(dmc_checkpoint / "model.safetensors"))
@@ -173,9 +168,22 @@ def test_megatron_dmc_checkpoint(dmc_checkpoint, tmp_path, fake_megatron):
         target = name.replace(".decision_rows", ".weight")
         w[target][torch.arange(rows.shape[0]) * D + D - 1] = rows
     w["lm_head.weight"] = w["model.embed_tokens.weight"].clone()
-    root = write_megatron(tmp_path / "meg", w, fake_megatron, padded_vocab_size=49152, ffn_hidden_size=128,
+    return write_megatron(folder, w, megatron_writer, padded_vocab_size=49152, ffn_hidden_size=128,
                           max_position_embeddings=512, seq_length=512, dmc_init_val=5.0)
-    with pytest.raises(EngineError, match="no tokenizer.json: Megatron checkpoints do not include"):
+
+
+def test_megatron_dmc_checkpoint(dmc_checkpoint, tmp_path, fake_megatron):
+    """A legacy Megatron checkpoint with the decision rows in its weights decodes with DMC, the
+    settings from its stored args; its tokenizer files are looked for next to it."""
+    import shutil
+
+    from engine.megatron_checkpoint import load_megatron_model
+    from tests.conftest import TOKENIZER_FILES
+
+    root = megatron_dmc(dmc_checkpoint, tmp_path / "meg", fake_megatron)
+    with pytest.raises(EngineError, match="no tokenizer.model: Megatron checkpoints do not include their tokenizer; "
+                                          "put the Llama 2 SentencePiece tokenizer.model .* or give its path with "
+                                          "--tokenizer PATH"):
         Session.load(LoadModel(str(root), "cpu", decoding="dmc"))
     for name in TOKENIZER_FILES:
         if (dmc_checkpoint / name).exists():
@@ -191,3 +199,53 @@ def test_megatron_dmc_checkpoint(dmc_checkpoint, tmp_path, fake_megatron):
         own.append(int(logits[0].argmax()))
         logits = dmc.step(torch.tensor([own[-1]]))
     assert stats.token_ids == own
+
+
+def llama2_style_sentencepiece(folder) -> Path:
+    """A small SentencePiece BPE model trained by the official library with the Llama 2
+    tokenizer's settings (byte fallback, split digits, identity normalization, whitespace kept)."""
+    import sentencepiece as spm
+    from pydoc_data.topics import topics
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "corpus.txt"
+    text.write_text("\n".join(topics[k] for k in sorted(topics))[:60000])
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=500,
+                                   model_type="bpe", byte_fallback=True, split_digits=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, add_dummy_prefix=True, character_coverage=0.9995,
+                                   minloglevel=2)
+    return folder / "tokenizer.model"
+
+
+def test_megatron_checkpoint_with_a_sentencepiece_tokenizer(dmc_checkpoint, tmp_path, fake_megatron, monkeypatch):
+    """The Llama 2 tokenizer.model next to the checkpoint, or given with --tokenizer, is converted
+    once (cached) and encodes as SentencePiece does; a file that is not one is named."""
+    import sentencepiece as spm
+
+    monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))
+    model_file = llama2_style_sentencepiece(tmp_path / "spm")
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    root = megatron_dmc(dmc_checkpoint, tmp_path / "meg", fake_megatron)
+
+    session = Session.load(LoadModel(str(root), "cpu", decoding="dmc", tokenizer=str(model_file)))
+    for text in ("The quick brown fox jumps over the lazy dog.", "def f(x):\n    return x ** 2  # 12345",
+                 "Naïve café, déjà vu: 日本語 🙂"):
+        assert session.tokenizer.raw.encode(text, add_special_tokens=False).ids == sp.encode(text)
+        assert session.tokenizer.decode(sp.encode(text)) == text
+    stats = list(session.generate([{"role": "user", "content": "Count to ten."}],
+                                  SamplingParams(max_new_tokens=6, ignore_eos=True)))[-1].stats
+    assert stats.decoding == "dmc" and stats.n_generated == 6
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 1
+
+    (root / "tokenizer.model").write_bytes(model_file.read_bytes())  # next to the checkpoint
+    again = Session.load(LoadModel(str(root), "cpu", decoding="dmc"))
+    assert again.tokenizer.raw.encode("Hello there").ids == session.tokenizer.raw.encode("Hello there").ids
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 1  # the same conversion, cached
+
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"\x00not a sentencepiece model" * 10)
+    with pytest.raises(EngineError, match=f"{bad}: not a SentencePiece tokenizer model"):
+        Session.load(LoadModel(str(root), "cpu", decoding="dmc", tokenizer=str(bad)))
+    with pytest.raises(EngineError, match="tokenizer file not found"):
+        Session.load(LoadModel(str(root), "cpu", decoding="dmc", tokenizer=str(tmp_path / "missing.model")))
