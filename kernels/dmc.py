@@ -92,7 +92,9 @@ def dmc_decode_attention_reference(q, k_pages, v_pages, block_table, lens, scale
     head's length masked out, and PyTorch's scaled_dot_product_attention."""
     b, h, hkv, d, page = _check_attention(q, k_pages, v_pages, block_table, lens)
     groups = h // hkv
-    pages = block_table.long().clamp(min=0)  # unused entries (-1) point at page 0 and are masked
+    # only the table's columns that some head uses (a compressed cache uses a fraction of them)
+    used = max(1, -(-int(lens.max()) // page)) if lens.numel() else 1
+    pages = block_table[..., :used].long().clamp(min=0)  # unused entries (-1) point at page 0 and are masked
     length = pages.shape[2] * page
     mask = torch.arange(length, device=q.device)[None, None, :] < lens[..., None]  # [B, Hkv, L]
     # slots past a head's length may hold anything (another head's page, stale rows): zeroed,

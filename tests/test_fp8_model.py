@@ -44,7 +44,8 @@ def test_static_input_scale():
     torch.testing.assert_close(lin(x), fp8_gemm_ref(xq, wq, torch.tensor(0.01), ws.max(), out_dtype=torch.float32))
 
 
-def test_only_block_linears_are_quantized(tiny_checkpoint):
+def test_only_block_linears_are_quantized(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))  # its calibrated weights: not kept
     m = LlamaModel.from_dir(tiny_checkpoint, quantize="fp8")
     assert all(isinstance(getattr(layer, n), Fp8Linear) for layer in m.layers for n in ("qkv", "o", "gate_up", "down"))
     assert not isinstance(m.lm_head, Fp8Linear) and m.embed.dtype == torch.float32
