@@ -128,6 +128,11 @@ def test_a_stopped_run_resumes_where_it_stopped(forced, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_dmc.main(args + ["--out", str(tmp_path / "stopped")])
     assert state.exists() and not (tmp_path / "stopped" / "tiny.safetensors").exists()
+    monkeypatch.setattr(train_dmc, "train_step", lambda *a, **k: pytest.fail("trained"))
+    assert train_dmc.main(args + ["--evaluate-state", "--out", str(tmp_path / "so-far")]) == 0
+    report = json.loads((tmp_path / "so-far" / "tiny.json").read_text())
+    assert report["training"]["stage2_steps_done"] == 2 and state.exists()
+    assert math.isfinite(report["held_out"]["perplexity_dmc"])
     monkeypatch.setattr(train_dmc, "train_step", real_step)
     with pytest.raises(SystemExit, match="other settings"):
         train_dmc.main(args + ["--cr", "3", "--resume", "--out", str(tmp_path / "stopped")])

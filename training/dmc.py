@@ -452,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state", type=Path, default=None,
                    help="training state file (default: <cache>/training/<model>-dmc-state.pt)")
     p.add_argument("--resume", action="store_true", help="continue from the saved training state")
+    p.add_argument("--evaluate-state", action="store_true",
+                   help="write the delta of the saved training state (a run still going or stopped) to --out "
+                        "(default: <cache>/training/<model>-dmc-evaluated/) and evaluate it; no training")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -490,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     history = []
 
     state_path = args.state or cache_dir() / "training" / f"{name}-dmc-state.pt"
-    state = load_state(state_path, args) if args.resume else None
+    state = load_state(state_path, args) if args.resume or args.evaluate_state else None
+    if args.evaluate_state and state["stage"] != 2:
+        raise SystemExit(f"training.dmc: --evaluate-state: {state_path} is in stage 1; no DMC decisions to evaluate yet")
     if state is not None:
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -523,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     if state is not None:
         history = state["history"]
     t2 = time.time()
-    for step in range(first, args.steps):
+    for step in range(first, first if args.evaluate_state else args.steps):
         cr = 1 + (args.cr - 1) * min(1.0, (step + 1) / max(1, args.anneal * args.steps))
         prior = 1 - 1 / cr
         rec = {"step": step, "cr_target": round(cr, 3),
@@ -536,11 +541,14 @@ def main(argv: list[str] | None = None) -> int:
             save_state(state_path, rf, opt, 2, step + 1, rng, history)
     t_stage2 = time.time() - t2
 
-    out = args.out or ROOT / "assets" / "dmc"
+    done = first if args.evaluate_state else args.steps
+    out = args.out or (cache_dir() / "training" / f"{name}-dmc-evaluated" if args.evaluate_state
+                       else ROOT / "assets" / "dmc")
     out.mkdir(parents=True, exist_ok=True)
     delta_path = out / f"{name}.safetensors"
     save_file(rf.delta(args.train), str(delta_path), metadata=delta_metadata(rf.cfg, name, args.init_val, args.window))
-    state_path.unlink(missing_ok=True)  # the run is complete; nothing to resume
+    if not args.evaluate_state:
+        state_path.unlink(missing_ok=True)  # the run is complete; nothing to resume
     log(f"wrote {delta_path}; evaluating on the held-out data with the engine")
     rf = None
     chats = [(0, s) for s in held_r[:args.eval_chats]]
@@ -555,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
                       "compression loss", "data_replies": str(replies_path) if replies else None,
             "data_text": [str(f) for f in args.text], "train_sequences": len(train_seqs),
             "held_out_replies": len(held_r), "held_out_text_pieces": len(held_t),
-            "stage1_steps": s1, "stage2_steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+            "stage1_steps": s1, "stage2_steps": args.steps, "stage2_steps_done": done, "batch": args.batch,
+            "seq_len": args.seq_len,
             "lr": lr, "lr_decision": args.lr_decision, "rank": args.rank if args.train == "lora" else None,
             "cr_target": args.cr, "anneal": args.anneal, "dmc_weight": args.dmc_weight,
             "temperature": args.temp, "device": args.device, "stage1_s": round(t_stage1, 1),
