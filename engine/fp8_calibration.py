@@ -153,7 +153,7 @@ def calibrate(model, src: TensorSource, progress=lambda msg: None) -> dict[str, 
     from .llama import Layer, Linear, block_linears, fused_weight
 
     cfg, dev = model.cfg, model.device
-    ids = sample_ids(model)
+    ids = sample_ids(model, SAMPLES, LENGTH, SEED)
     out: dict[str, torch.Tensor] = {}
     cache = model.new_cache(ids.shape[1], batch=ids.shape[0])
     with torch.inference_mode():
