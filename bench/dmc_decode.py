@@ -165,12 +165,13 @@ def main() -> None:
     model, name, source, settings = load(args, device)
     at = [0]
     if args.cr is not None:
+        from dataclasses import replace
+
         from engine.dmc import INIT_VAL
-        from engine.llama import Layer
 
         init_val = settings.get("init_val", INIT_VAL)
-        model.layers = [Layer(ly.attn_norm, ForcedDecisions(ly.qkv, model.cfg, args.cr, at, init_val), ly.o,
-                              ly.mlp_norm, ly.gate_up, ly.down) for ly in model.layers]
+        model.layers = [replace(ly, qkv=ForcedDecisions(ly.qkv, model.cfg, args.cr, at, init_val))
+                        for ly in model.layers]
     rows = []
     for context in args.contexts:
         for batch in args.batches:

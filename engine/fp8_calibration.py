@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ METHOD = "gptq-e4m3-channel v1"
 SAMPLES, LENGTH, SEED = 32, 256, 0
 DAMP = 0.01  # of the mean of diag(H), added to its diagonal
 BLOCK = 128  # columns rounded per block (the lazy batch update of the GPTQ paper)
+LINEARS = ("qkv", "o", "gate_up", "down")  # a Layer's linear layers
 
 
 def gptq_fp8(w: torch.Tensor, h: torch.Tensor, damp: float = DAMP, block: int = BLOCK
@@ -114,7 +116,7 @@ def sample_ids(model, n: int = SAMPLES, length: int = LENGTH, seed: int = SEED) 
     without converting them at every step)."""
     if model.device.type != "cpu":
         return _sample(model, n, length, seed)
-    from .llama import Layer, Linear
+    from .llama import Linear
 
     def plain(lin):
         if not isinstance(lin, Fp8Linear):
@@ -122,8 +124,7 @@ def sample_ids(model, n: int = SAMPLES, length: int = LENGTH, seed: int = SEED) 
         return Linear((lin.weight.float() * lin.weight_scale).to(model.dtype).t(), lin.bias)
 
     fp8_layers = model.layers
-    model.layers = [Layer(ly.attn_norm, plain(ly.qkv), plain(ly.o), ly.mlp_norm, plain(ly.gate_up), plain(ly.down))
-                    for ly in fp8_layers]
+    model.layers = [replace(ly, **{n: plain(getattr(ly, n)) for n in LINEARS}) for ly in fp8_layers]
     try:
         return _sample(model, n, length, seed)
     finally:
@@ -150,7 +151,7 @@ def calibrate(model, src: TensorSource, progress=lambda msg: None) -> dict[str, 
     """Round ``model``'s block linears (FP8, rounded to nearest) again with GPTQ, from the
     high-precision weights in ``src``; replaces them in the model and returns them as
     ``{<linear>.weight, <linear>.weight_scale}``."""
-    from .llama import Layer, Linear, block_linears, fused_weight
+    from .llama import Linear, block_linears, fused_weight
 
     cfg, dev = model.cfg, model.device
     ids = sample_ids(model, SAMPLES, LENGTH, SEED)
@@ -161,18 +162,16 @@ def calibrate(model, src: TensorSource, progress=lambda msg: None) -> dict[str, 
         for li, layer in enumerate(model.layers):
             linears = block_linears(cfg, li)
             weights = {key: fused_weight(src, parts).to(dev, torch.float32) for key, (parts, _) in linears.items()}
-            old = {key: getattr(layer, key.rsplit(".", 1)[1]) for key in linears}
-            rec = {key: _Recorder(Linear(w.to(model.dtype).t(), old[key].bias)) for key, w in weights.items()}
-            short = {key.rsplit(".", 1)[1]: r for key, r in rec.items()}
-            model.layer_pass(li, Layer(layer.attn_norm, short["qkv"], short["o"], layer.mlp_norm, short["gate_up"],
-                                       short["down"]), x, cache)
+            field = {key: key.rsplit(".", 1)[1] for key in linears}  # model.layers.N.qkv -> qkv
+            bias = {key: getattr(layer, field[key]).bias for key in linears}
+            rec = {key: _Recorder(Linear(w.to(model.dtype).t(), bias[key])) for key, w in weights.items()}
+            model.layer_pass(li, replace(layer, **{field[key]: r for key, r in rec.items()}), x, cache)
             new = {}
             for key, w in weights.items():
                 q, scale = gptq_fp8(w, rec[key].h)
                 out[key + ".weight"], out[key + ".weight_scale"] = q, scale
-                new[key.rsplit(".", 1)[1]] = Fp8Linear(q, scale, None, old[key].bias)
-            model.layers[li] = layer = Layer(layer.attn_norm, new["qkv"], new["o"], layer.mlp_norm, new["gate_up"],
-                                             new["down"])
+                new[field[key]] = Fp8Linear(q, scale, None, bias[key])
+            model.layers[li] = layer = replace(layer, **new)
             x = model.layer_pass(li, layer, x, cache)
             progress(f"FP8 calibration: layer {li + 1}/{cfg.num_layers}")
     return out

@@ -4,22 +4,24 @@ downloads (as the hub and download tools state them)."""
 from __future__ import annotations
 
 
-def binary_size(n: float) -> str:
-    """Memory: ``1.5 GiB``, ``12.0 KiB``, ``512 B``."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+def _scaled(n: float, units: tuple[tuple[str, float], ...]) -> str:
+    """``n`` in the largest of ``units`` (largest first) it reaches, one decimal; else in bytes."""
+    for unit, size in units:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n:.0f} B"
+
+
+def binary_size(n: float) -> str:
+    """Memory: ``1.5 GiB``, ``12.0 KiB``, ``512 B``."""
+    return _scaled(n, (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)))
 
 
 def decimal_size(n: float | None) -> str:
     """Downloads: ``9.6 GB``, ``20.0 MB``; ``?`` when unknown."""
     if n is None:
         return "?"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
+    return _scaled(n, (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)))
 
 
 def duration(s: float | None) -> str:

@@ -197,23 +197,24 @@ def tuned_config(a, w, scale_a, scale_w, bias, out_dtype, timer=None) -> dict:
            scale_w.numel() > 1)
     if key in _tuned:
         return _tuned[key]
+    sms = _num_sms(a.device)
     tunable = timer is not None or (AUTOTUNE and a.device.type == "cuda" and not torch.cuda.is_current_stream_capturing())
     if not tunable:
-        return pick_config(m, n, k, _num_sms(a.device))
+        return pick_config(m, n, k, sms)
     if timer is None:
         from triton.testing import do_bench
 
         def timer(fn):
             return do_bench(fn, warmup=5, rep=20)
     best, best_ms = None, float("inf")
-    for cfg in candidate_configs(m, n, k, _num_sms(a.device)):
+    for cfg in candidate_configs(m, n, k, sms):
         try:
             ms = timer(lambda cfg=cfg: fp8_gemm_triton(a, w, scale_a, scale_w, bias, out_dtype, config=cfg))
         except Exception:  # a configuration this GPU cannot run (e.g. out of shared memory)
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    _tuned[key] = best = best or pick_config(m, n, k, _num_sms(a.device))
+    _tuned[key] = best = best or pick_config(m, n, k, sms)
     return best
 
 

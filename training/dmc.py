@@ -334,14 +334,26 @@ def train_step(rf: Retrofit, opt, batch, mode: str, decay: float = 1.0, prior: f
 RESUME_ARGS = ("train", "rank", "stage1_steps", "steps", "cr", "anneal", "batch", "seq_len", "window", "seed")
 
 
-def save_state(path: Path, rf: Retrofit, opt, stage: int, step: int, rng: random.Random, history: list) -> None:
+def resume_settings(args) -> dict:
+    """The settings a saved state belongs to (a resumed run must have the same)."""
+    return {k: getattr(args, k) for k in RESUME_ARGS}
+
+
+def trained_tensors(rf: Retrofit) -> dict[str, list[torch.Tensor]]:
+    """What training changes, in a fixed order: the decision rows, the low-rank factors, and the
+    attention weights when they are trained whole."""
+    return {"rows": [rf.rows[k] for k in sorted(rf.rows)],
+            "lora": [t for k in sorted(rf.lora) for t in rf.lora[k]],
+            "weights": [rf.w[n] for n in rf.original] if rf.train == "attention" else []}
+
+
+def save_state(path: Path, rf: Retrofit, opt, stage: int, step: int, rng: random.Random, history: list,
+               settings: dict) -> None:
     """The trainable tensors, the optimizer and the data order after ``step`` steps of ``stage``
     (written to a temporary file and renamed, so a stop mid-write keeps the previous state)."""
-    state = {"stage": stage, "step": step, "args": rf.resume_args, "rng": rng.getstate(),
+    state = {"stage": stage, "step": step, "args": settings, "rng": rng.getstate(),
              "torch_rng": torch.get_rng_state(), "optimizer": opt.state_dict(), "history": history,
-             "rows": [rf.rows[k].detach().cpu() for k in sorted(rf.rows)],
-             "lora": [t.detach().cpu() for k in sorted(rf.lora) for t in rf.lora[k]],
-             "weights": [rf.w[n].detach().cpu() for n in rf.original] if rf.train == "attention" else []}
+             **{k: [t.detach().cpu() for t in ts] for k, ts in trained_tensors(rf).items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -352,7 +364,7 @@ def load_state(path: Path, args) -> dict:
     if not path.is_file():
         raise SystemExit(f"training.dmc: --resume: no training state at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    want = {k: getattr(args, k) for k in RESUME_ARGS}
+    want = resume_settings(args)
     if state.get("args") != want:
         raise SystemExit(f"training.dmc: --resume: {path} was saved with other settings "
                          f"({state.get('args')}; now {want})")
@@ -362,12 +374,9 @@ def load_state(path: Path, args) -> dict:
 def restore(rf: Retrofit, opt, state: dict) -> int:
     """Load the saved tensors and optimizer state; the first step to run."""
     with torch.no_grad():
-        for k, t in zip(sorted(rf.rows), state["rows"]):
-            rf.rows[k].copy_(t)
-        for t, s in zip([t for k in sorted(rf.lora) for t in rf.lora[k]], state["lora"]):
-            t.copy_(s)
-        for n, s in zip(list(rf.original), state["weights"]):
-            rf.w[n].copy_(s)
+        for k, ts in trained_tensors(rf).items():
+            for t, saved in zip(ts, state[k]):
+                t.copy_(saved)
     opt.load_state_dict(state["optimizer"])
     return state["step"]
 
@@ -466,7 +475,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
     rf = Retrofit(model_dir, args.device, args.train, args.init_val, args.window, args.temp, args.rank)
-    rf.resume_args = {k: getattr(args, k) for k in RESUME_ARGS}
     tok = ChatTokenizer(model_dir, rf.cfg)
 
     replies_path = args.replies or next(iter(sorted((cache_dir() / "training").glob(f"{name}-replies-*.jsonl"),
@@ -513,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             if step % 10 == 0 or step == s1 - 1:
                 log(f"stage 1 step {step}/{s1}: decay {decay:.2f}, KL {rec['kl']:.4f}")
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < s1:
-                save_state(state_path, rf, opt, 1, step + 1, rng, history)
+                save_state(state_path, rf, opt, 1, step + 1, rng, history, resume_settings(args))
         state = None
     if state is None:
         rf.zero_decision_rows()  # alpha logit -init_val (append), weight sigmoid(init_val)
@@ -538,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"stage 2 step {step}/{args.steps}: target CR {cr:.2f} (merge share {prior:.3f}), KL {rec['kl']:.4f}, "
                 f"mean decision {rec['mean_decision']:.3f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_state(state_path, rf, opt, 2, step + 1, rng, history)
+            save_state(state_path, rf, opt, 2, step + 1, rng, history, resume_settings(args))
     t_stage2 = time.time() - t2
 
     done = first if args.evaluate_state else args.steps
