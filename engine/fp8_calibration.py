@@ -95,7 +95,7 @@ class _Recorder:
 
     def __init__(self, lin):
         self.lin, self.splits, self.bias = lin, lin.splits, lin.bias
-        self.h = torch.zeros(lin.in_features, lin.in_features, device=lin.weight.device)
+        self.h = torch.zeros(lin.in_features, lin.in_features, device=lin.device)
 
     def _add(self, x: torch.Tensor):
         x2 = x.reshape(-1, self.h.shape[0]).float()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_gemm
 from kernels.tree_attention import tree_attention
 
 from .checkpoint import TensorSource
@@ -26,18 +27,35 @@ from .rope import cos_sin_table
 class Linear:
     """y = x @ W (+ b) (+ residual). The one place a weight format plugs in.
 
-    W is stored as ``splits`` column blocks, [splits, in, out / splits], and multiplied with one
-    batched GEMM. On a CPU at batch 1 the GEMM library runs a single-matrix product on one core;
-    a batch of two blocks runs on both and reads the weights ~25 % faster. Each output is the
-    same dot product as before, so results are bit-identical."""
+    On an x86 CPU with AVX2, float32 weights are packed in 16-column panels for our small-M
+    GEMM (kernels/cpu_gemm): at 1…16 rows it reads W once per call, where the GEMM library's
+    cost doubles or triples from one row to a few (a Medusa tree's verify pass). Elsewhere W is
+    stored as ``splits`` column blocks, [splits, in, out / splits], and multiplied with one
+    batched GEMM: on a CPU without our kernel, a batch of two blocks runs on both cores and
+    reads the weights ~25 % faster than one matrix product; each output is the same dot
+    product as with one block."""
 
     def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None = None, splits: int = 1):
         k, n = weight_t.shape
+        self.in_features, self.out_features, self.bias = k, n, bias
+        self.packed = None
+        if weight_t.device.type == "cpu" and weight_t.dtype == torch.float32 and cpu_gemm.available():
+            self.packed, self.weight, self.splits = cpu_gemm.pack(weight_t), None, 1
+            return
         if n % splits:
             splits = 1
-        self.in_features, self.out_features, self.splits = k, n, splits
+        self.splits = splits
         self.weight = weight_t.view(k, splits, n // splits).transpose(0, 1).contiguous()
-        self.bias = bias
+
+    @property
+    def device(self) -> torch.device:
+        return (self.weight if self.packed is None else self.packed).device
+
+    def dense(self) -> torch.Tensor:
+        """W as [in, out] (a copy when the storage is blocked or packed)."""
+        if self.packed is not None:
+            return cpu_gemm.unpack(self.packed, self.out_features)
+        return self.weight.transpose(0, 1).reshape(self.in_features, self.out_features)
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
         """The product as [splits, tokens, out / splits] (no bias): for a fused weight whose
@@ -46,6 +64,15 @@ class Linear:
         return torch.bmm(x2.expand(self.splits, -1, -1), self.weight)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None:
+            x2 = x.reshape(-1, self.in_features)
+            r2 = None if residual is None else residual.reshape(x2.shape[0], self.out_features)
+            if not x2.is_contiguous():
+                x2 = x2.contiguous()
+            if r2 is not None and not r2.is_contiguous():
+                r2 = r2.contiguous()
+            out = cpu_gemm.gemm(x2, self.packed, self.out_features, self.bias, r2)
+            return out.view(*x.shape[:-1], self.out_features)
         if self.splits == 1:
             x2 = x.reshape(-1, self.in_features)
             if residual is not None and self.bias is None:
@@ -59,7 +86,8 @@ class Linear:
         return out if residual is None else out + residual
 
     def nbytes(self) -> int:
-        n = self.weight.numel() * self.weight.element_size()
+        w = self.weight if self.packed is None else self.packed
+        n = w.numel() * w.element_size()
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
 
@@ -121,6 +149,9 @@ class LlamaModel:
         cfg = load_config(model_dir)
         fmt = detect(model_dir, cfg.quantization_config)
         src = TensorSource(model_dir)
+        if torch.device(device).type == "cpu":
+            progress("preparing the CPU matrix kernel (compiled on first use)")
+            cpu_gemm.available()
         if quantize == "fp8" and fmt is None:
             from .fp8_calibration import load_calibrated  # GPTQ rounding, cached per checkpoint
 

@@ -21,11 +21,17 @@ class MedusaHeads:
     """Head h: ResBlocks ``x + SiLU(W x + b)`` on the final-normed hidden state, then its own
     lm_head, or the base model's when ``lm_heads`` is None. ``token_ids``: with the base
     lm_head, the heads may score only these tokens (its rows, taken once): proposals come from
-    that subset, at a fraction of the full vocabulary's cost."""
+    that subset, at a fraction of the full vocabulary's cost.
+
+    ``root_proj`` (chatapp's heads for the embedded model): head h's input is the hidden state
+    plus ``root_proj[h]`` applied to the base model's embedding of the root, the token the base
+    model has already chosen to come next (it is known before the heads run). Knowing that token,
+    a head guessing the one after it is right much more often than from the hidden state alone."""
 
     blocks: list[list[Linear]]  # [head][layer]
     lm_heads: list[Linear] | None
     token_ids: torch.Tensor | None = None
+    root_proj: list[Linear] | None = None
     _subset: Linear | None = field(default=None, repr=False)
 
     @property
@@ -44,19 +50,27 @@ class MedusaHeads:
             self._subset = Linear(rows.t(), None, default_splits(rows.device))
         return self._subset
 
-    def __call__(self, hidden: torch.Tensor, base_lm_head: Linear, num: int | None = None) -> torch.Tensor:
-        """hidden [..., H] -> the first ``num`` heads' logits [num, ..., V or len(token_ids)] (float32)."""
+    def __call__(self, hidden: torch.Tensor, base_lm_head: Linear, num: int | None = None,
+                 root_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., H] (and, for heads with ``root_proj``, the root's embedding [..., H]) ->
+        the first ``num`` heads' logits [num, ..., V or len(token_ids)] (float32)."""
+        if self.root_proj is not None and root_embedding is None:
+            raise ValueError("these Medusa heads need the root token's embedding")
         out = []
         for h, layers in enumerate(self.blocks[:num]):
-            x = hidden
+            x = hidden if self.root_proj is None else self.root_proj[h](root_embedding, residual=hidden)
             for lin in layers:
                 x = x + F.silu(lin(x))
             out.append(self._output(h, base_lm_head)(x).float())
         return torch.stack(out)
 
-    def propose(self, hidden: torch.Tensor, base_lm_head: Linear, topk: list[int]) -> torch.Tensor:
-        """The ``topk[d]`` most likely tokens of head d, for the heads a tree uses, concatenated."""
-        logits = self(hidden, base_lm_head, len(topk))
+    def propose(self, hidden: torch.Tensor, model: LlamaModel, topk: list[int], root: int | torch.Tensor) -> torch.Tensor:
+        """The ``topk[d]`` most likely tokens of head d, for the heads a tree uses, concatenated:
+        candidates for the tokens after ``root``, from the hidden state that chose it."""
+        emb = None
+        if self.root_proj is not None:
+            emb = F.embedding(torch.as_tensor(root, device=hidden.device).reshape(()), model.embed).to(hidden.dtype)
+        logits = self(hidden, model.lm_head, len(topk), emb)
         idx = torch.cat([logits[d].topk(k).indices for d, k in enumerate(topk)])
         return idx if self.token_ids is None else self.token_ids[idx]
 
@@ -65,7 +79,7 @@ class MedusaHeads:
 class StepResult:
     tokens: list[int]  # accepted this step: the root, then the accepted proposals
     root_logits: torch.Tensor  # base model's logits after the last accepted token (for the next root)
-    proposals: torch.Tensor  # the heads' candidates from the same hidden state
+    hidden: torch.Tensor  # its final-normed hidden state [H] (the heads' input for the next step)
 
 
 def accept_greedy(logits: torch.Tensor, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -129,11 +143,11 @@ class TreeGraph:
         return self.hidden, self.logits
 
 
-def verify(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, root: int | torch.Tensor,
-           proposals: torch.Tensor, accept=accept_greedy, graph: TreeGraph | None = None) -> StepResult:
+def verify(model: LlamaModel, tree: MedusaTree, cache: KVCache, root: int | torch.Tensor, proposals: torch.Tensor,
+           accept=accept_greedy, graph: TreeGraph | None = None) -> StepResult:
     """One Medusa step at batch 1. ``root`` is the next token (chosen from the base model's
     logits after the last accepted token, which the cache holds); ``proposals`` are the heads'
-    candidates from that same token (``MedusaHeads.propose`` with ``tree.topk``). The root and
+    candidates for the tokens after it (``MedusaHeads.propose`` with ``tree.topk``). The root and
     the proposals are verified in one pass over the tree; the longest accepted path wins (ties:
     the first). Only the nodes with children go through the lm_head (plus the last accepted
     node when it is a leaf)."""
@@ -155,8 +169,7 @@ def verify(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCac
     last = path[-1]
     inner = tree.inner_rows.get(last)
     root_logits = logits[inner] if inner is not None else model.logits(hidden[last:last + 1])[0]
-    return StepResult([token_list[i] for i in path], root_logits,
-                      heads.propose(hidden[last], model.lm_head, tree.topk))
+    return StepResult([token_list[i] for i in path], root_logits, hidden[last])
 
 
 def _compact(cache: KVCache, start: int, path: torch.Tensor) -> None:
@@ -179,10 +192,10 @@ def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVC
     the cache, in order. ``sampler`` picks each root (argmax when None). ``graph``: the verify
     pass of this tree and cache as a CUDA graph (``TreeGraph.for_device``), or None (eager)."""
     pick = sampler if sampler is not None else (lambda logits: logits.argmax())
-    proposals = heads.propose(hidden, model.lm_head, tree.topk)
     produced = 0
     while produced < max_new_tokens and cache.length + tree.num_nodes <= cache.max_len:
-        step = verify(model, heads, tree, cache, pick(root_logits), proposals, accept, graph)
+        root = pick(root_logits)
+        step = verify(model, tree, cache, root, heads.propose(hidden, model, tree.topk, root), accept, graph)
         tokens = step.tokens[:max_new_tokens - produced]
         stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
         if stop is not None:
@@ -191,7 +204,7 @@ def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVC
             return
         produced += len(tokens)
         yield tokens
-        root_logits, proposals = step.root_logits, step.proposals
+        root_logits, hidden = step.root_logits, step.hidden
 
 
 def prefill_and_generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, prompt: list[int],

@@ -6,7 +6,9 @@
   FP8 like the base model (``weight_scale`` / ``input_scale``) when the checkpoint is FP8;
 - FasterDecoding's ``medusa_lm_head.safetensors`` (or ``.pt``, read with ``weights_only=True``):
   ``{h}.{l}.linear.{weight,bias}`` and, with per-head lm_heads, ``{h}.{L}.weight``; without them
-  (Medusa-2) the heads share the base model's lm_head."""
+  (Medusa-2) the heads share the base model's lm_head. chatapp's own heads add ``token_ids``
+  (the token subset they score) and ``{h}.root.weight`` (their input from the root token's
+  embedding, see MedusaHeads)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .medusa import MedusaHeads
 from .quantized_checkpoint import Fp8Format
 
 TOKEN_IDS = "token_ids"  # heads on the shared lm_head that score only these tokens (ours)
+_ROOT = re.compile(r"^(\d+)\.root\.weight$")  # a head's input from the root token's embedding (ours)
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "medusa"
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight|weight_scale|input_scale|linear\.weight_scale|"
                   r"linear\.input_scale)$")
@@ -31,7 +34,7 @@ def _layout(names: set[str], prefix: str, where) -> tuple[int, int, bool]:
     """(heads, layers, own lm_heads) from the tensor names under ``prefix``; unexpected names are errors."""
     heads, layers, own = set(), set(), set()
     for name in names:
-        if not name.startswith(prefix) or name == TOKEN_IDS:
+        if not name.startswith(prefix) or name == TOKEN_IDS or _ROOT.match(name[len(prefix):]):
             continue
         m = _KEY.match(name[len(prefix):])
         if m is None:
@@ -63,6 +66,8 @@ def _build(src, prefix: str, n_heads: int, n_layers: int, own: bool, hidden: int
 
     blocks = [[linear(f"{prefix}{h}.{l}.linear", hidden, True) for l in range(n_layers)] for h in range(n_heads)]
     lm_heads = [linear(f"{prefix}{h}.{n_layers}", vocab, False) for h in range(n_heads)] if own else None
+    has_root = any(_ROOT.match(n[len(prefix):]) for n in src.names() if n.startswith(prefix))
+    root_proj = [linear(f"{prefix}{h}.root", hidden, False) for h in range(n_heads)] if has_root else None
     extra = sorted(n for n in src.names() if n.startswith(prefix) and n not in expected)
     if extra:
         raise EngineError(f"{src.file_of(extra[0])}: unexpected Medusa tensor {extra[0]!r}")
@@ -74,15 +79,14 @@ def _build(src, prefix: str, n_heads: int, n_layers: int, own: bool, hidden: int
             raise EngineError(f"{src.file_of(TOKEN_IDS)}: {TOKEN_IDS!r} must be a non-empty int64 list of token ids "
                               f"below {vocab}, for heads that share the base lm_head")
         token_ids = token_ids.to(device)
-    return MedusaHeads(blocks, lm_heads, token_ids)
+    return MedusaHeads(blocks, lm_heads, token_ids, root_proj)
 
 
 def output_rows(lm_head: Linear, token_ids: torch.Tensor) -> torch.Tensor:
     """Rows ``token_ids`` of an output projection, [len(token_ids), hidden]."""
     if not isinstance(lm_head, Linear):
         raise EngineError("Medusa heads that score a token subset need a plain (not quantized) lm_head")
-    w = lm_head.weight.transpose(1, 2).reshape(-1, lm_head.in_features)  # [vocab, hidden]
-    return w[token_ids.to(w.device)]
+    return lm_head.dense().t()[token_ids.to(lm_head.device)]  # [len(token_ids), hidden]
 
 
 def shipped_heads(name: str, cfg, device, dtype):

@@ -82,7 +82,9 @@ def read_choices(spec: str, num_heads: int) -> list[list[int]]:
 def _cost_key(model, name: str) -> str:
     dev = model.device
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    return f"{name}|{where}|{str(model.dtype).removeprefix('torch.')}|{type(model.layers[0].qkv).__name__}"
+    lin = model.layers[0].qkv
+    kind = type(lin).__name__ + ("/panels" if getattr(lin, "packed", None) is not None else "")
+    return f"{name}|{where}|{str(model.dtype).removeprefix('torch.')}|{kind}"
 
 
 def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 1, reps: int = 3,
@@ -103,11 +105,10 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
                 paths = profile.tree_paths(n, heads.num_heads) if profile else CARD_CHOICES[:n - 1]
                 tree = build_tree(paths or [[0]], heads.num_heads).to(model.device)
                 hidden = torch.zeros(model.cfg.hidden_size, device=model.device, dtype=model.dtype)
-                proposals = heads.propose(hidden, model.lm_head, tree.topk)
                 graph = TreeGraph.for_device(model, tree, cache)  # as decoding runs it
 
-                def step():
-                    verify(model, heads, tree, cache, 0, proposals, graph=graph)
+                def step():  # the heads' proposals and the verify pass
+                    verify(model, tree, cache, 0, heads.propose(hidden, model, tree.topk, 0), graph=graph)
             times = []
             for i in range(warmup + reps):
                 cache.length = context

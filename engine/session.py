@@ -113,9 +113,10 @@ class Session:
     def info(self) -> ModelInfo:
         m = self.model
         n_params = m.embed.numel() + sum(
-            lin.weight.numel() for layer in m.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+            lin.in_features * lin.out_features for layer in m.layers for lin in (layer.qkv, layer.o, layer.gate_up,
+                                                                                  layer.down))
         if not m.cfg.tie_word_embeddings:
-            n_params += m.lm_head.weight.numel()
+            n_params += m.lm_head.in_features * m.lm_head.out_features
         return ModelInfo(self.name, str(self.path), self.device.type, str(m.dtype).removeprefix("torch."),
                          n_params, m.weight_bytes(), self.context, decoding=self.decoding,
                          quantization=self.quantization, medusa_tree=self.plan.choices if self.plan else None)

@@ -77,7 +77,7 @@ def test_heads_on_a_token_subset(tmp_path, tiny_checkpoint):
     heads = load_fasterdecoding(tmp_path / "heads.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
     assert isinstance(heads, MedusaHeads) and heads.token_ids.tolist() == ids.tolist()
     x = torch.randn(h, generator=g)
-    proposals = heads.propose(x, model.lm_head, [2, 1])
+    proposals = heads.propose(x, model, [2, 1], 0)
     w = model.embed[ids]
     for k, n in enumerate((2, 1)):
         y = x + torch.nn.functional.silu(x @ tensors[f"{k}.0.linear.weight"].t() + tensors[f"{k}.0.linear.bias"])
@@ -91,6 +91,50 @@ def test_heads_on_a_token_subset(tmp_path, tiny_checkpoint):
     save_file(tensors, str(tmp_path / "bad.safetensors"))
     with pytest.raises(EngineError, match="token_ids"):
         load_fasterdecoding(tmp_path / "bad.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
+
+
+def test_heads_that_take_the_root_token(tmp_path, tiny_checkpoint):
+    """chatapp's heads for the embedded model: head k's input is the hidden state plus
+    ``{k}.root.weight`` times the root token's embedding; the proposals follow the root, and
+    Medusa greedy output still equals plain greedy output. Root weights for only some heads
+    are refused."""
+    from engine.medusa import prefill_and_generate
+    from engine.medusa_tree import build_tree
+
+    model = LlamaModel.from_dir(tiny_checkpoint)
+    h = model.cfg.hidden_size
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for k in range(2):
+        tensors[f"{k}.0.linear.weight"] = torch.randn(h, h, generator=g) * 0.1
+        tensors[f"{k}.0.linear.bias"] = torch.randn(h, generator=g) * 0.1
+        tensors[f"{k}.root.weight"] = torch.randn(h, h, generator=g) * 0.5
+    save_file(tensors, str(tmp_path / "heads.safetensors"))
+    heads = load_fasterdecoding(tmp_path / "heads.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
+    assert heads.root_proj is not None and len(heads.root_proj) == 2
+    x = torch.randn(h, generator=g)
+    for root in (5, 700):
+        proposals = heads.propose(x, model, [3, 2], torch.tensor(root))
+        for k, n in enumerate((3, 2)):
+            z = x + model.embed[root] @ tensors[f"{k}.root.weight"].t()
+            y = z + torch.nn.functional.silu(z @ tensors[f"{k}.0.linear.weight"].t() + tensors[f"{k}.0.linear.bias"])
+            want = (y @ model.embed.t()).topk(n).indices
+            got = proposals[:3] if k == 0 else proposals[3:]
+            assert got.tolist() == want.tolist()
+    tree = build_tree([[0], [1], [0, 0], [2]], 2)
+    ids = [1, 50, 60, 70]
+    with torch.inference_mode():
+        got = [t for step in prefill_and_generate(model, heads, tree, model.new_cache(128), ids, 20) for t in step]
+        cache, want = model.new_cache(128), []
+        logits = model.forward(torch.tensor([ids]), cache, 0)
+        for _ in range(20):
+            want.append(int(logits[0, -1].argmax()))
+            logits = model.forward(torch.tensor([[want[-1]]]), cache, cache.length)
+    assert got == want
+    del tensors["1.root.weight"]
+    save_file(tensors, str(tmp_path / "half.safetensors"))
+    with pytest.raises(EngineError, match="1.root.weight"):
+        load_fasterdecoding(tmp_path / "half.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
 
 
 def test_auto_falls_back_to_plain_where_no_tree_pays(monkeypatch, tiny_checkpoint):

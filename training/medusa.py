@@ -4,15 +4,17 @@ original training data is not at hand: the base model answers a broad set of cha
 token the base model itself produced at t + k + 2. Greedy Medusa accepts a proposal exactly
 when it equals the base model's own greedy choice, so these are the right targets.
 
-The heads are small: one ResBlock each (``x + SiLU(W x + b)``, zero-initialised so that a new
-head starts out as the base model's own next-token predictor) and the base model's lm_head,
+The heads are small: an input from the root token (the one the base model chose to come next,
+known before the heads run: ``x = h + R e(root)`` with the base model's embedding e), one
+ResBlock each (``x + SiLU(W x + b)``; R and W zero-initialised so that a new head starts out as
+the base model's own next-token predictor) and the base model's lm_head,
 restricted to the tokens that make up the replies (``token_ids``: the most frequent ones, up
 to a coverage target), which makes the heads' logits several times cheaper than a full
 vocabulary product. Proposals outside that set are simply never made.
 
 Outputs, beside each other (``--out``, default assets/medusa/<model>):
 - ``<model>.safetensors``: ``{h}.0.linear.weight``, ``{h}.0.linear.bias`` (FasterDecoding's
-  layout for heads that share the base lm_head) and ``token_ids``;
+  layout for heads that share the base lm_head), ``{h}.root.weight`` and ``token_ids``;
 - ``<model>.json``: what the heads were trained on, and their acceptance profile on held-out
   replies: the frequency with which each path of ranks (r0, r1, ...) is entirely right. The
   engine builds its candidate tree from this profile and the device's measured verify cost.
@@ -130,6 +132,15 @@ def hidden_states(model: LlamaModel, data: list[dict], num_heads: int):
     return torch.cat(hs), torch.cat(targets), torch.cat(convo), agree / max(total, 1)
 
 
+def root_tokens(data: list[dict]) -> torch.Tensor:
+    """Per position of ``hidden_states``: the root, the reply's token at t + 1."""
+    roots = []
+    for d in data:
+        seq = d["prompt_ids"] + d["reply_ids"]
+        roots += seq[len(d["prompt_ids"]):]
+    return torch.tensor(roots)
+
+
 def head_vocabulary(targets: torch.Tensor, vocab: int, coverage: float, multiple: int = 256) -> torch.Tensor:
     """The most frequent target tokens covering ``coverage`` of all targets (rounded up to a
     multiple of ``multiple``), sorted by token id."""
@@ -144,22 +155,31 @@ def head_vocabulary(targets: torch.Tensor, vocab: int, coverage: float, multiple
 
 # ---- 3. the heads -----------------------------------------------------------------------------
 class Heads(torch.nn.Module):
-    def __init__(self, num_heads: int, hidden: int, out_weight: torch.Tensor):
+    def __init__(self, num_heads: int, hidden: int, out_weight: torch.Tensor, embed: torch.Tensor):
         super().__init__()
         self.linears = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(num_heads))
-        for lin in self.linears:
+        self.roots = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, bias=False) for _ in range(num_heads))
+        for lin in [*self.linears, *self.roots]:
             torch.nn.init.zeros_(lin.weight)
-            torch.nn.init.zeros_(lin.bias)
+            if lin.bias is not None:
+                torch.nn.init.zeros_(lin.bias)
         self.register_buffer("out_weight", out_weight)  # [V', H], frozen
+        self.register_buffer("embed", embed)  # [V, H], the base model's, frozen
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H] -> [K, B, V']
-        return torch.stack([F.linear(x + F.silu(lin(x)), self.out_weight) for lin in self.linears])
+    def forward(self, x: torch.Tensor, root: torch.Tensor) -> torch.Tensor:  # [B, H], [B] -> [K, B, V']
+        e = self.embed[root]
+        out = []
+        for lin, proj in zip(self.linears, self.roots):
+            z = x + proj(e)
+            out.append(F.linear(z + F.silu(lin(z)), self.out_weight))
+        return torch.stack(out)
 
 
-def train(heads: Heads, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float, decay: float):
+def train(heads: Heads, x: torch.Tensor, root: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
+          decay: float, weight_decay: float):
     """Cross-entropy of head k against its targets, weighted ``decay ** k`` (the paper's 0.8);
     AdamW with a cosine schedule after a short warm-up."""
-    opt = torch.optim.AdamW(heads.linears.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(x) / batch)
     warm = max(1, steps // 50)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -172,7 +192,7 @@ def train(heads: Heads, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: in
         total = 0.0
         for i in range(0, len(x), batch):
             idx = perm[i:i + batch]
-            logits = heads(x[idx])  # [K, B, V']
+            logits = heads(x[idx], root[idx])  # [K, B, V']
             tgt = y[idx].t()  # [K, B]
             loss = sum(w * F.cross_entropy(logits[k], tgt[k], ignore_index=-1)
                        for k, w in enumerate(weights) if (tgt[k] >= 0).any())
@@ -187,13 +207,13 @@ def train(heads: Heads, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: in
         log(f"epoch {epoch + 1}: mean loss {total / len(x):.4f}")
 
 
-def ranks(heads: Heads, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def ranks(heads: Heads, x: torch.Tensor, root: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per position and head: the rank of the target among the head's proposals (MAX_RANK when
     it is not in the top MAX_RANK, or there is no target)."""
     out = []
     with torch.no_grad():
         for i in range(0, len(x), 2048):
-            top = heads(x[i:i + 2048]).topk(MAX_RANK, dim=-1).indices  # [K, B, R]
+            top = heads(x[i:i + 2048], root[i:i + 2048]).topk(MAX_RANK, dim=-1).indices  # [K, B, R]
             tgt = y[i:i + 2048].t()[..., None]  # [K, B, 1]
             hit = (top == tgt) & (tgt >= 0)
             r = torch.where(hit.any(-1), hit.int().argmax(-1), torch.full_like(hit[..., 0], MAX_RANK, dtype=torch.long))
@@ -229,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--decay", type=float, default=0.8, help="loss weight of head k is decay**k")
     p.add_argument("--holdout", type=float, default=0.1, help="share of replies kept out for the profile")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
@@ -259,13 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     remap = torch.full((model.cfg.vocab_size + 1,), -1, dtype=torch.long)
     remap[token_ids] = torch.arange(len(token_ids))
     y_local = remap[y]  # -1 (ignored) for targets outside the head vocabulary and past the end
-    heads = Heads(args.heads, model.cfg.hidden_size, output_rows(model.lm_head, token_ids).float().cpu())
+    roots = root_tokens(data)
+    if len(roots) != len(x):
+        raise SystemExit(f"{hs_path}: {len(x)} positions, the replies have {len(roots)}: delete it and rerun")
+    heads = Heads(args.heads, model.cfg.hidden_size, output_rows(model.lm_head, token_ids).float().cpu(),
+                  model.embed.float().cpu())
     log(f"head vocabulary: {len(token_ids)} tokens")
 
     t1 = time.time()
-    train(heads, x[~test], y_local[~test], args.epochs, args.batch, args.lr, args.decay)
+    train(heads, x[~test], roots[~test], y_local[~test], args.epochs, args.batch, args.lr, args.decay, args.weight_decay)
     t_train = time.time() - t1
-    r = ranks(heads, x[test], y_local[test])
+    r = ranks(heads, x[test], roots[test], y_local[test])
     top1 = [(r[:, k] == 0).float().mean().item() for k in range(args.heads)]
     top5 = [(r[:, k] < 5).float().mean().item() for k in range(args.heads)]
     profile = acceptance_profile(r)
@@ -277,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, lin in enumerate(heads.linears):
         tensors[f"{k}.0.linear.weight"] = lin.weight.detach().contiguous()
         tensors[f"{k}.0.linear.bias"] = lin.bias.detach().contiguous()
+        tensors[f"{k}.root.weight"] = heads.roots[k].weight.detach().contiguous()
     save_file(tensors, str(out / f"{name}.safetensors"))
     meta = {
         "base_model": name, "num_heads": args.heads, "num_layers": 1, "head_vocabulary": len(token_ids),
@@ -285,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             "replies_held_out": len(held), "reply_tokens": sum(len(d["reply_ids"]) for d in data),
             "positions_train": int((~test).sum()), "positions_held_out": int(test.sum()),
             "max_new_tokens": args.max_new_tokens, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+            "weight_decay": args.weight_decay,
             "loss_decay": args.decay, "coverage": args.coverage, "device": args.device,
             "engine_agreement": round(agree, 4), "generation_s": round(t_gen), "training_s": round(t_train),
         },

@@ -17,6 +17,22 @@ TOPICS = [
     "cloud computing", "encryption", "coral reefs", "the Great Wall of China", "electric cars", "magnets",
     "the periodic table", "music theory", "supply and demand", "the Olympic Games", "migratory birds",
     "coffee", "public libraries", "the human brain", "glaciers", "rockets", "friendship",
+    "sleep", "exercise", "healthy eating", "houseplants", "dogs", "owls", "the ocean", "deserts",
+    "rainforests", "mountains", "the Sun", "Mars", "the Milky Way", "comets", "the weather", "snow",
+    "thunderstorms", "bicycles", "trains", "airports", "cars", "bridges", "skyscrapers", "the Eiffel Tower",
+    "ancient Egypt", "the Vikings", "the Industrial Revolution", "the Cold War", "Shakespeare", "poetry",
+    "painting", "photography", "movies", "video games", "board games", "soccer", "basketball", "yoga",
+    "gardening", "cooking pasta", "chocolate", "tea", "cheese", "spices", "vegetarian food", "fruit",
+    "smartphones", "laptops", "social media", "email", "passwords", "robots", "artificial intelligence",
+    "3D printing", "batteries", "nuclear energy", "water pollution", "forests", "bees and flowers", "sharks",
+    "whales", "elephants", "penguins", "butterflies", "ants", "the moon's phases", "time zones", "calendars",
+    "money", "taxes", "saving for retirement", "credit cards", "starting a business", "teamwork", "leadership",
+    "public speaking", "learning a language", "reading books", "writing essays", "studying for exams",
+    "mathematics", "fractions", "algebra", "geometry", "statistics", "probability", "the scientific method",
+    "atoms", "chemical reactions", "evolution", "cells", "bacteria", "the skeleton", "muscles", "nutrition",
+    "first aid", "the flu", "allergies", "stress", "happiness", "kindness", "volunteering", "holidays",
+    "birthdays", "weddings", "camping", "hiking", "swimming", "fishing", "the beach", "cities", "villages",
+    "farming", "bread", "pizza", "sushi", "ice cream", "clocks", "maps", "compasses", "lighthouses",
 ]
 
 TOPIC_TEMPLATES = [
@@ -25,6 +41,9 @@ TOPIC_TEMPLATES = [
     "What are the pros and cons of {t}?", "Write a short story that involves {t}.",
     "How would you explain {t} in one paragraph?", "List five questions a student might ask about {t}.",
     "What is a common misconception about {t}?", "Write a tweet about {t}.",
+    "How does {t} work?", "Tell me about {t}.", "What are some tips related to {t}?", "Describe {t}.",
+    "Write a haiku about {t}.", "What should a beginner know about {t}?", "Give me a fun fact about {t}.",
+    "Why do people like {t}?",
 ]
 
 TASKS = [
