@@ -15,6 +15,8 @@ from .kv_cache import KVCache
 from .llama import Linear, LlamaModel, default_splits
 from .medusa_tree import MedusaTree
 
+SMALL_TREE = 16  # on a CPU, trees up to this size compute every node's logits in one pass
+
 
 @dataclass
 class MedusaHeads:
@@ -150,16 +152,23 @@ def verify(model: LlamaModel, tree: MedusaTree, cache: KVCache, root: int | torc
     candidates for the tokens after it (``MedusaHeads.propose`` with ``tree.topk``). The root and
     the proposals are verified in one pass over the tree; the longest accepted path wins (ties:
     the first). Only the nodes with children go through the lm_head (plus the last accepted
-    node when it is a leaf)."""
+    node when it is a leaf); on a CPU, a small tree's nodes all do, in one pass."""
     root = torch.as_tensor(root, device=proposals.device).reshape(1)  # a device tensor stays there: no sync
     tokens = torch.cat([root, proposals])[tree.tree_indices]  # [N]
     start = cache.length
+    node_logits = None
     if graph is not None:
         hidden, logits = graph(tokens, start)
     else:
         hidden = model.forward(tokens[None], cache, start, tree=(tree.position_offsets, tree.attn_mask),
                                logits=False)[0]  # [N, H]
-        logits = model.logits(hidden.index_select(0, tree.inner))  # [I, V]
+        if model.device.type == "cpu" and tree.num_nodes <= SMALL_TREE:
+            # with the CPU GEMM kernel, all nodes' logits cost about what the inner nodes' do,
+            # and a leaf at the end of the accepted path then needs no second lm_head pass
+            node_logits = model.logits(hidden)
+            logits = node_logits.index_select(0, tree.inner)
+        else:
+            logits = model.logits(hidden.index_select(0, tree.inner))  # [I, V]
     lengths = accepted_lengths(accept(logits, tree.parent_slot, tokens[1:]), tree)
     host = torch.cat([lengths, tokens]).tolist()  # the one host sync of the step
     lengths, token_list = host[:len(tree.retrieve_rows)], host[len(tree.retrieve_rows):]
@@ -168,7 +177,10 @@ def verify(model: LlamaModel, tree: MedusaTree, cache: KVCache, root: int | torc
     _compact(cache, start, torch.tensor(path, device=tokens.device))
     last = path[-1]
     inner = tree.inner_rows.get(last)
-    root_logits = logits[inner] if inner is not None else model.logits(hidden[last:last + 1])[0]
+    if node_logits is not None:
+        root_logits = node_logits[last]
+    else:
+        root_logits = logits[inner] if inner is not None else model.logits(hidden[last:last + 1])[0]
     return StepResult([token_list[i] for i in path], root_logits, hidden[last])
 
 

@@ -98,7 +98,10 @@ def load_or_generate(model_name: str, model_dir: Path, tok: ChatTokenizer, args)
     path = cache_dir() / "training" / f"{model_name}-replies-{args.max_new_tokens}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     prompts = training_prompts(args.prompts)
-    data = generate_replies(model_dir, tok, prompts, args.max_new_tokens, args.gen_batch, args.device, path)
+    if args.cached_only:
+        data = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    else:
+        data = generate_replies(model_dir, tok, prompts, args.max_new_tokens, args.gen_batch, args.device, path)
     wanted = set(prompts)
     return [d for d in data if d["prompt"] in wanted]
 
@@ -244,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=600, help="how many training prompts to answer")
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--gen-batch", type=int, default=24)
+    p.add_argument("--cached-only", action="store_true",
+                   help="train on the replies to the first --prompts prompts cached so far, generate none")
     p.add_argument("--heads", type=int, default=3)
     p.add_argument("--coverage", type=float, default=0.985, help="share of reply tokens the head vocabulary covers")
     p.add_argument("--epochs", type=int, default=4)
