@@ -343,26 +343,27 @@ def test_cli_compare_json_on_the_embedded_model(capsys):
     assert "greedy texts identical" in result["summary"]
 
 
-def test_cli_compare_json_reports_a_failed_setup_and_runs_the_other(capsys):
+def test_cli_compare_json_reports_a_failed_setup_and_runs_the_other(capsys, tiny_checkpoint):
     from chatapp.cli import main
 
-    rc = main(["compare", "--a", "dmc", "--b", "plain", "--prompt", "Hi", "--max-new-tokens", "6", "--device", "cpu",
-               "--json"])
+    rc = main(["compare", "--a", f"dmc,model={tiny_checkpoint}", "--b", "plain", "--prompt", "Hi", "--max-new-tokens",
+               "6", "--device", "cpu", "--json"])
     out = capsys.readouterr()
     assert rc == 1
     result = json.loads(out.out)
-    assert result["a"]["label"] == "dmc" and "no DMC" in result["a"]["error"]
+    assert result["a"]["label"] == f"dmc,model={tiny_checkpoint}" and "no DMC" in result["a"]["error"]
     assert result["b"]["n_generated"] == 6 and result["b"]["decoding"] == "plain"
     assert result["speedup"] is None and result["identical"] is None
     assert result["summary"] == "no comparison: A failed"
-    assert "[dmc] error:" in out.err
+    assert f"[dmc,model={tiny_checkpoint}] error:" in out.err
 
 
-async def test_screen_on_the_embedded_model_shows_the_dmc_error_and_goes_on():
+async def test_screen_on_the_embedded_model_shows_the_dmc_error_and_goes_on(tiny_checkpoint):
+    """A: DMC on a model that has none (an error in its pane); B: Medusa on the embedded model."""
     from engine.worker import Worker
 
     client = EngineClient(Worker())
-    screen = CompareScreen(client, parse_setup("dmc", device="cpu", max_new_tokens=8),
+    screen = CompareScreen(client, parse_setup(f"dmc,model={tiny_checkpoint}", device="cpu", max_new_tokens=8),
                            parse_setup("medusa", device="cpu", max_new_tokens=8), "What is the capital of France?")
     app = _App(screen)
     try:
