@@ -371,6 +371,28 @@ def load_state(path: Path, args) -> dict:
     return state
 
 
+def load_delta(rf: Retrofit, path: Path, train: str) -> None:
+    """The trained tensors of an earlier delta (``Retrofit.delta``'s names) into ``rf``."""
+    from safetensors.torch import load_file
+
+    delta = rf.delta(train)
+    saved = load_file(str(path))
+    if set(saved) != set(delta) or any(saved[n].shape != delta[n].shape for n in delta):
+        raise SystemExit(f"training.dmc: --init {path}: not a delta of this model made with --train {train} and "
+                         "the same --rank")
+    if train == "attention":
+        raise SystemExit("training.dmc: --init continues --train lora or decision runs only")
+    with torch.no_grad():
+        for li in range(rf.cfg.num_layers):
+            if train == "lora":
+                for proj in ATTN:
+                    a, b = rf.lora[li, proj]
+                    a.copy_(saved[rf.attn(li, proj) + ".lora_a"])
+                    b.copy_(saved[rf.attn(li, proj) + ".lora_b"])
+            for part, proj in (("q", "q_proj"), ("k", "k_proj")):
+                rf.rows[li, part].copy_(saved[rf.attn(li, proj)[:-len(".weight")] + ROWS])
+
+
 def restore(rf: Retrofit, opt, state: dict) -> int:
     """Load the saved tensors and optimizer state; the first step to run."""
     with torch.no_grad():
@@ -461,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state", type=Path, default=None,
                    help="training state file (default: <cache>/training/<model>-dmc-state.pt)")
     p.add_argument("--resume", action="store_true", help="continue from the saved training state")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start stage 2 from an earlier retrofit's delta (its decision rows and low-rank updates; "
+                        "no stage 1), e.g. to move it to another --cr; with --anneal 0 the target holds from step 0")
     p.add_argument("--evaluate-state", action="store_true",
                    help="write the delta of the saved training state (a run still going or stopped) to --out "
                         "(default: <cache>/training/<model>-dmc-evaluated/) and evaluate it; no training")
@@ -511,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # stage 1: the repurposed dims fade out of attention; the attention weights adapt
     t1 = time.time()
-    s1 = args.stage1_steps if adapted else 0
+    s1 = args.stage1_steps if adapted and args.init is None else 0
     if s1 and (state is None or state["stage"] == 1):
         opt = torch.optim.AdamW(adapted, lr=lr, weight_decay=0.0)
         first = restore(rf, opt, state) if state is not None else 0
@@ -523,7 +548,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < s1:
                 save_state(state_path, rf, opt, 1, step + 1, rng, history, resume_settings(args))
         state = None
-    if state is None:
+    if state is None and args.init is not None:
+        load_delta(rf, args.init, args.train)
+        log(f"stage 2 starts from {args.init}")
+    elif state is None:
         rf.zero_decision_rows()  # alpha logit -init_val (append), weight sigmoid(init_val)
     t_stage1 = time.time() - t1
 
@@ -575,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
             "seq_len": args.seq_len,
             "lr": lr, "lr_decision": args.lr_decision, "rank": args.rank if args.train == "lora" else None,
             "cr_target": args.cr, "anneal": args.anneal, "dmc_weight": args.dmc_weight,
+            "init": str(args.init) if args.init else None,
             "temperature": args.temp, "device": args.device, "stage1_s": round(t_stage1, 1),
             "stage2_s": round(t_stage2, 1), "eval_s": round(time.time() - t3, 1),
             "total_s": round(time.time() - t0, 1),
