@@ -140,3 +140,34 @@ def test_a_stopped_run_resumes_where_it_stopped(forced, tmp_path, monkeypatch):
     whole, resumed = (load_file(str(tmp_path / d / "tiny.safetensors")) for d in ("whole", "stopped"))
     assert set(whole) == set(resumed)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_init_starts_stage_2_from_an_earlier_delta(forced, tmp_path, monkeypatch):
+    """--init: no stage 1; stage 2's first step sees the earlier delta's tensors; a delta of another
+    kind is refused."""
+    monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text("The lighthouse stood at the end of a narrow spit of land. " * 12)
+    args = ["--model", str(forced), "--replies", str(tmp_path / "none.jsonl"), "--text", str(text), "--train", "lora",
+            "--stage1-steps", "2", "--steps", "2", "--batch", "2", "--seq-len", "24", "--eval-chats", "0"]
+    assert train_dmc.main(args + ["--out", str(tmp_path / "first")]) == 0
+    first = load_file(str(tmp_path / "first" / "tiny.safetensors"))
+    real_step, seen = train_dmc.train_step, []
+
+    def checking_step(rf, *a, **k):
+        if not seen:
+            seen.append({n: t.clone() for n, t in rf.delta("lora").items()})
+        return real_step(rf, *a, **k)
+
+    monkeypatch.setattr(train_dmc, "train_step", checking_step)
+    assert train_dmc.main(args + ["--init", str(tmp_path / "first" / "tiny.safetensors"), "--cr", "1.5", "--anneal",
+                                  "0", "--out", str(tmp_path / "second")]) == 0
+    assert set(seen[0]) == set(first)
+    assert [n for n in first if not torch.equal(seen[0][n], first[n])] == []
+    report = json.loads((tmp_path / "second" / "tiny.json").read_text())
+    assert report["training"]["stage1_steps"] == 0 and report["training"]["init"].endswith("tiny.safetensors")
+    assert report["history"][0]["cr_target"] == 1.5  # held from step 0
+    with pytest.raises(SystemExit, match="--train decision"):
+        train_dmc.main([*args[:6], "--train", "decision", "--steps", "1", "--batch", "2", "--seq-len", "24",
+                        "--eval-chats", "0", "--init", str(tmp_path / "first" / "tiny.safetensors"),
+                        "--out", str(tmp_path / "third")])
