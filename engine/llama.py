@@ -65,12 +65,8 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is not None:
-            x2 = x.reshape(-1, self.in_features)
-            r2 = None if residual is None else residual.reshape(x2.shape[0], self.out_features)
-            if not x2.is_contiguous():
-                x2 = x2.contiguous()
-            if r2 is not None and not r2.is_contiguous():
-                r2 = r2.contiguous()
+            x2 = x.reshape(-1, self.in_features).contiguous()
+            r2 = None if residual is None else residual.reshape(x2.shape[0], self.out_features).contiguous()
             out = cpu_gemm.gemm(x2, self.packed, self.out_features, self.bias, r2)
             return out.view(*x.shape[:-1], self.out_features)
         if self.splits == 1:
@@ -149,7 +145,7 @@ class LlamaModel:
         cfg = load_config(model_dir)
         fmt = detect(model_dir, cfg.quantization_config)
         src = TensorSource(model_dir)
-        if torch.device(device).type == "cpu":
+        if torch.device(device).type == "cpu" and dtype in (None, torch.float32):  # where Linear will use it
             progress("preparing the CPU matrix kernel (compiled on first use)")
             cpu_gemm.available()
         if quantize == "fp8" and fmt is None:

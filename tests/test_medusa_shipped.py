@@ -39,7 +39,8 @@ def test_greedy_medusa_equals_plain_greedy_on_chat_prompts(embedded_session, shi
         assert got.token_ids == want.token_ids, prompt
         assert sum(got.accepted_per_step) == got.n_generated and got.decoding == "medusa"
         tokens, steps = tokens + got.n_generated, steps + got.steps
-    assert tokens / steps > 1.3  # the heads really predict the model's own continuation (measured: 1.52, 6 nodes)
+    # the heads really predict the model's own continuation (bench/medusa_decode.py: 1.52 per step)
+    assert tokens / steps > 1.3
 
 
 def test_card_tree_and_a_second_turn_reuse_the_cache(embedded_session, shipped):

@@ -279,26 +279,29 @@ class Retrofit:
         mask = torch.where(below, keep, 0.0).masked_fill(idx[:, None] < idx[None, :], float("-inf"))
         return q, k_acc, v_acc, mask, alpha
 
-    def delta(self, train: str) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
+    def low_rank_and_rows(self) -> dict[str, torch.Tensor]:
+        """The live low-rank factors and decision rows under their delta names (``delta``'s,
+        for --train lora and decision)."""
         out = {}
-        for li in range(cfg.num_layers):
-            if train == "lora":
-                for p in ATTN:
-                    a, b = self.lora[li, p]
-                    out[self.attn(li, p) + ".lora_a"] = a.detach().cpu().contiguous()
-                    out[self.attn(li, p) + ".lora_b"] = b.detach().cpu().contiguous()
-            if train == "attention":
-                for p in ATTN:
-                    w = self.w[self.attn(li, p)].detach().clone()
-                    if p == "q_proj":
-                        w[self.q_rows] = self.rows[li, "q"].detach()
-                    if p == "k_proj":
-                        w[self.k_rows] = self.rows[li, "k"].detach()
-                    out[self.attn(li, p)] = w.to(torch.bfloat16).cpu().contiguous()
-            if train != "attention":
-                out[self.attn(li, "q_proj")[:-len(".weight")] + ROWS] = self.rows[li, "q"].detach().cpu().contiguous()
-                out[self.attn(li, "k_proj")[:-len(".weight")] + ROWS] = self.rows[li, "k"].detach().cpu().contiguous()
+        for li in range(self.cfg.num_layers):
+            for p in ATTN if self.train == "lora" else ():
+                out[self.attn(li, p) + ".lora_a"], out[self.attn(li, p) + ".lora_b"] = self.lora[li, p]
+            out[self.attn(li, "q_proj")[:-len(".weight")] + ROWS] = self.rows[li, "q"]
+            out[self.attn(li, "k_proj")[:-len(".weight")] + ROWS] = self.rows[li, "k"]
+        return out
+
+    def delta(self, train: str) -> dict[str, torch.Tensor]:
+        if train != "attention":
+            return {n: t.detach().cpu().contiguous() for n, t in self.low_rank_and_rows().items()}
+        out = {}
+        for li in range(self.cfg.num_layers):
+            for p in ATTN:
+                w = self.w[self.attn(li, p)].detach().clone()
+                if p == "q_proj":
+                    w[self.q_rows] = self.rows[li, "q"].detach()
+                if p == "k_proj":
+                    w[self.k_rows] = self.rows[li, "k"].detach()
+                out[self.attn(li, p)] = w.to(torch.bfloat16).cpu().contiguous()
         return out
 
 
@@ -371,26 +374,20 @@ def load_state(path: Path, args) -> dict:
     return state
 
 
-def load_delta(rf: Retrofit, path: Path, train: str) -> None:
+def load_delta(rf: Retrofit, path: Path) -> None:
     """The trained tensors of an earlier delta (``Retrofit.delta``'s names) into ``rf``."""
     from safetensors.torch import load_file
 
-    delta = rf.delta(train)
-    saved = load_file(str(path))
-    if set(saved) != set(delta) or any(saved[n].shape != delta[n].shape for n in delta):
-        raise SystemExit(f"training.dmc: --init {path}: not a delta of this model made with --train {train} and "
-                         "the same --rank")
-    if train == "attention":
+    if rf.train == "attention":
         raise SystemExit("training.dmc: --init continues --train lora or decision runs only")
+    live = rf.low_rank_and_rows()
+    saved = load_file(str(path))
+    if set(saved) != set(live) or any(saved[n].shape != live[n].shape for n in live):
+        raise SystemExit(f"training.dmc: --init {path}: not a delta of this model made with --train {rf.train} and "
+                         "the same --rank")
     with torch.no_grad():
-        for li in range(rf.cfg.num_layers):
-            if train == "lora":
-                for proj in ATTN:
-                    a, b = rf.lora[li, proj]
-                    a.copy_(saved[rf.attn(li, proj) + ".lora_a"])
-                    b.copy_(saved[rf.attn(li, proj) + ".lora_b"])
-            for part, proj in (("q", "q_proj"), ("k", "k_proj")):
-                rf.rows[li, part].copy_(saved[rf.attn(li, proj)[:-len(".weight")] + ROWS])
+        for n, t in live.items():
+            t.copy_(saved[n])
 
 
 def restore(rf: Retrofit, opt, state: dict) -> int:
@@ -549,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                 save_state(state_path, rf, opt, 1, step + 1, rng, history, resume_settings(args))
         state = None
     if state is None and args.init is not None:
-        load_delta(rf, args.init, args.train)
+        load_delta(rf, args.init)
         log(f"stage 2 starts from {args.init}")
     elif state is None:
         rf.zero_decision_rows()  # alpha logit -init_val (append), weight sigmoid(init_val)

@@ -56,6 +56,11 @@ def log(msg: str) -> None:
 
 
 # ---- 1. self-distillation data ---------------------------------------------------------------
+def read_replies(path: Path) -> list[dict]:
+    """The replies cached in ``path`` so far (none when it does not exist)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def generate_replies(model_dir: Path, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int, batch: int,
                      device: str, path: Path) -> list[dict]:
     """The base model's greedy replies, batched (left padding) with transformers' generate, which
@@ -64,7 +69,7 @@ def generate_replies(model_dir: Path, tok: ChatTokenizer, prompts: list[str], ma
     is done, and a rerun goes on from there."""
     from transformers import LlamaForCausalLM
 
-    out = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    out = read_replies(path)
     done = {d["prompt"] for d in out}
     model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
     eos = sorted(tok.eos_ids)
@@ -99,7 +104,7 @@ def load_or_generate(model_name: str, model_dir: Path, tok: ChatTokenizer, args)
     path.parent.mkdir(parents=True, exist_ok=True)
     prompts = training_prompts(args.prompts)
     if args.cached_only:
-        data = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        data = read_replies(path)
     else:
         data = generate_replies(model_dir, tok, prompts, args.max_new_tokens, args.gen_batch, args.device, path)
     wanted = set(prompts)
@@ -293,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"head vocabulary: {len(token_ids)} tokens")
 
     t1 = time.time()
-    train(heads, x[~test], roots[~test], y_local[~test], args.epochs, args.batch, args.lr, args.decay, args.weight_decay)
+    train(heads, x[~test], roots[~test], y_local[~test], args.epochs, args.batch, args.lr, args.decay,
+          args.weight_decay)
     t_train = time.time() - t1
     r = ranks(heads, x[test], roots[test], y_local[test])
     top1 = [(r[:, k] == 0).float().mean().item() for k in range(args.heads)]
