@@ -22,7 +22,7 @@ def test_pack_round_trip_pads_the_last_panel():
     assert torch.equal(cpu_gemm.unpack(p, 50), w)
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 8, 12, 13, 16, 40])
+@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 8, 12, 13, 16, 40, 70])
 @pytest.mark.parametrize("k,n", [(576, 960), (64, 40), (1536, 576), (3, 17)])
 def test_gemm_against_reference(m, k, n):
     x, w, b, r = rand(m, k, seed=1), rand(k, n, seed=2), rand(n, seed=3), rand(m, n, seed=4)
