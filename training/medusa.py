@@ -61,53 +61,69 @@ def read_replies(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def generate_replies(model_dir: Path, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int, batch: int,
-                     device: str, path: Path) -> list[dict]:
-    """The base model's greedy replies, batched (left padding) with transformers' generate, which
-    is the quickest batched greedy decoder at hand; our engine re-runs every reply afterwards and
-    the share of positions where it agrees is reported. Each batch is appended to ``path`` as it
+def generate_replies(model: LlamaModel, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int, batch: int,
+                     path: Path) -> list[dict]:
+    """The base model's greedy replies, decoded by our engine a batch at a time: prompts of the
+    same length in tokens go together (no padding, so every row is computed exactly as it would
+    be alone), and a row leaves the batch at its EOS. Each batch is appended to ``path`` as it
     is done, and a rerun goes on from there."""
-    from transformers import LlamaForCausalLM
-
     out = read_replies(path)
     done = {d["prompt"] for d in out}
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
-    eos = sorted(tok.eos_ids)
-    pad = eos[0]
-    encoded = [(p, tok.encode_chat([{"role": "user", "content": p}])) for p in prompts if p not in done]
-    encoded.sort(key=lambda e: len(e[1]))
-    for i in range(0, len(encoded), batch):
-        group = encoded[i:i + batch]
-        width = max(len(ids) for _, ids in group)
-        ids = torch.full((len(group), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, (_, p) in enumerate(group):
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        with torch.inference_mode():
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                 temperature=None, top_p=None, top_k=None)
-        for r, (prompt, p) in enumerate(group):
-            reply = gen[r, width:].tolist()
-            end = next((j for j, t in enumerate(reply) if t in tok.eos_ids), None)
-            reply = reply if end is None else reply[:end + 1]  # keep the EOS: the heads may propose it
-            out.append({"prompt": prompt, "prompt_ids": p, "reply_ids": reply})
-            with path.open("a") as f:
+    by_len: dict[int, list[tuple[str, list[int]]]] = {}
+    for p in prompts:
+        if p not in done:
+            ids = tok.encode_chat([{"role": "user", "content": p}])
+            by_len.setdefault(len(ids), []).append((p, ids))
+    groups = [g[i:i + batch] for _, g in sorted(by_len.items()) for i in range(0, len(g), batch)]
+    t0, made = time.time(), 0
+    for group in groups:
+        replies = greedy_batch(model, [ids for _, ids in group], max_new_tokens, tok.eos_ids)
+        with path.open("a") as f:
+            for (prompt, ids), reply in zip(group, replies):
+                out.append({"prompt": prompt, "prompt_ids": ids, "reply_ids": reply})
                 f.write(json.dumps(out[-1]) + "\n")
-        log(f"replies {len(out)}/{len(prompts)}")
+        made += sum(len(r) for r in replies)
+        log(f"replies {len(out)}/{len(prompts)} ({made / (time.time() - t0):.0f} tokens/s)")
     return out
 
 
-def load_or_generate(model_name: str, model_dir: Path, tok: ChatTokenizer, args) -> list[dict]:
+def greedy_batch(model: LlamaModel, prompts: list[list[int]], max_new_tokens: int, eos_ids) -> list[list[int]]:
+    """Greedy replies to prompts of one length, decoded together; each reply keeps its EOS (the
+    heads may propose it)."""
+    width = len(prompts[0])
+    cache = model.new_cache(width + max_new_tokens, batch=len(prompts))
+    replies: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))  # rows of the batch -> reply index
+    with torch.inference_mode():
+        logits = model.forward(torch.tensor(prompts, device=model.device), cache, 0)[:, -1]
+        for _ in range(max_new_tokens):
+            nxt = logits.argmax(-1).tolist()
+            keep = []
+            for row, (r, t) in enumerate(zip(live, nxt)):
+                replies[r].append(t)
+                if t not in eos_ids:
+                    keep.append(row)
+            if not keep or cache.length >= cache.max_len:
+                break
+            if len(keep) < len(live):  # finished rows leave the batch
+                rows = torch.tensor(keep, device=model.device)
+                cache.k, cache.v = cache.k.index_select(1, rows), cache.v.index_select(1, rows)
+                live, nxt = [live[i] for i in keep], [nxt[i] for i in keep]
+            ids = torch.tensor(nxt, device=model.device)[:, None]
+            logits = model.forward(ids, cache, cache.length)[:, -1]
+    return replies
+
+
+def load_or_generate(model_name: str, model: LlamaModel, tok: ChatTokenizer, args) -> list[dict]:
+    """Every cached reply to a training prompt, after answering those of the first ``--prompts``
+    prompts that have none yet (none with ``--cached-only``)."""
     path = cache_dir() / "training" / f"{model_name}-replies-{args.max_new_tokens}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    prompts = training_prompts(args.prompts)
     if args.cached_only:
         data = read_replies(path)
     else:
-        data = generate_replies(model_dir, tok, prompts, args.max_new_tokens, args.gen_batch, args.device, path)
-    wanted = set(prompts)
+        data = generate_replies(model, tok, training_prompts(args.prompts), args.max_new_tokens, args.gen_batch, path)
+    wanted = set(training_prompts())
     return [d for d in data if d["prompt"] in wanted]
 
 
@@ -115,7 +131,8 @@ def load_or_generate(model_name: str, model_dir: Path, tok: ChatTokenizer, args)
 def hidden_states(model: LlamaModel, data: list[dict], num_heads: int):
     """Per reply position t (from the last prompt token on): the final-normed hidden state and
     the tokens at t + 2 ... t + 1 + num_heads (-1 past the end). Also the share of positions
-    where our engine's greedy choice is the reply's next token (transformers made the replies)."""
+    where our engine's greedy choice is the reply's next token (replies from an older cache may have
+    been made by another decoder)."""
     hs, targets, convo = [], [], []
     agree = total = 0
     cache = model.new_cache(max(len(d["prompt_ids"]) + len(d["reply_ids"]) for d in data))
@@ -249,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.medusa", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="base model (default: the embedded model)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--prompts", type=int, default=600, help="how many training prompts to answer")
+    p.add_argument("--prompts", type=int, default=600,
+                   help="answer the first N training prompts (training uses every cached reply to a training prompt)")
     p.add_argument("--max-new-tokens", type=int, default=192)
-    p.add_argument("--gen-batch", type=int, default=24)
+    p.add_argument("--gen-batch", type=int, default=16, help="replies decoded together")
     p.add_argument("--cached-only", action="store_true",
-                   help="train on the replies to the first --prompts prompts cached so far, generate none")
+                   help="train on the replies cached so far, generate none")
     p.add_argument("--heads", type=int, default=3)
     p.add_argument("--coverage", type=float, default=0.985, help="share of reply tokens the head vocabulary covers")
     p.add_argument("--epochs", type=int, default=4)
@@ -272,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     name, model_dir = resolve(args.model, log)
     model = LlamaModel.from_dir(model_dir, args.device, dtype=torch.float32)
     tok = ChatTokenizer(model_dir, model.cfg)
-    data = load_or_generate(name, model_dir, tok, args)
+    data = load_or_generate(name, model, tok, args)
     t_gen = time.time() - t0
     log(f"{len(data)} replies, {sum(len(d['reply_ids']) for d in data)} tokens ({t_gen:.0f} s)")
 

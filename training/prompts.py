@@ -1,6 +1,7 @@
 """Chat prompts for self-distillation: the base model answers them and its own replies become
-the training targets. Built from templates over topics and tasks so that the set is broad and
-deterministic; none of them is in bench/data/chat_prompts.txt (the held-out evaluation set)."""
+the training targets. Built from templates over topics and tasks, and over everyday requests,
+so that the set is broad and deterministic; none of them is in bench/data/chat_prompts.txt (the
+held-out evaluation set)."""
 
 from __future__ import annotations
 
@@ -79,8 +80,141 @@ TASKS = [
 ]
 
 
+# Everyday chat requests: what people ask a chat assistant day to day (how-to, recipes, short
+# writing, names, recommendations, definitions, comparisons, small sums, code). Slot lists are
+# crossed with their templates.
+EVERYDAY = [
+    ("How do I {x}?", [
+        "make a good cup of coffee", "change a light bulb", "fix a squeaky door", "remove a coffee stain from a shirt",
+        "sharpen a kitchen knife", "unclog a sink", "iron a shirt", "tie a tie", "start a vegetable garden",
+        "train my puppy to sit", "make my phone battery last longer", "clean my oven", "paint a room",
+        "write a good essay introduction", "make a paper boat", "hang a picture on the wall", "defrost a freezer",
+        "keep my cut flowers fresh", "get rid of fruit flies", "cook rice on the stove", "make homemade pizza dough",
+        "brew green tea properly", "fix a flat car tire", "jump-start a car", "pack a suitcase efficiently",
+        "plan a birthday party", "make a smoothie", "learn to swim as an adult", "wash a wool sweater",
+        "remove rust from a bike chain", "set up a home Wi-Fi network", "take a screenshot on a laptop",
+        "make a budget spreadsheet", "care for a cactus", "fall asleep faster", "stop procrastinating",
+        "make scrambled eggs", "ask for a raise", "negotiate the price of a used car", "clean white sneakers",
+        "make a campfire safely", "read a map", "memorize a speech", "write a haiku", "say no politely",
+        "grow herbs on a windowsill", "make lemonade from scratch", "roast vegetables", "descale a kettle",
+        "organize my desk", "meal prep for the week", "choose a good watermelon", "make a birthday card",
+    ]),
+    ("Give me a simple recipe for {x}.", [
+        "banana bread", "tomato soup", "guacamole", "chocolate chip cookies", "a vegetable stir fry", "french toast",
+        "hummus", "a Greek salad", "mashed potatoes", "spaghetti with garlic and oil", "lentil soup", "omelettes",
+        "chicken curry", "fried rice", "a fruit salad", "oatmeal", "brownies", "a grilled cheese sandwich",
+        "pesto", "roasted chicken", "waffles", "apple crumble", "pizza margherita", "a berry smoothie",
+        "vegetable soup", "tacos", "muffins", "a tuna sandwich", "a potato salad", "hot chocolate",
+    ]),
+    ("Write a {x}.", [
+        "haiku about the first snow", "short poem about the sea", "limerick about a dog", "haiku about a city at night",
+        "short poem about friendship", "haiku about spring rain", "short story about a lost key",
+        "poem about a morning walk", "haiku about coffee", "short poem about the stars",
+        "four-line poem about a garden", "short story about a robot who learns to paint", "haiku about a mountain lake",
+        "limerick about a teacher", "short poem about home", "haiku about summer heat",
+        "short bedtime story about a brave mouse", "poem about the wind", "haiku about a train journey",
+        "short poem about growing older", "thank-you note to a friend who helped me move",
+        "short note to a coworker who is leaving", "message congratulating a friend on a new job",
+        "polite email asking a teacher for an extension", "short apology to a friend for missing their party",
+        "welcome message for a new team member", "get-well-soon card for my grandmother",
+        "note to my landlord about a broken heater", "toast for my parents' anniversary",
+        "short invitation to a housewarming party", "reply declining a meeting invitation",
+        "short bio for a personal website", "text asking a friend to lunch",
+    ]),
+    ("Suggest a few names for {x}.", [
+        "a pet hamster", "a new bakery", "a black cat", "a book club", "a fantasy kingdom", "a sailboat",
+        "a podcast about science", "a soccer team", "a golden retriever puppy", "a coffee shop by the beach",
+        "a band", "a pet turtle", "a robot character", "a small bookstore", "a garden blog", "a parrot",
+    ]),
+    ("Can you recommend {x}?", [
+        "a good movie for a rainy evening", "a board game for four people", "a book for someone who likes mysteries",
+        "a hobby I can do at home", "a gift for my dad", "some music to study to", "a podcast for a long drive",
+        "a good houseplant for beginners", "an easy dessert for a dinner party", "a fun activity for kids",
+        "a way to learn programming", "a good exercise for back pain", "a classic novel to start with",
+        "a weekend trip idea", "a healthy snack for work",
+    ]),
+    ("Tell me a joke about {x}.", [
+        "cats", "math", "coffee", "the weather", "teachers", "dogs", "pizza", "programmers", "the ocean", "music",
+        "bananas", "robots", "school", "vegetables", "dinosaurs",
+    ]),
+    ("What should I pack for {x}?", [
+        "a beach holiday", "a business trip", "a ski trip", "a day hike", "a long flight", "a music festival",
+        "a week in London", "a road trip", "a picnic", "a trip to the mountains",
+    ]),
+    ("What are some {x}?", [
+        "easy lunch ideas", "good habits to start in the morning", "fun things to do in the summer",
+        "ways to save energy at home", "tips for a job interview", "quick dinner ideas", "ways to relax after work",
+        "healthy snacks", "tips for learning to cook", "ideas for a rainy day with kids", "ways to be more creative",
+        "good questions to ask on a first date", "tips for taking better photos", "cheap date ideas",
+        "ways to make new friends", "tips for studying", "ways to reduce plastic waste", "vegetarian dinner ideas",
+    ]),
+    ("What is the difference between {x}?", [
+        "a virus and bacteria", "a lake and a pond", "baking soda and baking powder", "a crocodile and an alligator",
+        "a hurricane and a tornado", "weight and mass", "a frog and a toad", "speed and velocity",
+        "a democracy and a republic", "RAM and storage", "a meteor and a meteorite", "a cold and the flu",
+        "jam and jelly", "an ape and a monkey", "a rabbit and a hare", "a simile and a metaphor",
+    ]),
+    ("Why do {x}?", [
+        "dogs wag their tails", "birds sing in the morning", "leaves change color in autumn", "we yawn",
+        "onions make us cry", "stars twinkle", "cats knead with their paws", "we dream", "the sky turn red at sunset",
+        "bread go stale", "ice cubes float", "our ears pop on airplanes", "zebras have stripes",
+        "people get hiccups", "bees make honey",
+    ]),
+    ('What does the word "{x}" mean?', [
+        "serendipity", "ubiquitous", "nostalgia", "resilient", "meticulous", "ambiguous", "candid", "pragmatic",
+        "eloquent", "benevolent", "melancholy", "curious", "frugal", "tenacious", "whimsical", "diligent",
+    ]),
+    ("Describe {x}.", [
+        "a busy market in the morning", "a quiet forest after rain", "a snowy village at night", "a summer thunderstorm",
+        "the view from a mountain top", "a cozy library", "a lighthouse in a storm", "a field of sunflowers",
+        "a crowded train station", "a sunrise in the desert", "an old kitchen", "a night sky full of stars",
+    ]),
+    ("How can I {x}?", [
+        "improve my memory", "be a better listener", "eat more vegetables", "stop biting my nails",
+        "get better at chess", "wake up earlier", "speak more confidently", "keep my house tidy",
+        "improve my posture", "learn faster", "spend less time on my phone", "make my mornings less stressful",
+        "become a better cook", "keep my plants alive", "focus while working from home",
+    ]),
+    ("Explain what {x} does.", [
+        "a router", "a thermostat", "the liver", "a compiler", "a battery", "the heart", "an operating system",
+        "a web browser", "a search engine", "the lungs", "a GPU", "a firewall", "a spreadsheet", "the kidneys",
+    ]),
+    ("Write a Python function that {x}.", [
+        "checks whether a word is a palindrome", "returns the largest number in a list", "converts Celsius to Fahrenheit",
+        "counts the words in a sentence", "flattens a list of lists", "merges two dictionaries",
+        "returns the sum of the digits of a number", "checks whether a year is a leap year", "capitalizes every word",
+        "finds the most common element in a list", "computes the average of a list", "reverses the words in a sentence",
+    ]),
+]
+# small sums, products and conversions, with numbers fixed by a seeded generator
+ARITHMETIC = ["What is {a} multiplied by {b}?", "What is {a} plus {b}?", "What is {a} minus {b}?",
+              "What is {a} divided by {b}?", "Convert {a} kilometers to miles.", "What is {b} percent of {a}?"]
+
+
+# the ways one request is put (replies differ in length and form)
+STYLES = ["{p}", "{p} Keep it short.", "Quick question: {p}", "{p} Please explain step by step.",
+          "Hi! {p} Thanks!"]
+
+
+def everyday_prompts(seed: int = 0) -> list[str]:
+    """The everyday requests: every slot of every family in every style, and 120 small
+    arithmetic questions (no repeats)."""
+    out = [style.format(p=tpl.format(x=x)) for tpl, slots in EVERYDAY for x in slots for style in STYLES]
+    rng = random.Random(seed)
+    for i in range(120):
+        out.append(ARITHMETIC[i % len(ARITHMETIC)].format(a=rng.randint(11, 99), b=rng.randint(2, 20)))
+    return list(dict.fromkeys(out))
+
+
 def training_prompts(n: int | None = None, seed: int = 0) -> list[str]:
-    """All template prompts (topics x templates, then the tasks), shuffled; the first ``n``."""
-    prompts = [tpl.format(t=t) for t in TOPICS for tpl in TOPIC_TEMPLATES] + TASKS
-    random.Random(seed).shuffle(prompts)
+    """The topic prompts (topics x templates, then the tasks) and the everyday requests, each
+    set shuffled, then taken in turn from both while both last; the first ``n``. The topic
+    prompts keep the order they had before the everyday ones were added (replies cached for
+    them stay usable)."""
+    topics = [tpl.format(t=t) for t in TOPICS for tpl in TOPIC_TEMPLATES] + TASKS
+    random.Random(seed).shuffle(topics)
+    everyday = everyday_prompts(seed)
+    random.Random(seed + 1).shuffle(everyday)
+    prompts = [p for pair in zip(topics, everyday) for p in pair]
+    prompts = list(dict.fromkeys(prompts + topics[len(everyday):] + everyday[len(topics):]))
     return prompts[:n] if n else prompts
