@@ -28,12 +28,18 @@ class MedusaHeads:
     ``root_proj`` (chatapp's heads for the embedded model): head h's input is the hidden state
     plus ``root_proj[h]`` applied to the base model's embedding of the root, the token the base
     model has already chosen to come next (it is known before the heads run). Knowing that token,
-    a head guessing the one after it is right much more often than from the hidden state alone."""
+    a head guessing the one after it is right much more often than from the hidden state alone.
+
+    ``path_proj`` (with ``root_proj``): head h's input also gets ``path_proj[h][j - 1]`` applied to
+    the embedding of the token at depth j of the path it extends (j = 1..h), as Hydra's heads do:
+    head h then proposes the children of each tree node of depth h from that node's own path,
+    one row per parent node, instead of one list for every node of the depth."""
 
     blocks: list[list[Linear]]  # [head][layer]
     lm_heads: list[Linear] | None
     token_ids: torch.Tensor | None = None
     root_proj: list[Linear] | None = None
+    path_proj: list[list[Linear]] | None = None  # [head h][j - 1], j = 1..h
     _subset: Linear | None = field(default=None, repr=False)
 
     @property
@@ -55,26 +61,45 @@ class MedusaHeads:
     def __call__(self, hidden: torch.Tensor, base_lm_head: Linear, num: int | None = None,
                  root_embedding: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [..., H] (and, for heads with ``root_proj``, the root's embedding [..., H]) ->
-        the first ``num`` heads' logits [num, ..., V or len(token_ids)] (float32)."""
+        the first ``num`` heads' logits [num, ..., V or len(token_ids)] (float32), for heads
+        without ``path_proj``."""
         if self.root_proj is not None and root_embedding is None:
             raise ValueError("these Medusa heads need the root token's embedding")
-        out = []
-        for h, layers in enumerate(self.blocks[:num]):
-            x = hidden if self.root_proj is None else self.root_proj[h](root_embedding, residual=hidden)
-            for lin in layers:
-                x = x + F.silu(lin(x))
-            out.append(self._output(h, base_lm_head)(x).float())
-        return torch.stack(out)
+        return torch.stack([self._head(h, hidden, base_lm_head, root_embedding)
+                            for h in range(len(self.blocks[:num]))])
 
-    def propose(self, hidden: torch.Tensor, model: LlamaModel, topk: list[int], root: int | torch.Tensor) -> torch.Tensor:
-        """The ``topk[d]`` most likely tokens of head d, for the heads a tree uses, concatenated:
-        candidates for the tokens after ``root``, from the hidden state that chose it."""
+    def _head(self, h: int, hidden: torch.Tensor, base_lm_head: Linear, root_embedding: torch.Tensor | None,
+              path_embeddings: list[torch.Tensor] = ()) -> torch.Tensor:
+        x = hidden if self.root_proj is None else self.root_proj[h](root_embedding, residual=hidden)
+        for proj, e in zip(self.path_proj[h] if self.path_proj else [], path_embeddings):
+            x = proj(e, residual=x)
+        for lin in self.blocks[h]:
+            x = x + F.silu(lin(x))
+        return self._output(h, base_lm_head)(x).float()
+
+    def _tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if self.token_ids is None else self.token_ids[idx]
+
+    def propose(self, hidden: torch.Tensor, model: LlamaModel, tree: MedusaTree,
+                root: int | torch.Tensor) -> torch.Tensor:
+        """The tokens of the tree's nodes 1.. [N - 1] after ``root``, from the hidden state that
+        chose it: node (r0, r1, ...) holds the r_d-th most likely token of head d (given its
+        parent's path, for heads with ``path_proj``)."""
         emb = None
         if self.root_proj is not None:
             emb = F.embedding(torch.as_tensor(root, device=hidden.device).reshape(()), model.embed).to(hidden.dtype)
-        logits = self(hidden, model.lm_head, len(topk), emb)
-        idx = torch.cat([logits[d].topk(k).indices for d, k in enumerate(topk)])
-        return idx if self.token_ids is None else self.token_ids[idx]
+        if self.path_proj is None:  # one list per head, shared by every node of its depth
+            logits = self(hidden, model.lm_head, tree.depth, emb)
+            idx = torch.cat([logits[d].topk(k).indices for d, k in enumerate(tree.topk)])
+            return self._tokens(idx)[tree.tree_indices[1:] - 1]
+        tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=hidden.device)
+        for d, level in enumerate(tree.levels):  # the nodes of depth d + 1, parent by parent
+            rows = len(level.parents)
+            paths = [F.embedding(tokens[level.ancestors[:, j]], model.embed).to(hidden.dtype) for j in range(d)]
+            logits = self._head(d, hidden.expand(rows, -1), model.lm_head, emb.expand(rows, -1), paths)
+            top = logits.topk(tree.topk[d], dim=-1).indices  # [P, k]
+            tokens[level.children] = self._tokens(top[level.child_parent, level.child_rank])
+        return tokens[1:]
 
 
 @dataclass
@@ -148,13 +173,13 @@ class TreeGraph:
 def verify(model: LlamaModel, tree: MedusaTree, cache: KVCache, root: int | torch.Tensor, proposals: torch.Tensor,
            accept=accept_greedy, graph: TreeGraph | None = None) -> StepResult:
     """One Medusa step at batch 1. ``root`` is the next token (chosen from the base model's
-    logits after the last accepted token, which the cache holds); ``proposals`` are the heads'
-    candidates for the tokens after it (``MedusaHeads.propose`` with ``tree.topk``). The root and
+    logits after the last accepted token, which the cache holds); ``proposals`` are the tokens of
+    the tree's other nodes (``MedusaHeads.propose``). The root and
     the proposals are verified in one pass over the tree; the longest accepted path wins (ties:
     the first). Only the nodes with children go through the lm_head (plus the last accepted
     node when it is a leaf); on a CPU, a small tree's nodes all do, in one pass."""
     root = torch.as_tensor(root, device=proposals.device).reshape(1)  # a device tensor stays there: no sync
-    tokens = torch.cat([root, proposals])[tree.tree_indices]  # [N]
+    tokens = torch.cat([root, proposals])  # [N]
     start = cache.length
     node_logits = None
     if graph is not None:
@@ -207,7 +232,7 @@ def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVC
     produced = 0
     while produced < max_new_tokens and cache.length + tree.num_nodes <= cache.max_len:
         root = pick(root_logits)
-        step = verify(model, tree, cache, root, heads.propose(hidden, model, tree.topk, root), accept, graph)
+        step = verify(model, tree, cache, root, heads.propose(hidden, model, tree, root), accept, graph)
         tokens = step.tokens[:max_new_tokens - produced]
         stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
         if stop is not None:

@@ -7,8 +7,9 @@
 - FasterDecoding's ``medusa_lm_head.safetensors`` (or ``.pt``, read with ``weights_only=True``):
   ``{h}.{l}.linear.{weight,bias}`` and, with per-head lm_heads, ``{h}.{L}.weight``; without them
   (Medusa-2) the heads share the base model's lm_head. chatapp's own heads add ``token_ids``
-  (the token subset they score) and ``{h}.root.weight`` (their input from the root token's
-  embedding, see MedusaHeads)."""
+  (the token subset they score), ``{h}.root.weight`` (their input from the root token's
+  embedding) and ``{h}.path.{j}.weight`` (from the path's token at depth j = 1..h; see
+  MedusaHeads)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .quantized_checkpoint import Fp8Format
 
 TOKEN_IDS = "token_ids"  # heads on the shared lm_head that score only these tokens (ours)
 _ROOT = re.compile(r"^(\d+)\.root\.weight$")  # a head's input from the root token's embedding (ours)
+_PATH = re.compile(r"^(\d+)\.path\.(\d+)\.weight$")  # ... and from its path's tokens (ours)
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "medusa"
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight|weight_scale|input_scale|linear\.weight_scale|"
                   r"linear\.input_scale)$")
@@ -34,7 +36,8 @@ def _layout(names: set[str], prefix: str, where) -> tuple[int, int, bool]:
     """(heads, layers, own lm_heads) from the tensor names under ``prefix``; unexpected names are errors."""
     heads, layers, own = set(), set(), set()
     for name in names:
-        if not name.startswith(prefix) or name == TOKEN_IDS or _ROOT.match(name[len(prefix):]):
+        if not name.startswith(prefix) or name == TOKEN_IDS or _ROOT.match(name[len(prefix):]) or \
+                _PATH.match(name[len(prefix):]):
             continue
         m = _KEY.match(name[len(prefix):])
         if m is None:
@@ -68,6 +71,13 @@ def _build(src, prefix: str, n_heads: int, n_layers: int, own: bool, hidden: int
     lm_heads = [linear(f"{prefix}{h}.{n_layers}", vocab, False) for h in range(n_heads)] if own else None
     has_root = any(_ROOT.match(n[len(prefix):]) for n in src.names() if n.startswith(prefix))
     root_proj = [linear(f"{prefix}{h}.root", hidden, False) for h in range(n_heads)] if has_root else None
+    path_names = sorted(n for n in src.names() if n.startswith(prefix) and _PATH.match(n[len(prefix):]))
+    has_path = bool(path_names)
+    if has_path and not has_root:
+        raise EngineError(f"{src.file_of(path_names[0])}: Medusa tensor {path_names[0]!r} (a path input) needs "
+                          f"the heads' root inputs ({prefix}{{h}}.root.weight), which are missing")
+    path_proj = [[linear(f"{prefix}{h}.path.{j}", hidden, False) for j in range(1, h + 1)]
+                 for h in range(n_heads)] if has_path else None
     extra = sorted(n for n in src.names() if n.startswith(prefix) and n not in expected)
     if extra:
         raise EngineError(f"{src.file_of(extra[0])}: unexpected Medusa tensor {extra[0]!r}")
@@ -79,7 +89,7 @@ def _build(src, prefix: str, n_heads: int, n_layers: int, own: bool, hidden: int
             raise EngineError(f"{src.file_of(TOKEN_IDS)}: {TOKEN_IDS!r} must be a non-empty int64 list of token ids "
                               f"below {vocab}, for heads that share the base lm_head")
         token_ids = token_ids.to(device)
-    return MedusaHeads(blocks, lm_heads, token_ids, root_proj)
+    return MedusaHeads(blocks, lm_heads, token_ids, root_proj, path_proj)
 
 
 def output_rows(lm_head: Linear, token_ids: torch.Tensor) -> torch.Tensor:

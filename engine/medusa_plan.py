@@ -110,7 +110,7 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
                 graph = TreeGraph.for_device(model, tree, cache)  # as decoding runs it
 
                 def step():  # the heads' proposals and the verify pass
-                    verify(model, tree, cache, 0, heads.propose(hidden, model, tree.topk, 0), graph=graph)
+                    verify(model, tree, cache, 0, heads.propose(hidden, model, tree, 0), graph=graph)
             times = []
             for i in range(warmup + reps):
                 cache.length = context

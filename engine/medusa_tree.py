@@ -13,7 +13,9 @@ path. The buffers:
   with -1 (``valid`` marks the real entries, so padding can never be accepted);
 - ``parents`` [N]: the parent node (-1 for the root);
 - ``inner`` [I]: the nodes with children (only their logits are needed to judge the proposals);
-  ``parent_slot`` [N - 1]: for nodes 1.., the row of their parent in ``inner``."""
+  ``parent_slot`` [N - 1]: for nodes 1.., the row of their parent in ``inner``;
+- ``levels``: per depth d, what heads whose input depends on the path (``MedusaHeads.path_proj``)
+  need to propose the nodes of depth d + 1 parent by parent (see ``Level``)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,25 @@ CARD_CHOICES = [
 
 
 @dataclass
+class Level:
+    """The nodes of one depth d + 1 and their parents (the nodes of depth d with children): head
+    d runs once per parent. ``ancestors`` [P, d]: each parent's path, the node ids at depths
+    1..d (empty for the root); ``children`` [C] node ids; ``child_parent`` [C]: the row of each
+    child's parent in ``parents``; ``child_rank`` [C]: the child's rank among that parent's
+    proposals."""
+
+    parents: torch.Tensor
+    ancestors: torch.Tensor
+    children: torch.Tensor
+    child_parent: torch.Tensor
+    child_rank: torch.Tensor
+
+    def to(self, device) -> "Level":
+        return Level(*(t.to(device) for t in (self.parents, self.ancestors, self.children, self.child_parent,
+                                              self.child_rank)))
+
+
+@dataclass
 class MedusaTree:
     paths: list[tuple[int, ...]]  # node k (k >= 1) is paths[k - 1]; breadth-first, then lexicographic
     topk: list[int]  # ranks used per head
@@ -47,6 +68,7 @@ class MedusaTree:
     parent_slot: torch.Tensor
     retrieve_rows: list[list[int]]  # retrieve_indices on the host, without the padding
     inner_rows: dict[int, int]  # node id -> its row in ``inner``
+    levels: list[Level]
 
     @property
     def num_nodes(self) -> int:
@@ -61,7 +83,7 @@ class MedusaTree:
                 ("tree_indices", "position_offsets", "attn_mask", "retrieve_indices", "valid", "parents", "inner",
                  "parent_slot")}
         return MedusaTree(self.paths, self.topk, **move, retrieve_rows=self.retrieve_rows,
-                          inner_rows=self.inner_rows)
+                          inner_rows=self.inner_rows, levels=[lv.to(device) for lv in self.levels])
 
 
 def build_tree(choices, num_heads: int | None = None) -> MedusaTree:
@@ -110,4 +132,19 @@ def build_tree(choices, num_heads: int | None = None) -> MedusaTree:
     parent_slot = torch.tensor([slot[int(q)] for q in parents[1:]], dtype=torch.long)
     return MedusaTree(ordered, topk, tree_indices, position, mask, retrieve, retrieve >= 0, parents,
                       torch.tensor(inner, dtype=torch.long), parent_slot,
-                      [[i for i in row if i >= 0] for row in retrieve.tolist()], slot)
+                      [[i for i in row if i >= 0] for row in retrieve.tolist()], slot, _levels(ordered, node, depth))
+
+
+def _levels(ordered: list[tuple[int, ...]], node: dict[tuple[int, ...], int], depth: int) -> list[Level]:
+    levels = []
+    for d in range(depth):
+        kids = [p for p in ordered if len(p) == d + 1]
+        par = sorted({p[:-1] for p in kids}, key=lambda p: node.get(p, 0))
+        row = {p: i for i, p in enumerate(par)}
+        levels.append(Level(
+            torch.tensor([node.get(p, 0) for p in par], dtype=torch.long),
+            torch.tensor([[node[p[:j]] for j in range(1, d + 1)] for p in par], dtype=torch.long).reshape(len(par), d),
+            torch.tensor([node[p] for p in kids], dtype=torch.long),
+            torch.tensor([row[p[:-1]] for p in kids], dtype=torch.long),
+            torch.tensor([p[-1] for p in kids], dtype=torch.long)))
+    return levels

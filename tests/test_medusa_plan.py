@@ -13,7 +13,7 @@ from engine.llama import LlamaModel
 from engine.medusa import MedusaHeads
 from engine.medusa_heads import load_fasterdecoding
 from engine.medusa_plan import Profile, measure_step_ms, plan
-from engine.medusa_tree import CARD_CHOICES
+from engine.medusa_tree import CARD_CHOICES, build_tree
 
 PROFILE = Profile([((0,), 0.6), ((0, 0), 0.4), ((1,), 0.1), ((0, 0, 0), 0.25), ((0, 1), 0.05), ((2,), 0.04)])
 
@@ -77,7 +77,7 @@ def test_heads_on_a_token_subset(tmp_path, tiny_checkpoint):
     heads = load_fasterdecoding(tmp_path / "heads.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
     assert isinstance(heads, MedusaHeads) and heads.token_ids.tolist() == ids.tolist()
     x = torch.randn(h, generator=g)
-    proposals = heads.propose(x, model, [2, 1], 0)
+    proposals = heads.propose(x, model, build_tree([[0], [1], [0, 0]], 2), 0)  # nodes: h0 #0, h0 #1, h1 #0
     w = model.embed[ids]
     for k, n in enumerate((2, 1)):
         y = x + torch.nn.functional.silu(x @ tensors[f"{k}.0.linear.weight"].t() + tensors[f"{k}.0.linear.bias"])
@@ -114,7 +114,7 @@ def test_heads_that_take_the_root_token(tmp_path, tiny_checkpoint):
     assert heads.root_proj is not None and len(heads.root_proj) == 2
     x = torch.randn(h, generator=g)
     for root in (5, 700):
-        proposals = heads.propose(x, model, [3, 2], torch.tensor(root))
+        proposals = heads.propose(x, model, build_tree([[0], [1], [2], [0, 0], [0, 1]], 2), torch.tensor(root))
         for k, n in enumerate((3, 2)):
             z = x + model.embed[root] @ tensors[f"{k}.root.weight"].t()
             y = z + torch.nn.functional.silu(z @ tensors[f"{k}.0.linear.weight"].t() + tensors[f"{k}.0.linear.bias"])
@@ -135,6 +135,60 @@ def test_heads_that_take_the_root_token(tmp_path, tiny_checkpoint):
     save_file(tensors, str(tmp_path / "half.safetensors"))
     with pytest.raises(EngineError, match="1.root.weight"):
         load_fasterdecoding(tmp_path / "half.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
+
+
+def test_heads_that_take_the_path(tmp_path, tiny_checkpoint):
+    """Hydra-style heads: head k's input also gets ``{k}.path.{j}.weight`` times the embedding of
+    the path's token at depth j; each parent node's children come from its own path (checked
+    against a direct computation), Medusa greedy output equals plain greedy output, and path
+    weights that are missing, extra or without root weights are refused."""
+    from engine.medusa import prefill_and_generate
+
+    model = LlamaModel.from_dir(tiny_checkpoint)
+    h, emb = model.cfg.hidden_size, model.embed
+    g = torch.Generator().manual_seed(2)
+    tensors = {}
+    for k in range(3):
+        tensors[f"{k}.0.linear.weight"] = torch.randn(h, h, generator=g) * 0.1
+        tensors[f"{k}.0.linear.bias"] = torch.randn(h, generator=g) * 0.1
+        tensors[f"{k}.root.weight"] = torch.randn(h, h, generator=g) * 0.5
+        for j in range(1, k + 1):
+            tensors[f"{k}.path.{j}.weight"] = torch.randn(h, h, generator=g) * 0.5
+    save_file(tensors, str(tmp_path / "heads.safetensors"))
+    heads = load_fasterdecoding(tmp_path / "heads.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
+    assert [len(p) for p in heads.path_proj] == [0, 1, 2]
+
+    def head(k, x, path):  # path: the root's token, then the tokens at depths 1..k
+        z = x + emb[path[0]] @ tensors[f"{k}.root.weight"].t()
+        for j in range(1, k + 1):
+            z = z + emb[path[j]] @ tensors[f"{k}.path.{j}.weight"].t()
+        y = z + torch.nn.functional.silu(z @ tensors[f"{k}.0.linear.weight"].t() + tensors[f"{k}.0.linear.bias"])
+        return (y @ emb.t()).topk(3).indices.tolist()
+
+    tree = build_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 1]], 3)
+    x, root = torch.randn(h, generator=g), 9
+    got = dict(zip(tree.paths, heads.propose(x, model, tree, torch.tensor(root)).tolist()))
+    for path in tree.paths:
+        tokens = [root] + [got[path[:d]] for d in range(1, len(path))]
+        assert got[path] == head(len(path) - 1, x, tokens)[path[-1]], path
+    assert got[(0, 0)] != got[(1, 0)] or got[(0,)] == got[(1,)]  # children follow their parent
+    ids = [1, 50, 60, 70]
+    with torch.inference_mode():
+        out = [t for step in prefill_and_generate(model, heads, tree, model.new_cache(128), ids, 20) for t in step]
+        cache, want = model.new_cache(128), []
+        logits = model.forward(torch.tensor([ids]), cache, 0)
+        for _ in range(20):
+            want.append(int(logits[0, -1].argmax()))
+            logits = model.forward(torch.tensor([[want[-1]]]), cache, cache.length)
+    assert out == want
+    for change, match in ((lambda t: t.pop("2.path.2.weight"), "2.path.2.weight"),
+                          (lambda t: t.update({"0.path.1.weight": t["1.path.1.weight"].clone()}), "0.path.1.weight"),
+                          (lambda t: [t.pop(f"{k}.root.weight") for k in range(3)], "root inputs")):
+        bad = dict(tensors)
+        change(bad)
+        save_file(bad, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(EngineError, match=match):
+            load_fasterdecoding(tmp_path / "bad.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
 
 
 def test_auto_falls_back_to_plain_where_no_tree_pays(monkeypatch, tiny_checkpoint):

@@ -406,14 +406,64 @@ def nll(logits: torch.Tensor, ids: list[int]) -> tuple[float, int]:
     return float(F.cross_entropy(logits[:-1].float(), target, reduction="sum")), len(ids) - 1
 
 
+# Simple questions with the word a right answer contains (any of them, case-insensitive): the
+# retrofitted model should answer as many as the original does.
+SIMPLE_QUESTIONS = [
+    ("What is the capital of France?", ["Paris"]), ("What is the capital of Japan?", ["Tokyo"]),
+    ("What is the capital of Italy?", ["Rome"]), ("What is the largest ocean on Earth?", ["Pacific"]),
+    ("Who painted the Mona Lisa?", ["Leonardo", "Vinci"]), ("What is the tallest mountain in the world?", ["Everest"]),
+    ("What language is spoken in Brazil?", ["Portuguese"]), ("What is the chemical formula of water?", ["H2O"]),
+    ("At what temperature does water boil at sea level, in degrees Celsius?", ["100"]),
+    ("Which planet is known as the Red Planet?", ["Mars"]), ("How many days are in a week?", ["seven", "7"]),
+    ("What color is the sky on a clear day?", ["blue"]), ("Who wrote Romeo and Juliet?", ["Shakespeare"]),
+    ("What is the largest planet in our solar system?", ["Jupiter"]),
+    ("How many legs does a spider have?", ["eight", "8"]),
+    ("What gas do plants absorb from the air?", ["carbon dioxide", "CO2"]),
+]
+
+
+def greedy_reply(first_logits: torch.Tensor, advance, eos_ids, max_new_tokens: int) -> list[int]:
+    """Greedy tokens from the logits after a prompt; ``advance(token)`` gives the next logits."""
+    out, logits = [], first_logits
+    for _ in range(max_new_tokens):
+        t = int(logits.argmax())
+        if t in eos_ids:
+            break
+        out.append(t)
+        logits = advance(t)
+    return out
+
+
+def simple_questions(base: LlamaModel, dmc: DMCDecoder, tok: ChatTokenizer, max_new_tokens: int = 48) -> dict:
+    """Greedy answers of the original model and of the DMC model to SIMPLE_QUESTIONS: how many
+    contain a right word, and the answers."""
+    rows = []
+    for question, words in SIMPLE_QUESTIONS:
+        ids = tok.encode_chat([{"role": "user", "content": question}])
+        cache = base.new_cache(len(ids) + max_new_tokens)
+        x = torch.tensor([ids], device=base.device)
+        plain = greedy_reply(base.forward(x, cache, 0)[0, -1], lambda t: base.forward(
+            torch.tensor([[t]], device=base.device), cache, cache.length)[0, -1], tok.eos_ids, max_new_tokens)
+        dmc.reset()
+        compressed = greedy_reply(dmc.prefill(x)[0], lambda t: dmc.step(torch.tensor([t]))[0], tok.eos_ids,
+                                  max_new_tokens)
+        answers = {k: tok.decode(v) for k, v in (("plain", plain), ("dmc", compressed))}
+        right = {k: any(w.lower() in a.lower() for w in words) for k, a in answers.items()}
+        rows.append({"question": question, **{f"{k}_right": v for k, v in right.items()},
+                     "dmc_answer": answers["dmc"][:160]})
+    return {"simple_questions": len(rows), "simple_right_plain": sum(r["plain_right"] for r in rows),
+            "simple_right_dmc": sum(r["dmc_right"] for r in rows), "simple_answers": rows}
+
+
 def evaluate(model_dir: Path, delta: Path, seqs: list[list[int]], replies: list[tuple[int, list[int]]],
              device) -> dict:
     """With the engine: perplexity of ``seqs`` for the original model (dense cache) and the DMC
     model (DMCDecoder, whole sequence prefilled), and the DMC cache's compression after
-    prefilling each held-out chat (prompt + reply; ``replies`` [(prompt length, ids)])."""
+    prefilling each held-out chat (prompt + reply; ``replies`` [(prompt length, ids)]), and both
+    models' answers to SIMPLE_QUESTIONS."""
     base = LlamaModel.from_dir(model_dir, device, dtype=torch.float32)
     model, settings = load_retrofitted(model_dir, delta, device, dtype=torch.float32)
-    longest = max([len(s) for s in seqs] + [len(s) for _, s in replies] + [16])
+    longest = max([len(s) for s in seqs] + [len(s) for _, s in replies] + [160])
     dmc = DMCDecoder(model, 1, longest, **settings)
     cache = base.new_cache(longest)
     base_nll = dmc_nll = 0.0
@@ -443,7 +493,22 @@ def evaluate(model_dir: Path, delta: Path, seqs: list[list[int]], replies: list[
                     "kv_compression_per_chat_min": round(min(ratios), 4),
                     "kv_compression_per_chat_max": round(max(ratios), 4), "chats": len(replies),
                     "chat_tokens": tokens})
+    with torch.inference_mode():
+        out.update(simple_questions(base, dmc, ChatTokenizer(model_dir, base.cfg)))
     return out
+
+
+def evaluate_only(model_dir: Path, delta: Path, seqs, chats, device) -> int:
+    """``--evaluate``: the held-out figures of a written delta, logged and put in its json."""
+    results = evaluate(model_dir, delta, seqs, chats, device)
+    log(f"held out: {json.dumps({k: v for k, v in results.items() if k != 'simple_answers'})}")
+    meta_path = delta.with_suffix(".json")
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        meta["held_out"] = {**meta.get("held_out", {}), **results}
+        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+        log(f"updated {meta_path}")
+    return 0
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -486,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--evaluate-state", action="store_true",
                    help="write the delta of the saved training state (a run still going or stopped) to --out "
                         "(default: <cache>/training/<model>-dmc-evaluated/) and evaluate it; no training")
+    p.add_argument("--evaluate", type=Path, default=None, metavar="DELTA",
+                   help="only evaluate a written delta on the held-out data (the same split as training); the "
+                        "figures go into the json beside it")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -515,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{len(train_seqs)} training sequences ({len(train_r)} replies from {replies_path}, {len(train_t)} text "
         f"pieces); held out: {len(held_r)} replies, {len(held_t)} text pieces")
 
+    if args.evaluate is not None:
+        return evaluate_only(model_dir, args.evaluate, eval_seqs, [(0, s) for s in held_r[:args.eval_chats]],
+                             args.device)
     pad = min(tok.eos_ids) if tok.eos_ids else 0
     rng = random.Random(args.seed)
     data = batches(train_seqs, args.batch, args.seq_len, pad, rng)

@@ -5,8 +5,10 @@ token the base model itself produced at t + k + 2. Greedy Medusa accepts a propo
 when it equals the base model's own greedy choice, so these are the right targets.
 
 The heads are small: an input from the root token (the one the base model chose to come next,
-known before the heads run: ``x = h + R e(root)`` with the base model's embedding e), one
-ResBlock each (``x + SiLU(W x + b)``; R and W zero-initialised so that a new head starts out as
+known before the heads run: ``x = h + R e(root)`` with the base model's embedding e) and, for
+head k, from the tokens at depths 1..k of the tree path it extends (``+ P_kj e(path_j)``,
+Hydra-style; teacher-forced in training, since decoding only goes on along accepted paths), one
+ResBlock each (``x + SiLU(W x + b)``; R, P and W zero-initialised so that a new head starts out as
 the base model's own next-token predictor) and the base model's lm_head,
 restricted to the tokens that make up the replies (``token_ids``: the most frequent ones, up
 to a coverage target), which makes the heads' logits several times cheaper than a full
@@ -14,7 +16,8 @@ vocabulary product. Proposals outside that set are simply never made.
 
 Outputs, beside each other (``--out``, default assets/medusa/<model>):
 - ``<model>.safetensors``: ``{h}.0.linear.weight``, ``{h}.0.linear.bias`` (FasterDecoding's
-  layout for heads that share the base lm_head), ``{h}.root.weight`` and ``token_ids``;
+  layout for heads that share the base lm_head), ``{h}.root.weight``, ``{h}.path.{j}.weight``
+  and ``token_ids``;
 - ``<model>.json``: what the heads were trained on, and their acceptance profile on held-out
   replies: the frequency with which each path of ranks (r0, r1, ...) is entirely right. The
   engine builds its candidate tree from this profile and the device's measured verify cost.
@@ -45,7 +48,7 @@ from engine.medusa_heads import output_rows  # noqa: E402
 from engine.models import resolve  # noqa: E402
 from engine.paths import cache_dir  # noqa: E402
 from engine.tokenizer import ChatTokenizer  # noqa: E402
-from training.prompts import training_prompts  # noqa: E402
+from training.prompts import subjects, training_prompts  # noqa: E402
 
 MAX_RANK = 10  # ranks per head kept in the acceptance profile
 PROFILE_PATHS = 96  # paths kept in the profile (more than any tree the engine builds)
@@ -180,28 +183,38 @@ def head_vocabulary(targets: torch.Tensor, vocab: int, coverage: float, multiple
 
 # ---- 3. the heads -----------------------------------------------------------------------------
 class Heads(torch.nn.Module):
-    def __init__(self, num_heads: int, hidden: int, out_weight: torch.Tensor, embed: torch.Tensor):
+    """Head k: ``z = h + R_k e(root) + sum_j P_kj e(path_j)`` (the path's tokens at depths
+    1..k, which are the targets of heads 0..k-1: training is teacher-forced, as decoding is
+    along an accepted path), then ``z + SiLU(W_k z + b_k)`` and the shared output rows."""
+
+    def __init__(self, num_heads: int, hidden: int, out_weight: torch.Tensor, embed: torch.Tensor, path: bool):
         super().__init__()
         self.linears = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(num_heads))
         self.roots = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, bias=False) for _ in range(num_heads))
-        for lin in [*self.linears, *self.roots]:
+        self.paths = torch.nn.ModuleList(
+            torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, bias=False) for _ in range(k if path else 0))
+            for k in range(num_heads))
+        for lin in [*self.linears, *self.roots, *(p for ps in self.paths for p in ps)]:
             torch.nn.init.zeros_(lin.weight)
             if lin.bias is not None:
                 torch.nn.init.zeros_(lin.bias)
         self.register_buffer("out_weight", out_weight)  # [V', H], frozen
         self.register_buffer("embed", embed)  # [V, H], the base model's, frozen
 
-    def forward(self, x: torch.Tensor, root: torch.Tensor) -> torch.Tensor:  # [B, H], [B] -> [K, B, V']
+    def forward(self, x: torch.Tensor, root: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+        """x [B, H], root [B], path [B, K] (the tokens at t + 2 ..., -1 past the end) -> [K, B, V']."""
         e = self.embed[root]
         out = []
-        for lin, proj in zip(self.linears, self.roots):
+        for k, (lin, proj) in enumerate(zip(self.linears, self.roots)):
             z = x + proj(e)
+            for j, p in enumerate(self.paths[k]):
+                z = z + p(self.embed[path[:, j].clamp(min=0)])
             out.append(F.linear(z + F.silu(lin(z)), self.out_weight))
         return torch.stack(out)
 
 
-def train(heads: Heads, x: torch.Tensor, root: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
-          decay: float, weight_decay: float):
+def train(heads: Heads, x: torch.Tensor, root: torch.Tensor, path: torch.Tensor, y: torch.Tensor, epochs: int,
+          batch: int, lr: float, decay: float, weight_decay: float):
     """Cross-entropy of head k against its targets, weighted ``decay ** k`` (the paper's 0.8);
     AdamW with a cosine schedule after a short warm-up."""
     opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
@@ -217,7 +230,7 @@ def train(heads: Heads, x: torch.Tensor, root: torch.Tensor, y: torch.Tensor, ep
         total = 0.0
         for i in range(0, len(x), batch):
             idx = perm[i:i + batch]
-            logits = heads(x[idx], root[idx])  # [K, B, V']
+            logits = heads(x[idx], root[idx], path[idx])  # [K, B, V']
             tgt = y[idx].t()  # [K, B]
             loss = sum(w * F.cross_entropy(logits[k], tgt[k], ignore_index=-1)
                        for k, w in enumerate(weights) if (tgt[k] >= 0).any())
@@ -232,13 +245,13 @@ def train(heads: Heads, x: torch.Tensor, root: torch.Tensor, y: torch.Tensor, ep
         log(f"epoch {epoch + 1}: mean loss {total / len(x):.4f}")
 
 
-def ranks(heads: Heads, x: torch.Tensor, root: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def ranks(heads: Heads, x: torch.Tensor, root: torch.Tensor, path: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per position and head: the rank of the target among the head's proposals (MAX_RANK when
     it is not in the top MAX_RANK, or there is no target)."""
     out = []
     with torch.no_grad():
         for i in range(0, len(x), 2048):
-            top = heads(x[i:i + 2048], root[i:i + 2048]).topk(MAX_RANK, dim=-1).indices  # [K, B, R]
+            top = heads(x[i:i + 2048], root[i:i + 2048], path[i:i + 2048]).topk(MAX_RANK, dim=-1).indices  # [K, B, R]
             tgt = y[i:i + 2048].t()[..., None]  # [K, B, 1]
             hit = (top == tgt) & (tgt >= 0)
             r = torch.where(hit.any(-1), hit.int().argmax(-1), torch.full_like(hit[..., 0], MAX_RANK, dtype=torch.long))
@@ -279,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--decay", type=float, default=0.8, help="loss weight of head k is decay**k")
-    p.add_argument("--holdout", type=float, default=0.1, help="share of replies kept out for the profile")
+    p.add_argument("--path-inputs", action=argparse.BooleanOptionalAction, default=True,
+                   help="heads also take the tokens of the path they extend (Hydra-style)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="share of subjects (topics, everyday requests) whose replies are kept out for the profile")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -302,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         x, y, convo, agree = hidden_states(model, data, args.heads)
         torch.save({"x": x, "y": y, "convo": convo, "agree": torch.tensor(agree)}, hs_path)
     log(f"{len(x)} positions; our engine's greedy choice equals the reply's next token at {agree:.2%}")
-    held = set(random.Random(1).sample(range(len(data)), max(1, int(len(data) * args.holdout))))
+    # held out by subject: the profile measures the heads on subjects they were not trained on
+    subject = subjects()
+    names = sorted({subject[d["prompt"]] for d in data})
+    kept = set(random.Random(1).sample(names, max(1, int(len(names) * args.holdout))))
+    held = {i for i, d in enumerate(data) if subject[d["prompt"]] in kept}
     test = torch.tensor([int(c) in held for c in convo])
     token_ids = head_vocabulary(y[~test], model.cfg.vocab_size, args.coverage)
     remap = torch.full((model.cfg.vocab_size + 1,), -1, dtype=torch.long)
@@ -312,14 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(roots) != len(x):
         raise SystemExit(f"{hs_path}: {len(x)} positions, the replies have {len(roots)}: delete it and rerun")
     heads = Heads(args.heads, model.cfg.hidden_size, output_rows(model.lm_head, token_ids).float().cpu(),
-                  model.embed.float().cpu())
+                  model.embed.float().cpu(), args.path_inputs)
     log(f"head vocabulary: {len(token_ids)} tokens")
 
     t1 = time.time()
-    train(heads, x[~test], roots[~test], y_local[~test], args.epochs, args.batch, args.lr, args.decay,
+    train(heads, x[~test], roots[~test], y[~test], y_local[~test], args.epochs, args.batch, args.lr, args.decay,
           args.weight_decay)
     t_train = time.time() - t1
-    r = ranks(heads, x[test], roots[test], y_local[test])
+    r = ranks(heads, x[test], roots[test], y[test], y_local[test])
     top1 = [(r[:, k] == 0).float().mean().item() for k in range(args.heads)]
     top5 = [(r[:, k] < 5).float().mean().item() for k in range(args.heads)]
     profile = acceptance_profile(r)
@@ -332,12 +352,16 @@ def main(argv: list[str] | None = None) -> int:
         tensors[f"{k}.0.linear.weight"] = lin.weight.detach().contiguous()
         tensors[f"{k}.0.linear.bias"] = lin.bias.detach().contiguous()
         tensors[f"{k}.root.weight"] = heads.roots[k].weight.detach().contiguous()
+        for j, proj in enumerate(heads.paths[k], start=1):
+            tensors[f"{k}.path.{j}.weight"] = proj.weight.detach().contiguous()
     save_file(tensors, str(out / f"{name}.safetensors"))
     meta = {
         "base_model": name, "num_heads": args.heads, "num_layers": 1, "head_vocabulary": len(token_ids),
+        "path_inputs": args.path_inputs,
         "training": {
             "method": "self-distillation on the base model's greedy replies", "prompts": len(data),
-            "replies_held_out": len(held), "reply_tokens": sum(len(d["reply_ids"]) for d in data),
+            "replies_held_out": len(held), "held_out_by": "subject",
+            "reply_tokens": sum(len(d["reply_ids"]) for d in data),
             "positions_train": int((~test).sum()), "positions_held_out": int(test.sum()),
             "max_new_tokens": args.max_new_tokens, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
             "weight_decay": args.weight_decay,

@@ -165,7 +165,8 @@ EVERYDAY = [
         "eloquent", "benevolent", "melancholy", "curious", "frugal", "tenacious", "whimsical", "diligent",
     ]),
     ("Describe {x}.", [
-        "a busy market in the morning", "a quiet forest after rain", "a snowy village at night", "a summer thunderstorm",
+        "a busy market in the morning", "a quiet forest after rain", "a snowy village at night",
+        "a summer thunderstorm",
         "the view from a mountain top", "a cozy library", "a lighthouse in a storm", "a field of sunflowers",
         "a crowded train station", "a sunrise in the desert", "an old kitchen", "a night sky full of stars",
     ]),
@@ -180,7 +181,8 @@ EVERYDAY = [
         "a web browser", "a search engine", "the lungs", "a GPU", "a firewall", "a spreadsheet", "the kidneys",
     ]),
     ("Write a Python function that {x}.", [
-        "checks whether a word is a palindrome", "returns the largest number in a list", "converts Celsius to Fahrenheit",
+        "checks whether a word is a palindrome", "returns the largest number in a list",
+        "converts Celsius to Fahrenheit",
         "counts the words in a sentence", "flattens a list of lists", "merges two dictionaries",
         "returns the sum of the digits of a number", "checks whether a year is a leap year", "capitalizes every word",
         "finds the most common element in a list", "computes the average of a list", "reverses the words in a sentence",
@@ -204,6 +206,18 @@ def everyday_prompts(seed: int = 0) -> list[str]:
     for i in range(120):
         out.append(ARITHMETIC[i % len(ARITHMETIC)].format(a=rng.randint(11, 99), b=rng.randint(2, 20)))
     return list(dict.fromkeys(out))
+
+
+def subjects() -> dict[str, str]:
+    """Each training prompt's subject (its topic, or its everyday request whatever the style):
+    held-out data kept apart by subject measures the heads on subjects they were not trained on."""
+    out = {tpl.format(t=t): t for t in TOPICS for tpl in TOPIC_TEMPLATES}
+    out.update({p: p for p in TASKS})
+    for tpl, slots in EVERYDAY:
+        for x in slots:
+            base = tpl.format(x=x)
+            out.update({style.format(p=base): base for style in STYLES})
+    return {p: out.get(p, p) for p in training_prompts()}
 
 
 def training_prompts(n: int | None = None, seed: int = 0) -> list[str]:
