@@ -160,6 +160,37 @@ def hidden_states(model: LlamaModel, data: list[dict], num_heads: int):
     return torch.cat(hs), torch.cat(targets), torch.cat(convo), agree / max(total, 1)
 
 
+def cached_hidden_states(model: LlamaModel, data: list[dict], num_heads: int, path: Path):
+    """``hidden_states`` of ``data``, kept in ``path`` (``...-hidden-<replies>-...``). The replies
+    cache only grows at its end, so the largest earlier file whose positions match a prefix of
+    ``data`` is reused and only the replies after it are run."""
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        return saved["x"], saved["y"], saved["convo"], float(saved["agree"])
+    prefix = path.name.split("-hidden-")[0] + "-hidden-"
+    rest = path.name.split("-hidden-")[1].split("-", 1)[1]
+    best, n = None, 0
+    for f in path.parent.glob(f"{prefix}*-{rest}"):
+        count = f.name[len(prefix):].split("-")[0]
+        if count.isdigit() and n < int(count) < len(data):
+            best, n = f, int(count)
+    parts = []
+    if best is not None:
+        saved = torch.load(best, weights_only=True)
+        if len(saved["x"]) == sum(len(d["reply_ids"]) for d in data[:n]):
+            parts.append((saved["x"], saved["y"], saved["convo"], float(saved["agree"])))
+            log(f"reusing the hidden states of the first {n} replies ({best.name})")
+        else:
+            n = 0
+    if n < len(data):
+        hx, hy, hc, ha = hidden_states(model, data[n:], num_heads)
+        parts.append((hx, hy, hc + n, ha))
+    x, y, convo = (torch.cat([p[i] for p in parts]) for i in range(3))
+    agree = sum(p[3] * len(p[0]) for p in parts) / max(len(x), 1)
+    torch.save({"x": x, "y": y, "convo": convo, "agree": torch.tensor(agree)}, path)
+    return x, y, convo, agree
+
+
 def root_tokens(data: list[dict]) -> torch.Tensor:
     """Per position of ``hidden_states``: the root, the reply's token at t + 1."""
     roots = []
@@ -311,12 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{len(data)} replies, {sum(len(d['reply_ids']) for d in data)} tokens ({t_gen:.0f} s)")
 
     hs_path = cache_dir() / "training" / f"{name}-hidden-{len(data)}-{args.max_new_tokens}-{args.heads}.pt"
-    if hs_path.exists():
-        saved = torch.load(hs_path, weights_only=True)
-        x, y, convo, agree = saved["x"], saved["y"], saved["convo"], float(saved["agree"])
-    else:
-        x, y, convo, agree = hidden_states(model, data, args.heads)
-        torch.save({"x": x, "y": y, "convo": convo, "agree": torch.tensor(agree)}, hs_path)
+    x, y, convo, agree = cached_hidden_states(model, data, args.heads, hs_path)
     log(f"{len(x)} positions; our engine's greedy choice equals the reply's next token at {agree:.2%}")
     # held out by subject: the profile measures the heads on subjects they were not trained on
     subject = subjects()
