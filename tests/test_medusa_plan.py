@@ -93,24 +93,44 @@ def test_heads_on_a_token_subset(tmp_path, tiny_checkpoint):
         load_fasterdecoding(tmp_path / "bad.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
 
 
+def assert_medusa_equals_plain(model, heads, tree, ids=(1, 50, 60, 70), n=20):
+    """Medusa greedy decoding with ``heads`` and ``tree`` gives the model's plain greedy tokens."""
+    from engine.medusa import prefill_and_generate
+
+    with torch.inference_mode():
+        got = [t for step in prefill_and_generate(model, heads, tree, model.new_cache(128), list(ids), n) for t in step]
+        cache, want = model.new_cache(128), []
+        logits = model.forward(torch.tensor([list(ids)]), cache, 0)
+        for _ in range(n):
+            want.append(int(logits[0, -1].argmax()))
+            logits = model.forward(torch.tensor([[want[-1]]]), cache, cache.length)
+    assert got == want
+
+
+def write_heads(folder, model, g, num_heads, path):
+    """Random root-conditioned heads (with path inputs when ``path``) written in chatapp's layout
+    and loaded: (their tensors, MedusaHeads)."""
+    h = model.cfg.hidden_size
+    tensors = {}
+    for k in range(num_heads):
+        tensors[f"{k}.0.linear.weight"] = torch.randn(h, h, generator=g) * 0.1
+        tensors[f"{k}.0.linear.bias"] = torch.randn(h, generator=g) * 0.1
+        tensors[f"{k}.root.weight"] = torch.randn(h, h, generator=g) * 0.5
+        for j in range(1, k + 1 if path else 1):
+            tensors[f"{k}.path.{j}.weight"] = torch.randn(h, h, generator=g) * 0.5
+    save_file(tensors, str(folder / "heads.safetensors"))
+    return tensors, load_fasterdecoding(folder / "heads.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
+
+
 def test_heads_that_take_the_root_token(tmp_path, tiny_checkpoint):
     """chatapp's heads for the embedded model: head k's input is the hidden state plus
     ``{k}.root.weight`` times the root token's embedding; the proposals follow the root, and
     Medusa greedy output still equals plain greedy output. Root weights for only some heads
     are refused."""
-    from engine.medusa import prefill_and_generate
-    from engine.medusa_tree import build_tree
-
     model = LlamaModel.from_dir(tiny_checkpoint)
     h = model.cfg.hidden_size
     g = torch.Generator().manual_seed(1)
-    tensors = {}
-    for k in range(2):
-        tensors[f"{k}.0.linear.weight"] = torch.randn(h, h, generator=g) * 0.1
-        tensors[f"{k}.0.linear.bias"] = torch.randn(h, generator=g) * 0.1
-        tensors[f"{k}.root.weight"] = torch.randn(h, h, generator=g) * 0.5
-    save_file(tensors, str(tmp_path / "heads.safetensors"))
-    heads = load_fasterdecoding(tmp_path / "heads.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
+    tensors, heads = write_heads(tmp_path, model, g, 2, path=False)
     assert heads.root_proj is not None and len(heads.root_proj) == 2
     x = torch.randn(h, generator=g)
     for root in (5, 700):
@@ -121,16 +141,7 @@ def test_heads_that_take_the_root_token(tmp_path, tiny_checkpoint):
             want = (y @ model.embed.t()).topk(n).indices
             got = proposals[:3] if k == 0 else proposals[3:]
             assert got.tolist() == want.tolist()
-    tree = build_tree([[0], [1], [0, 0], [2]], 2)
-    ids = [1, 50, 60, 70]
-    with torch.inference_mode():
-        got = [t for step in prefill_and_generate(model, heads, tree, model.new_cache(128), ids, 20) for t in step]
-        cache, want = model.new_cache(128), []
-        logits = model.forward(torch.tensor([ids]), cache, 0)
-        for _ in range(20):
-            want.append(int(logits[0, -1].argmax()))
-            logits = model.forward(torch.tensor([[want[-1]]]), cache, cache.length)
-    assert got == want
+    assert_medusa_equals_plain(model, heads, build_tree([[0], [1], [0, 0], [2]], 2))
     del tensors["1.root.weight"]
     save_file(tensors, str(tmp_path / "half.safetensors"))
     with pytest.raises(EngineError, match="1.root.weight"):
@@ -142,20 +153,10 @@ def test_heads_that_take_the_path(tmp_path, tiny_checkpoint):
     the path's token at depth j; each parent node's children come from its own path (checked
     against a direct computation), Medusa greedy output equals plain greedy output, and path
     weights that are missing, extra or without root weights are refused."""
-    from engine.medusa import prefill_and_generate
-
     model = LlamaModel.from_dir(tiny_checkpoint)
     h, emb = model.cfg.hidden_size, model.embed
     g = torch.Generator().manual_seed(2)
-    tensors = {}
-    for k in range(3):
-        tensors[f"{k}.0.linear.weight"] = torch.randn(h, h, generator=g) * 0.1
-        tensors[f"{k}.0.linear.bias"] = torch.randn(h, generator=g) * 0.1
-        tensors[f"{k}.root.weight"] = torch.randn(h, h, generator=g) * 0.5
-        for j in range(1, k + 1):
-            tensors[f"{k}.path.{j}.weight"] = torch.randn(h, h, generator=g) * 0.5
-    save_file(tensors, str(tmp_path / "heads.safetensors"))
-    heads = load_fasterdecoding(tmp_path / "heads.safetensors", h, model.cfg.vocab_size, "cpu", torch.float32)
+    tensors, heads = write_heads(tmp_path, model, g, 3, path=True)
     assert [len(p) for p in heads.path_proj] == [0, 1, 2]
 
     def head(k, x, path):  # path: the root's token, then the tokens at depths 1..k
@@ -172,15 +173,7 @@ def test_heads_that_take_the_path(tmp_path, tiny_checkpoint):
         tokens = [root] + [got[path[:d]] for d in range(1, len(path))]
         assert got[path] == head(len(path) - 1, x, tokens)[path[-1]], path
     assert got[(0, 0)] != got[(1, 0)] or got[(0,)] == got[(1,)]  # children follow their parent
-    ids = [1, 50, 60, 70]
-    with torch.inference_mode():
-        out = [t for step in prefill_and_generate(model, heads, tree, model.new_cache(128), ids, 20) for t in step]
-        cache, want = model.new_cache(128), []
-        logits = model.forward(torch.tensor([ids]), cache, 0)
-        for _ in range(20):
-            want.append(int(logits[0, -1].argmax()))
-            logits = model.forward(torch.tensor([[want[-1]]]), cache, cache.length)
-    assert out == want
+    assert_medusa_equals_plain(model, heads, tree)
     for change, match in ((lambda t: t.pop("2.path.2.weight"), "2.path.2.weight"),
                           (lambda t: t.update({"0.path.1.weight": t["1.path.1.weight"].clone()}), "0.path.1.weight"),
                           (lambda t: [t.pop(f"{k}.root.weight") for k in range(3)], "root inputs")):
