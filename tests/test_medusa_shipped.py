@@ -19,6 +19,7 @@ def shipped(embedded_session):
     heads, profile = shipped_heads(embedded_session.name, embedded_session.model.cfg, "cpu",
                                    embedded_session.model.dtype)
     assert heads is not None and profile is not None, "assets/medusa has no heads for the embedded model"
+    assert heads.root_proj is not None and heads.path_proj is not None
     return heads, profile
 
 
@@ -39,8 +40,8 @@ def test_greedy_medusa_equals_plain_greedy_on_chat_prompts(embedded_session, shi
         assert got.token_ids == want.token_ids, prompt
         assert sum(got.accepted_per_step) == got.n_generated and got.decoding == "medusa"
         tokens, steps = tokens + got.n_generated, steps + got.steps
-    # the heads really predict the model's own continuation (bench/medusa_decode.py: 1.52 per step)
-    assert tokens / steps > 1.3
+    # the heads really predict the model's own continuation (bench/medusa_decode.py: 1.94 per step)
+    assert tokens / steps > 1.6
 
 
 def test_card_tree_and_a_second_turn_reuse_the_cache(embedded_session, shipped):
