@@ -174,10 +174,10 @@ def verify(model: LlamaModel, tree: MedusaTree, cache: KVCache, root: int | torc
            accept=accept_greedy, graph: TreeGraph | None = None) -> StepResult:
     """One Medusa step at batch 1. ``root`` is the next token (chosen from the base model's
     logits after the last accepted token, which the cache holds); ``proposals`` are the tokens of
-    the tree's other nodes (``MedusaHeads.propose``). The root and
-    the proposals are verified in one pass over the tree; the longest accepted path wins (ties:
-    the first). Only the nodes with children go through the lm_head (plus the last accepted
-    node when it is a leaf); on a CPU, a small tree's nodes all do, in one pass."""
+    the tree's other nodes (``MedusaHeads.propose``). The root and the proposals are verified in
+    one pass over the tree; the longest accepted path wins (ties: the first). Only the nodes with
+    children go through the lm_head (plus the last accepted node when it is a leaf); on a CPU, a
+    small tree's nodes all do, in one pass."""
     root = torch.as_tensor(root, device=proposals.device).reshape(1)  # a device tensor stays there: no sync
     tokens = torch.cat([root, proposals])  # [N]
     start = cache.length

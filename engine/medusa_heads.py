@@ -72,12 +72,11 @@ def _build(src, prefix: str, n_heads: int, n_layers: int, own: bool, hidden: int
     has_root = any(_ROOT.match(n[len(prefix):]) for n in src.names() if n.startswith(prefix))
     root_proj = [linear(f"{prefix}{h}.root", hidden, False) for h in range(n_heads)] if has_root else None
     path_names = sorted(n for n in src.names() if n.startswith(prefix) and _PATH.match(n[len(prefix):]))
-    has_path = bool(path_names)
-    if has_path and not has_root:
+    if path_names and not has_root:
         raise EngineError(f"{src.file_of(path_names[0])}: Medusa tensor {path_names[0]!r} (a path input) needs "
                           f"the heads' root inputs ({prefix}{{h}}.root.weight), which are missing")
     path_proj = [[linear(f"{prefix}{h}.path.{j}", hidden, False) for j in range(1, h + 1)]
-                 for h in range(n_heads)] if has_path else None
+                 for h in range(n_heads)] if path_names else None
     extra = sorted(n for n in src.names() if n.startswith(prefix) and n not in expected)
     if extra:
         raise EngineError(f"{src.file_of(extra[0])}: unexpected Medusa tensor {extra[0]!r}")

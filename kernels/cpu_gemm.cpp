@@ -84,7 +84,7 @@ void finish(const float* acc, float* y, int cols, const float* bias, const float
   }
 }
 
-// One panel times rows [r0, r0 + rows) of x: the panel is walked once, a block of KBLOCK k at a
+// One panel times ``rows`` rows of x: the panel is walked once, a block of KBLOCK k at a
 // time, and every row group (as even as possible: 8 rows as 4 + 4, not 6 + 2) uses the block
 // while it is in L1.
 void panel_times_rows(const float* x, int64_t ldx, const float* w, int64_t k_len, int64_t rows, float* acc,

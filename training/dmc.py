@@ -422,6 +422,13 @@ SIMPLE_QUESTIONS = [
 ]
 
 
+SIMPLE_ANSWER_TOKENS = 48
+
+
+def question_prompts(tok: ChatTokenizer) -> list[list[int]]:
+    return [tok.encode_chat([{"role": "user", "content": q}]) for q, _ in SIMPLE_QUESTIONS]
+
+
 def greedy_reply(first_logits: torch.Tensor, advance, eos_ids, max_new_tokens: int) -> list[int]:
     """Greedy tokens from the logits after a prompt; ``advance(token)`` gives the next logits."""
     out, logits = [], first_logits
@@ -434,12 +441,12 @@ def greedy_reply(first_logits: torch.Tensor, advance, eos_ids, max_new_tokens: i
     return out
 
 
-def simple_questions(base: LlamaModel, dmc: DMCDecoder, tok: ChatTokenizer, max_new_tokens: int = 48) -> dict:
-    """Greedy answers of the original model and of the DMC model to SIMPLE_QUESTIONS: how many
-    contain a right word, and the answers."""
+def simple_questions(base: LlamaModel, dmc: DMCDecoder, tok: ChatTokenizer, prompts: list[list[int]],
+                     max_new_tokens: int = SIMPLE_ANSWER_TOKENS) -> dict:
+    """Greedy answers of the original model and of the DMC model to SIMPLE_QUESTIONS (``prompts``:
+    their chat prompts, ``question_prompts``): how many contain a right word, and the answers."""
     rows = []
-    for question, words in SIMPLE_QUESTIONS:
-        ids = tok.encode_chat([{"role": "user", "content": question}])
+    for (question, words), ids in zip(SIMPLE_QUESTIONS, prompts):
         cache = base.new_cache(len(ids) + max_new_tokens)
         x = torch.tensor([ids], device=base.device)
         plain = greedy_reply(base.forward(x, cache, 0)[0, -1], lambda t: base.forward(
@@ -463,7 +470,10 @@ def evaluate(model_dir: Path, delta: Path, seqs: list[list[int]], replies: list[
     models' answers to SIMPLE_QUESTIONS."""
     base = LlamaModel.from_dir(model_dir, device, dtype=torch.float32)
     model, settings = load_retrofitted(model_dir, delta, device, dtype=torch.float32)
-    longest = max([len(s) for s in seqs] + [len(s) for _, s in replies] + [160])
+    tok = ChatTokenizer(model_dir, base.cfg)
+    questions = question_prompts(tok)
+    longest = max([len(s) for s in seqs] + [len(s) for _, s in replies] +
+                  [len(q) + SIMPLE_ANSWER_TOKENS for q in questions])
     dmc = DMCDecoder(model, 1, longest, **settings)
     cache = base.new_cache(longest)
     base_nll = dmc_nll = 0.0
@@ -494,7 +504,7 @@ def evaluate(model_dir: Path, delta: Path, seqs: list[list[int]], replies: list[
                     "kv_compression_per_chat_max": round(max(ratios), 4), "chats": len(replies),
                     "chat_tokens": tokens})
     with torch.inference_mode():
-        out.update(simple_questions(base, dmc, ChatTokenizer(model_dir, base.cfg)))
+        out.update(simple_questions(base, dmc, tok, questions))
     return out
 
 
