@@ -77,8 +77,8 @@ def bytes_per_token(model, context: int) -> int:
 
 def run(cfg_dict, quantize, device, context, steps, graphs) -> dict:
     from engine.config import config_from_dict
-    from engine.cuda_graph import capture
-    from engine.llama import LlamaModel
+    from engine.model.cuda_graph import capture
+    from engine.model.llama import LlamaModel
 
     cfg = config_from_dict({"model_type": "llama", **cfg_dict})
     torch.manual_seed(0)

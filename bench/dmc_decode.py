@@ -62,11 +62,11 @@ class ForcedDecisions:
 
 def load(args, device):
     from engine.config import config_from_dict
-    from engine.llama import LlamaModel
+    from engine.model.llama import LlamaModel
 
     if args.shape == "embedded":
-        from engine.dmc_retrofit import load_dmc_model
-        from engine.models import resolve
+        from engine.formats.dmc_delta import load_dmc_model
+        from engine.hub.resolve import resolve
 
         name, path = resolve(None, lambda m: print(m, file=sys.stderr))
         if args.cr is None:
@@ -89,7 +89,7 @@ def timed(fn, device) -> float:
 
 
 def measure(model, settings: dict, context: int, batch: int, steps: int, at: list, device) -> dict:
-    from engine.dmc import DMCDecoder
+    from engine.decoding.dmc import DMCDecoder
 
     cfg = model.cfg
     g = torch.Generator().manual_seed(context * 131 + batch)
@@ -167,7 +167,7 @@ def main() -> None:
     if args.cr is not None:
         from dataclasses import replace
 
-        from engine.dmc import INIT_VAL
+        from engine.decoding.dmc import INIT_VAL
 
         init_val = settings.get("init_val", INIT_VAL)
         model.layers = [replace(ly, qkv=ForcedDecisions(ly.qkv, model.cfg, args.cr, at, init_val))

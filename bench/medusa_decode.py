@@ -78,10 +78,10 @@ def shape_8b(args) -> dict:
     from decode_e2e import LLAMA31_8B, TINY, RandomSource
 
     from engine.config import config_from_dict
-    from engine.llama import Linear, LlamaModel
-    from engine.medusa import MedusaHeads
-    from engine.medusa_heads import SHIPPED
-    from engine.medusa_plan import TREE_SIZES, Profile, measure_step_ms
+    from engine.model.llama import Linear, LlamaModel
+    from engine.decoding.medusa.verify import MedusaHeads
+    from engine.decoding.medusa.heads import SHIPPED
+    from engine.decoding.medusa.plan import TREE_SIZES, Profile, measure_step_ms
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -133,7 +133,7 @@ def _remote_check(args) -> str | None:
 
 
 def _remote_session(args, progress):
-    from engine.remote import RemoteSession
+    from engine.serving.remote import RemoteSession
 
     return RemoteSession.connect(args.remote, _remote_check(args), args.model, progress)
 
@@ -210,7 +210,7 @@ def _perplexity(args) -> int:
 
 def _compare(args) -> int:
     from engine.errors import EngineError
-    from engine.setup_spec import parse_setup
+    from chatapp.compare.spec import parse_setup
 
     if args.remote:
         print("chatapp: error: --remote does not apply to `chatapp compare`", file=sys.stderr)
@@ -222,7 +222,7 @@ def _compare(args) -> int:
         print(f"chatapp: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        from engine.compare import run_compare
+        from chatapp.compare.figures import run_compare
 
         if not (args.prompt or "").strip():
             print("chatapp: error: `chatapp compare --json` needs --prompt", file=sys.stderr)
@@ -233,14 +233,14 @@ def _compare(args) -> int:
             return 130
         print(json.dumps(result, ensure_ascii=False))
         return 1 if any("error" in result[k] for k in ("a", "b")) else 0
-    from .app import ChatApp
+    from chatapp.tui.app import ChatApp
 
     ChatApp(model=args.model, device=args.device, compare=(a, b, args.prompt)).run()
     return 0
 
 
 def _models(args) -> int:
-    from engine.catalog import device_memory, gib, model_rows
+    from engine.hub.catalog import device_memory, gib, model_rows
     from engine.units import decimal_size
 
     device = device_memory()
@@ -276,7 +276,7 @@ def _progress_line(p) -> str:
 
 
 def _pull(args) -> int:
-    from engine.download import DownloadCancelled, pull
+    from engine.hub.download import DownloadCancelled, pull
     from engine.errors import EngineError
 
     last = [0]
@@ -317,15 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare":
         return _compare(args)
     if args.command == "serve":
-        from .serve import main as serve
+        from chatapp.server.app import main as serve
 
         return serve(args)
-    from .app import ChatApp
+    from chatapp.tui.app import ChatApp
 
     if args.remote:
-        from engine.client import EngineClient
+        from engine.serving.client import EngineClient
         from engine.errors import EngineError
-        from engine.remote import RemoteWorker
+        from engine.serving.remote import RemoteWorker
 
         try:
             client = EngineClient(RemoteWorker(args.remote, _remote_check(args)))

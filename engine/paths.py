@@ -6,6 +6,7 @@ from pathlib import Path
 import platformdirs
 
 APP = "chatapp"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"  # what chatapp ships: catalog, Medusa heads, DMC retrofits
 
 
 def cache_dir() -> Path:

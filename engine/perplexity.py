@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from .errors import EngineError
-from .llama import LlamaModel
+from engine.errors import EngineError
+from engine.model.llama import LlamaModel
 
 
 def perplexity(model: LlamaModel, ids: list[int], window: int = 512, stride: int = 256) -> dict:

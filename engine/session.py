@@ -11,20 +11,21 @@ from pathlib import Path
 
 import torch
 
-from . import medusa, memory
-from .dmc import DMCDecoder
-from .checkpoint import TensorSource
-from .errors import EngineError
-from .events import Done, GenerationStats, LoadModel, ModelInfo, SamplingParams, Step, Token
-from .llama import LlamaModel
-from .medusa import MedusaHeads, TypicalAcceptance, accept_greedy
-from .medusa_heads import load_heads, shipped_heads
-from .medusa_plan import Plan, plan
-from .dmc_retrofit import load_dmc_model, tokenizer_dir
-from .models import resolve
-from .quantized_checkpoint import detect
-from .sampling import Sampler
-from .tokenizer import ChatTokenizer
+from engine import memory
+from engine.decoding.medusa import verify as medusa
+from engine.decoding.dmc import DMCDecoder
+from engine.formats.tensor_source import TensorSource
+from engine.errors import EngineError
+from engine.events import Done, GenerationStats, LoadModel, ModelInfo, SamplingParams, Step, Token
+from engine.model.llama import LlamaModel
+from engine.decoding.medusa.verify import MedusaHeads, TypicalAcceptance, accept_greedy
+from engine.decoding.medusa.heads import load_heads, shipped_heads
+from engine.decoding.medusa.plan import Plan, plan
+from engine.formats.dmc_delta import load_dmc_model, tokenizer_dir
+from engine.hub.resolve import resolve
+from engine.formats.fp8 import detect
+from engine.decoding.sampling import Sampler
+from engine.tokenizer import ChatTokenizer
 
 DEFAULT_CONTEXT = 8192
 PREFILL_CHUNK = 512

@@ -12,8 +12,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from .config import ModelConfig
-from .errors import EngineError
+from engine.config import ModelConfig
+from engine.errors import EngineError
 
 
 def _token_text(value) -> str | None:
@@ -48,7 +48,7 @@ def sentencepiece_dir(model_file: Path) -> Path:
     under ``<cache>/tokenizers/<content hash>/``."""
     import hashlib
 
-    from .paths import cache_dir
+    from engine.paths import cache_dir
 
     model_file = Path(model_file)
     try:

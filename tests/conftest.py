@@ -1,15 +1,18 @@
+"""Fixtures shared by every test folder. Torch-free at import: the torch-free packages' test
+checks that importing them in a fresh interpreter loads no torch, and the UI tests need none;
+the fixtures that need the engine import it when they run."""
+
 import os
+import shutil
 
 import pytest
-import torch
+
+from fakes.checkpoints import write_tiny_checkpoint
 
 # Triton kernels run in the interpreter on machines without a GPU; it must be set before the
-# first import of triton.
-if not torch.cuda.is_available():
+# first import of triton (which the model's kernels import).
+if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from engine.events import LoadModel
-from engine.session import Session
 
 
 @pytest.fixture(autouse=True)
@@ -21,38 +24,21 @@ def _user_dirs(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def embedded_session() -> Session:
+def embedded_session():
     """The embedded model on CPU, loaded once for the test run."""
+    from engine.events import LoadModel
+    from engine.session import Session
+
     return Session.load(LoadModel(device="cpu"))
 
 
 @pytest.fixture(scope="session")
 def hf_reference(embedded_session):
     """transformers' LlamaForCausalLM on the same converted weights: the reference."""
+    import torch
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(str(embedded_session.path), dtype=torch.float32).eval()
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def write_tiny_checkpoint(path, embedded_path, **overrides):
-    """A tiny random Llama in Hugging Face layout that uses the embedded model's tokenizer,
-    so that every code path (chat template, detokenization) runs, fast."""
-    import shutil
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **overrides)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        if (embedded_path / name).exists():
-            shutil.copy(embedded_path / name, path / name)
-    return path
 
 
 @pytest.fixture

@@ -51,20 +51,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from engine.checkpoint import TensorSource  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from engine.dmc import DMCDecoder, INIT_VAL, WINDOW  # noqa: E402
-from engine.dmc_retrofit import ROWS, decision_row_index, delta_metadata, load_retrofitted  # noqa: E402
-from engine.errors import EngineError  # noqa: E402
-from engine.llama import LlamaModel  # noqa: E402
-from engine.models import resolve  # noqa: E402
-from engine.paths import cache_dir  # noqa: E402
-from engine.rope import cos_sin_table  # noqa: E402
-from engine.tokenizer import ChatTokenizer  # noqa: E402
-from kernels.dmc import WEIGHT_EPS  # noqa: E402
+
+from engine.formats.tensor_source import TensorSource
+from engine.config import load_config
+from engine.decoding.dmc import DMCDecoder, INIT_VAL, WINDOW
+from engine.formats.dmc_delta import ROWS, decision_row_index, delta_metadata, load_retrofitted
+from engine.errors import EngineError
+from engine.model.llama import LlamaModel
+from engine.hub.resolve import resolve
+from engine.paths import ASSETS, cache_dir
+from engine.model.rope import cos_sin_table
+from engine.tokenizer import ChatTokenizer
+from kernels.dmc import WEIGHT_EPS
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -657,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
 
     done = first if args.evaluate_state else args.steps
     out = args.out or (cache_dir() / "training" / f"{name}-dmc-evaluated" if args.evaluate_state
-                       else ROOT / "assets" / "dmc")
+                       else ASSETS / "dmc")
     out.mkdir(parents=True, exist_ok=True)
     delta_path = out / f"{name}.safetensors"
     save_file(rf.delta(args.train), str(delta_path), metadata=delta_metadata(rf.cfg, name, args.init_val, args.window))

@@ -40,15 +40,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from engine.llama import LlamaModel  # noqa: E402
-from engine.medusa_heads import output_rows  # noqa: E402
-from engine.models import resolve  # noqa: E402
-from engine.paths import cache_dir  # noqa: E402
-from engine.tokenizer import ChatTokenizer  # noqa: E402
-from training.prompts import subjects, training_prompts  # noqa: E402
+
+from engine.model.llama import LlamaModel
+from engine.decoding.medusa.heads import output_rows
+from engine.hub.resolve import resolve
+from engine.paths import ASSETS, cache_dir
+from engine.tokenizer import ChatTokenizer
+from training.prompts import subjects, training_prompts
 
 MAX_RANK = 10  # ranks per head kept in the acceptance profile
 PROFILE_PATHS = 96  # paths kept in the profile (more than any tree the engine builds)
@@ -371,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = acceptance_profile(r)
     log(f"held-out top-1 per head {[round(a, 3) for a in top1]}, top-5 {[round(a, 3) for a in top5]}")
 
-    out = args.out or ROOT / "assets" / "medusa"
+    out = args.out or ASSETS / "medusa"
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"token_ids": token_ids.contiguous()}
     for k, lin in enumerate(heads.linears):

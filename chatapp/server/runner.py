@@ -1,0 +1,276 @@
+"""The serving side of ``chatapp serve`` that is not HTTP: one engine thread that runs the requests
+one at a time against the loaded session (the model is not thread-safe), a bounded wait queue in
+front of it, stop sequences, and the Prometheus metrics."""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.events import Done, GenerationStats, SamplingParams, Token
+from engine.serving.worker import describe
+
+
+class QueueFull(Exception):
+    """Every place in the wait queue is taken."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__("the server is busy: the request queue is full")
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(Exception):
+    """No model is loaded (yet, or any more)."""
+
+
+# ---- what the engine thread sends back for one request --------------------------------------
+@dataclass
+class Chunk:
+    text: str  # new text of the reply, with stop sequences already cut
+
+
+@dataclass
+class Finished:
+    finish_reason: str  # stop | length | cancelled (the client went away)
+    prompt_tokens: int
+    completion_tokens: int
+    stats: GenerationStats | None = None
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+@dataclass
+class Job:
+    prompt: list[int]  # token ids
+    params: SamplingParams
+    emit: Callable[[Chunk | Finished | Failed], None]  # called on the engine thread
+    stop: list[str] = field(default_factory=list)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class StopMatcher:
+    """Cuts the reply at the first stop sequence. Text that could be the start of a stop
+    sequence is held back until the next piece decides it, so no part of a stop sequence is
+    ever sent."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """The text that may be sent now, and whether a stop sequence was reached."""
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buf[:min(hits)], True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:k]):
+                    hold = k
+                    break
+        self._held = buf[len(buf) - hold:] if hold else ""
+        return buf[:len(buf) - hold], False
+
+    def flush(self) -> str:
+        """What was held back, at the end of the reply (it did not become a stop sequence)."""
+        rest, self._held = self._held, ""
+        return rest
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/metrics", "/health")
+
+
+def _fmt(v: float) -> str:
+    v = float(v)
+    return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
+
+
+class Metrics:
+    """Counters and gauges, rendered in the Prometheus text exposition format (version 0.0.4)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.generations = 0
+        self.cancelled = 0
+        self.last_decode_tps = 0.0
+        self.last_ttft = 0.0
+        self.ttft_counts = [0] * len(TTFT_BUCKETS)
+        self.ttft_sum = 0.0
+        self.ttft_count = 0
+        self.medusa_steps = 0
+        self.medusa_tokens = 0
+        self.last_accepted_per_step = 0.0
+        self.last_kv_compression = 1.0
+
+    def count_request(self, path: str, status: int) -> None:
+        endpoint = path if path in ENDPOINTS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        with self._lock:
+            self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
+
+    def count_generation(self, stats: GenerationStats, cancelled: bool) -> None:
+        with self._lock:
+            self.generations += 1
+            self.cancelled += cancelled
+            self.prompt_tokens += stats.n_prompt_tokens
+            self.generated_tokens += stats.n_generated
+            if stats.n_generated:
+                self.last_ttft = stats.time_to_first_token_s
+                self.ttft_sum += stats.time_to_first_token_s
+                self.ttft_count += 1
+                for i, b in enumerate(TTFT_BUCKETS):
+                    if stats.time_to_first_token_s <= b:
+                        self.ttft_counts[i] += 1
+            if stats.n_generated > 1:
+                self.last_decode_tps = stats.decode_tokens_per_s
+            self.last_kv_compression = getattr(stats, "kv_compression", 1.0)
+            if stats.steps:
+                self.medusa_steps += stats.steps
+                self.medusa_tokens += stats.n_generated
+                self.last_accepted_per_step = stats.n_generated / stats.steps
+
+    def render(self, *, waiting: int, running: int, model: str | None, decoding: str) -> str:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{name}{labels} {_fmt(v)}" for labels, v in samples)
+
+        with self._lock:
+            metric("chatapp_requests_total", "counter", "HTTP requests answered, by endpoint and status code.",
+                   [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())])
+            metric("chatapp_prompt_tokens_total", "counter", "Prompt tokens of the generations run.",
+                   [("", self.prompt_tokens)])
+            metric("chatapp_generation_tokens_total", "counter", "Tokens generated.", [("", self.generated_tokens)])
+            metric("chatapp_generations_total", "counter", "Generations run (including cancelled ones).",
+                   [("", self.generations)])
+            metric("chatapp_generations_cancelled_total", "counter",
+                   "Generations stopped because the client went away.", [("", self.cancelled)])
+            metric("chatapp_queue_depth", "gauge", "Requests waiting for the engine.", [("", waiting)])
+            metric("chatapp_requests_running", "gauge", "Requests the engine is generating for.", [("", running)])
+            metric("chatapp_last_decode_tokens_per_second", "gauge",
+                   "Decode rate of the last generation (tokens after the first, per second).",
+                   [("", self.last_decode_tps)])
+            metric("chatapp_last_time_to_first_token_seconds", "gauge",
+                   "Time to first token of the last generation (prefill and first step, without queueing).",
+                   [("", self.last_ttft)])
+            cumulative = []
+            for b, n in zip(TTFT_BUCKETS, self.ttft_counts):
+                cumulative.append((f'_bucket{{le="{b}"}}', n))
+            metric("chatapp_time_to_first_token_seconds", "histogram",
+                   "Time to first token (prefill and first step, without queueing).", [])
+            lines.extend(f"chatapp_time_to_first_token_seconds{labels} {n}" for labels, n in cumulative)
+            lines.append(f'chatapp_time_to_first_token_seconds_bucket{{le="+Inf"}} {self.ttft_count}')
+            lines.append(f"chatapp_time_to_first_token_seconds_sum {_fmt(self.ttft_sum)}")
+            lines.append(f"chatapp_time_to_first_token_seconds_count {self.ttft_count}")
+            if decoding == "medusa":
+                metric("chatapp_medusa_accepted_tokens_per_step", "gauge",
+                       "Medusa: tokens accepted per verify step, mean over the last generation.",
+                       [("", self.last_accepted_per_step)])
+                metric("chatapp_medusa_steps_total", "counter", "Medusa verify steps.", [("", self.medusa_steps)])
+            if decoding == "dmc":
+                metric("chatapp_last_kv_compression_ratio", "gauge",
+                       "DMC: K/V bytes a plain cache would hold over the bytes held, at the end of the last "
+                       "generation.", [("", self.last_kv_compression)])
+            if model is not None:
+                metric("chatapp_model_info", "gauge", "The served model.",
+                       [(f'{{model="{_label(model)}",decoding="{decoding}"}}', 1)])
+        return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# ---- the engine thread -----------------------------------------------------------------------
+class EngineRunner:
+    """Runs jobs one at a time on one thread. ``max_queue`` jobs may wait behind the running one;
+    a job submitted beyond that is refused with ``QueueFull``."""
+
+    def __init__(self, max_queue: int, metrics: Metrics | None = None):
+        if max_queue < 0:
+            raise ValueError("max_queue must be 0 or more")
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self.session = None  # engine.session.Session once loaded
+        self.waiting = 0
+        self.running = 0
+        self._last_job_s = 1.0
+        self._lock = threading.Lock()
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="chatapp-serve-engine", daemon=True)
+        self._thread.start()
+
+    def attach(self, session) -> None:
+        self.session = session
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self.session is None:
+                raise NotReady("the model is not loaded yet")
+            if self.waiting + self.running >= 1 + self.max_queue:
+                ahead = self.waiting + self.running
+                raise QueueFull(max(1, min(60, math.ceil(ahead * self._last_job_s))))
+            self.waiting += 1
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            with self._lock:
+                self.waiting -= 1
+                self.running += 1
+            t0 = time.monotonic()
+            try:
+                if job.cancel.is_set():  # the client went away while it waited
+                    final = Finished("cancelled", len(job.prompt), 0)
+                else:
+                    final = self._generate(job)
+            except BaseException as exc:  # noqa: BLE001 - the engine thread must survive anything
+                final = Failed(describe(exc))
+            with self._lock:  # the engine is free before the client hears that its request is over
+                self.running -= 1
+                self._last_job_s = max(0.05, time.monotonic() - t0)
+            job.emit(final)
+
+    def _generate(self, job: Job) -> Finished:
+        matcher = StopMatcher(job.stop)
+        finish = None
+        for ev in self.session.generate_ids(job.prompt, job.params, job.cancel):
+            if isinstance(ev, Token):
+                if finish is not None:
+                    continue
+                text, stopped = matcher.feed(ev.text)
+                if text:
+                    job.emit(Chunk(text))
+                if stopped:
+                    finish = "stop"
+                    job.cancel.set()  # the engine ends after this step
+            elif isinstance(ev, Done):
+                cancelled = finish is None and ev.reason == "cancelled"
+                if finish is None and not cancelled:
+                    if rest := matcher.flush():
+                        job.emit(Chunk(rest))
+                    finish = "length" if ev.reason == "length" else "stop"
+                self.metrics.count_generation(ev.stats, cancelled)
+                return Finished("cancelled" if cancelled else finish, ev.stats.n_prompt_tokens,
+                                ev.stats.n_generated, ev.stats)
+        raise RuntimeError("the generation ended without a Done event")

@@ -1,0 +1,409 @@
+"""Dynamic Memory Compression (DMC) inference for LlamaModel: a paged KV cache whose length
+varies per (batch row, layer, KV head), and the forward pass that fills it.
+
+API for the engine (the Session wires it; nothing here knows about the UI):
+
+    model = LlamaModel.from_dir(...)                 # or engine.formats.megatron.load_megatron_model(path)
+    dmc = DMCDecoder(model, batch=1, max_len=4096)   # page_size=16, init_val=5.0, window=12
+                                                     # (megatron_checkpoint.dmc_settings(info["args"]))
+    logits = dmc.prefill(ids)     # ids [B, T] int64 after the tokens held -> logits of the last token
+                                  # [B, vocab] (float32); all T tokens at once per layer (parallel=False:
+                                  # token by token, the reference)
+    logits = dmc.step(ids)        # one token per batch row, ids [B] or [B, 1] -> [B, vocab]
+    dmc.length                    # tokens held (the next token's position)
+    dmc.stats()                   # {"kv_cache_bytes": slots in use, "kv_cache_bytes_allocated": pages,
+                                  #  "kv_cache_bytes_dense": a plain cache for the same tokens,
+                                  #  "kv_compression": dense / in use, "tokens": ..., "slots": ...}
+    dmc.reset()                   # start a new conversation (pages go back; the pool is kept)
+    dmc.free()                    # drop the pool
+
+The algorithm is that of the released DMC checkpoints (NVIDIA Megatron-LM, DMC branch): the
+last dimension D-1 of each key head decides (merge into the head's last slot iff k[D-1] > 5,
+never for the first token), the last dimension of the query heads gives the token's weight
+(sigmoid(mean over the KV head's query heads of q[D-1] + 5) + 2**-7); both are zeroed before
+attention. The decision compares the projection, in the model's dtype, converted to float32 with
+5: for bfloat16 this is the reference's bfloat16 test (k - 5 - 0.00785 >= 0), as no bfloat16
+value lies in (5, 5.03125). A slot holds the weighted mean of the last <= 12 tokens of its
+merge run, the key rotated (RoPE) at the position of the run's latest token, with dim D-1
+zeroed again after the rotation; values are not rotated. The per-token update and decode
+attention are the kernels in kernels/dmc.py (Triton on CUDA, PyTorch references elsewhere).
+
+Memory: one pool of pages of ``page_size`` slots (K and V) for all layers, handed out to a
+(layer, batch row, KV head) when its slots fill its pages, checked once per token for all
+layers. The running sums and the window of the last 12 weighted keys/values are float32.
+
+Limits: the batch rows share positions (prompts of one length); each token reads the slot
+counts back to the host once (page allocation), so a step is not CUDA-graph capturable; the
+parallel prefill's attention is PyTorch's SDPA with an explicit mask, in chunks of 256 query
+tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.dmc import WEIGHT_EPS, dmc_decode_attention, dmc_update
+
+from engine.config import ModelConfig
+from engine.errors import EngineError
+
+INIT_VAL = 5.0  # --dmc-init-val of the released checkpoints
+WINDOW = 12  # --dmc-window-size of the released checkpoints (the reference kernel hard-codes 12)
+PREFILL_CHUNK = 256  # query tokens per attention call in the parallel prefill
+
+
+class DMCCache:
+    """Slots of all layers in one page pool, plus each layer's DMC state.
+
+    k_pages, v_pages [num_pages, P, D]; block_table [layers, B, Hkv, max_pages] int32 (-1 where
+    no page); lens [layers, B, Hkv] int32 (slots in use); ksum, vsum [layers, B, Hkv, D],
+    wsum [layers, B, Hkv], win_k, win_v [layers, W, B, Hkv, D], win_w [layers, W, B, Hkv] float32;
+    run [layers, B, Hkv] int32 (tokens in the current slot's merge run)."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int, batch: int, device, dtype, page_size: int = 16,
+                 window: int = WINDOW):
+        if page_size < 16 or page_size & (page_size - 1):
+            raise EngineError(f"DMC page size {page_size}: must be a power of two, at least 16")
+        self.cfg, self.max_len, self.batch = cfg, max_len, batch
+        self.device, self.dtype = torch.device(device), dtype
+        self.page_size, self.window = page_size, window
+        nl, nkv, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+        rows = (nl, batch, nkv)
+        f32 = dict(device=self.device, dtype=torch.float32)
+        i32 = dict(device=self.device, dtype=torch.int32)
+        self.block_table = torch.full((*rows, -(-max_len // page_size)), -1, **i32)
+        self.lens = torch.zeros(rows, **i32)
+        self.run = torch.zeros(rows, **i32)
+        self.ksum = torch.zeros(*rows, d, **f32)
+        self.vsum = torch.zeros(*rows, d, **f32)
+        self.wsum = torch.zeros(rows, **f32)
+        self.win_k = torch.zeros(nl, window, batch, nkv, d, **f32)
+        self.win_v = torch.zeros(nl, window, batch, nkv, d, **f32)
+        self.win_w = torch.ones(nl, window, batch, nkv, **f32)
+        self._pages_per_row = torch.zeros(rows, dtype=torch.int32)  # host copy of the table's fill
+        self.k_pages = self.v_pages = None
+        self.pages_used = 0
+        self.length = 0  # tokens held
+
+    # ---- pages ---------------------------------------------------------------------------
+    def _grow_pool(self, need: int):
+        have = 0 if self.k_pages is None else self.k_pages.shape[0]
+        if need <= have:
+            return
+        size = max(need, 2 * have, self._pages_per_row.numel())
+        shape = (size, self.page_size, self.cfg.head_dim)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if have:
+            k[:have], v[:have] = self.k_pages, self.v_pages
+        self.k_pages, self.v_pages = k, v
+
+    def reserve(self):
+        """Before a token: a new page for every (layer, row, head) whose pages are full (the
+        token adds at most one slot to each). One device-to-host copy of the lengths."""
+        self._add_pages((self.lens.cpu() == self._pages_per_row * self.page_size).to(torch.int32))
+
+    def ensure_pages(self, layer: int, need: torch.Tensor):
+        """At least need[b, h] pages (a host int tensor [B, Hkv]) for each head of one layer."""
+        extra = torch.zeros_like(self._pages_per_row)
+        extra[layer] = (need.to(torch.int32) - self._pages_per_row[layer]).clamp(min=0)
+        self._add_pages(extra)
+
+    def _add_pages(self, extra: torch.Tensor):
+        """extra[l, b, h] more pages (host int32, shaped like the rows) from the pool."""
+        flat_extra = extra.flatten()
+        n = int(flat_extra.sum())
+        if n == 0:
+            return
+        have = self._pages_per_row.flatten()
+        if int((have + flat_extra).max()) > self.block_table.shape[-1]:
+            raise EngineError(f"context full: {self.length + 1} tokens exceed the context size of {self.max_len}")
+        self._grow_pool(self.pages_used + n)
+        rows = torch.arange(flat_extra.numel()).repeat_interleave(flat_extra)
+        run_start = flat_extra.cumsum(0) - flat_extra
+        cols = have[rows] + (torch.arange(n) - run_start[rows])
+        pages = torch.arange(self.pages_used, self.pages_used + n, dtype=torch.int32)
+        table = self.block_table.view(-1, self.block_table.shape[-1])
+        table[rows.to(self.device), cols.to(self.device)] = pages.to(self.device)
+        self._pages_per_row += extra
+        self.pages_used += n
+
+    def layer_state(self, layer: int) -> tuple:
+        """The arguments of kernels.dmc.dmc_update for one layer (views, updated in place)."""
+        return (self.ksum[layer], self.vsum[layer], self.wsum[layer], self.win_k[layer], self.win_v[layer],
+                self.win_w[layer], self.run[layer], self.lens[layer])
+
+    def write(self, layer: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B, Hkv, D] at slot [B, Hkv] of each head of one layer (pages reserved)."""
+        d = self.cfg.head_dim
+        slot = slot.long()
+        page = self.block_table[layer].gather(2, (slot // self.page_size)[..., None])[..., 0].long()
+        flat = (page * self.page_size + slot % self.page_size).reshape(-1)
+        self.k_pages.view(-1, d).index_copy_(0, flat, k.reshape(-1, d).to(self.dtype))
+        self.v_pages.view(-1, d).index_copy_(0, flat, v.reshape(-1, d).to(self.dtype))
+
+    def layer_cache(self, layer: int) -> tuple:
+        """The cache arguments of kernels.dmc.dmc_decode_attention for one layer."""
+        return self.k_pages, self.v_pages, self.block_table[layer], self.lens[layer]
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+    def reset(self):
+        """Empty: every page back to the pool (kept allocated), the state cleared."""
+        self.block_table.fill_(-1)
+        self._pages_per_row.zero_()
+        for t in (self.lens, self.run, self.ksum, self.vsum, self.wsum, self.win_k, self.win_v):
+            t.zero_()
+        self.win_w.fill_(1.0)
+        self.pages_used = 0
+        self.length = 0
+
+    def free(self):
+        self.reset()
+        self.k_pages = self.v_pages = None
+
+    def _slot_bytes(self) -> int:
+        return 2 * self.cfg.head_dim * torch.empty((), dtype=self.dtype).element_size()  # K and V
+
+    def slots(self) -> int:
+        return int(self.lens.sum())
+
+    def nbytes_used(self) -> int:
+        """K and V bytes of the slots in use, all layers and heads."""
+        return self.slots() * self._slot_bytes()
+
+    def nbytes_allocated(self) -> int:
+        """K and V bytes of the pages handed out."""
+        return self.pages_used * self.page_size * self._slot_bytes()
+
+    def nbytes_dense(self) -> int:
+        """What a plain KV cache holds for the same tokens."""
+        cfg = self.cfg
+        return self.length * cfg.num_layers * self.batch * cfg.num_kv_heads * self._slot_bytes()
+
+    def nbytes_state(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ksum, self.vsum, self.wsum, self.win_k,
+                                                           self.win_v, self.win_w, self.run, self.lens))
+
+
+class DMCDecoder:
+    """A LlamaModel run with a DMC cache instead of the dense one (see the module docstring)."""
+
+    def __init__(self, model, batch: int = 1, max_len: int | None = None, page_size: int = 16,
+                 init_val: float = INIT_VAL, window: int = WINDOW):
+        cfg = model.cfg
+        if int(window) < 1:
+            raise EngineError(f"DMC window {window}: must be at least 1")
+        self.model = model
+        self.init_val, self.window = float(init_val), int(window)
+        self.max_len = int(max_len or cfg.max_position_embeddings)
+        self.cache = DMCCache(cfg, self.max_len, batch, model.device, model.dtype, page_size, window)
+        self._last_dim = torch.arange(cfg.head_dim, device=model.device) == cfg.head_dim - 1
+        self.prefill_chunk = PREFILL_CHUNK
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def reset(self):
+        self.cache.reset()
+
+    def free(self):
+        self.cache.free()
+
+    def stats(self) -> dict:
+        c = self.cache
+        used, dense = c.nbytes_used(), c.nbytes_dense()
+        return {"kv_cache_bytes": used, "kv_cache_bytes_allocated": c.nbytes_allocated(),
+                "kv_cache_bytes_dense": dense, "kv_compression": dense / used if used else 1.0,
+                "kv_cache_state_bytes": c.nbytes_state(), "tokens": c.length, "slots": c.slots()}
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE (rotate-half, signed-sin table) of heads whose dim D-1 is zeroed before and after."""
+        x = x.masked_fill(self._last_dim, 0)
+        x = torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+        return x.masked_fill(self._last_dim, 0)
+
+    def _check(self, ids: torch.Tensor, t: int):
+        if ids.shape[0] != self.cache.batch:
+            raise EngineError(f"DMC: {ids.shape[0]} sequences given to a cache made for {self.cache.batch}")
+        if self.length + t > self.max_len:
+            raise EngineError(f"context full: {self.length + t} tokens exceed the context size of {self.max_len}")
+
+    # ---- one token -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """One token per batch row (ids [B] or [B, 1]) at position self.length; logits [B, vocab]."""
+        model, cfg, cache = self.model, self.model.cfg, self.cache
+        ids = ids.reshape(-1, 1).to(model.device)
+        self._check(ids, 1)
+        bsz = ids.shape[0]
+        h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pos = cache.length
+        cos, sin = model._rope_tables(pos + 1)
+        cos, sin = cos[pos], sin[pos]
+        ptr, first = pos % self.window, pos == 0
+        cache.reserve()
+        eps = cfg.rms_norm_eps
+        x = F.embedding(ids, model.embed)
+        for li, layer in enumerate(model.layers):
+            qkv = layer.qkv(F.rms_norm(x, (h,), layer.attn_norm, eps)).view(bsz, nh + 2 * nkv, d)
+            q, k, v = qkv[:, :nh], qkv[:, nh:nh + nkv], qkv[:, nh + nkv:]
+            k_slot, v_slot, slot = dmc_update(q, k, v, *cache.layer_state(li), ptr, first, self.init_val,
+                                              self.window)
+            qk = self._rotate(torch.cat([q, k_slot], dim=1), cos, sin)
+            cache.write(li, slot, qk[:, nh:], v_slot)
+            attn = dmc_decode_attention(qk[:, :nh], *cache.layer_cache(li))
+            x = layer.o(attn.reshape(bsz, 1, cfg.q_size), residual=x)
+            x = model._mlp(layer, x)
+        cache.length = pos + 1
+        return model.logits(F.rms_norm(x[:, 0], (h,), model.norm, eps))
+
+    # ---- a prompt --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, parallel: bool = True, all_logits: bool = False) -> torch.Tensor:
+        """Run a prompt ids [B, T] after the tokens already held; logits of its last token
+        [B, vocab] (all of them, [B, T, vocab], with ``all_logits``). ``parallel``: all T tokens
+        at once per layer, with the same merges, slots and state as running them one by one
+        (which ``parallel=False`` does)."""
+        ids = ids.to(self.model.device)
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise EngineError("DMC prefill: expected token ids [batch, tokens] with at least one token")
+        self._check(ids, ids.shape[1])
+        if parallel:
+            return self._prefill_parallel(ids, all_logits)
+        out = [self.step(ids[:, i]) for i in range(ids.shape[1])]
+        return torch.stack(out, dim=1) if all_logits else out[-1]
+
+    def _prefill_parallel(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """Per layer, for all T new tokens at once: the decisions and weights; each token's slot
+        content, the weighted mean of the last <= W tokens of its merge run (a banded sum over
+        the window buffer's tokens and the new ones); attention of token i over the cached slots
+        still there (all but the last, which a merge of the first new token replaces), the new
+        slots final by then (tokens j < i whose next token appends) and its own; then the slots
+        and the state of the last token, as T token-by-token steps would leave them."""
+        model, cfg, cache = self.model, self.model.cfg, self.cache
+        bsz, t = ids.shape
+        start = cache.length
+        h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        groups, win = nh // nkv, self.window
+        dev = model.device
+        cos, sin = model._rope_tables(start + t)
+        cos, sin = cos[start:start + t, None], sin[start:start + t, None]  # [T, 1, D]
+        pos = torch.arange(start, start + t, device=dev)[None, :, None]  # [1, T, 1]
+        eps = cfg.rms_norm_eps
+        x = F.embedding(ids, model.embed)
+        for li, layer in enumerate(model.layers):
+            qkv = layer.qkv(F.rms_norm(x, (h,), layer.attn_norm, eps)).view(bsz, t, nh + 2 * nkv, d)
+            q, k, v = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv], qkv[:, :, nh + nkv:]
+            merge = k[..., d - 1].float() > self.init_val  # [B, T, Hkv]
+            if start == 0:
+                merge[:, 0] = False
+            w = torch.sigmoid(q[..., d - 1].float().view(bsz, t, nkv, groups).mean(-1) + self.init_val) + WEIGHT_EPS
+            kw = k.float().masked_fill(self._last_dim, 0) * w[..., None]
+            vw = v.float() * w[..., None]
+            # first token (absolute position) of each token's merge run, and of its window
+            old_start = (start - cache.run[li].long())[:, None]  # [B, 1, Hkv]; unused when start == 0
+            run_start = torch.where(merge, -1, pos).cummax(dim=1).values
+            run_start = torch.where(run_start < 0, old_start, run_start)
+            lo = torch.maximum(run_start, pos - (win - 1))
+            ksum, vsum, wsum = self._window_sums(li, kw, vw, w, lo)
+            k_slot = (ksum / wsum[..., None]).to(k.dtype)
+            v_slot = (vsum / wsum[..., None]).to(v.dtype)
+            qk = self._rotate(torch.cat([q, k_slot], dim=2), cos, sin)
+            qr, kr = qk[:, :, :nh], qk[:, :, nh:]
+            # slot of token j is still there for token i > j iff token j+1 appends
+            final = torch.ones_like(merge)
+            final[:, :-1] = ~merge[:, 1:]
+            attn = self._prefill_attention(li, qr, kr, v_slot, final, merge[:, 0])
+            self._store_prefill(li, merge, final, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start)
+            x = layer.o(attn, residual=x)
+            x = model._mlp(layer, x)
+        cache.length = start + t
+        if not all_logits:
+            x = x[:, -1]
+        return model.logits(F.rms_norm(x, (h,), model.norm, eps))
+
+    def _window_sums(self, li: int, kw: torch.Tensor, vw: torch.Tensor, w: torch.Tensor, lo: torch.Tensor):
+        """For each new token (position start + i), the sums of kw, vw [B, T, Hkv, D] and w
+        [B, T, Hkv] over positions lo[i]..start + i, the positions before start read from the
+        window buffer (it holds the last W tokens): W shifted copies, masked."""
+        cache, win = self.cache, self.window
+        start, t = cache.length, kw.shape[1]
+        back = min(start, win - 1)  # earlier tokens a window can reach
+        if back:
+            hist = [(start - back + j) % win for j in range(back)]
+            kw = torch.cat([cache.win_k[li, hist].transpose(0, 1), kw], dim=1)
+            vw = torch.cat([cache.win_v[li, hist].transpose(0, 1), vw], dim=1)
+            w = torch.cat([cache.win_w[li, hist].transpose(0, 1), w], dim=1)
+        pos = torch.arange(start, start + t, device=kw.device)[None, :, None]
+        ksum = torch.zeros(kw.shape[0], t, *kw.shape[2:], dtype=kw.dtype, device=kw.device)
+        vsum, wsum = torch.zeros_like(ksum), torch.zeros_like(w[:, :t])
+        for o in range(min(win, back + t)):
+            first = max(0, o - back)  # new tokens whose position - o is held
+            src = slice(back + first - o, back + t - o)
+            take = (pos[:, first:] - o) >= lo[:, first:]
+            ksum[:, first:] += kw[:, src] * take[..., None]
+            vsum[:, first:] += vw[:, src] * take[..., None]
+            wsum[:, first:] += w[:, src] * take
+        return ksum, vsum, wsum
+
+    def _prefill_attention(self, li, q, k, v, final, first_merges):
+        """Token i attends to the cached slots still there, to the new slots final by then
+        (tokens j < i with final[j]) and to its own slot. q [B, T, H, D], k, v [B, T, Hkv, D],
+        final [B, T, Hkv], first_merges [B, Hkv] -> [B, T, H * D]. In chunks of query tokens,
+        so that the mask is [B, Hkv, groups * chunk, cached + T] at most."""
+        cache = self.cache
+        bsz, t, nh, d = q.shape
+        nkv = k.shape[2]
+        groups = nh // nkv
+        idx = torch.arange(t, device=q.device)
+        qh, kh, vh = q.permute(0, 2, 1, 3), k.transpose(1, 2), v.transpose(1, 2)
+        old_visible = None
+        if cache.length:
+            lens = cache.lens[li]
+            used = int(lens.max())
+            pages = cache.block_table[li, :, :, : -(-used // cache.page_size)].long().clamp(min=0)
+            n = pages.shape[2] * cache.page_size
+            slots = torch.arange(n, device=q.device)
+            # every cached slot but the last; the last too unless the first new token merges into it
+            old_visible = (slots < (lens - first_merges.to(lens.dtype))[..., None])[:, :, None, :]  # [B, Hkv, 1, n]
+            old_k = cache.k_pages[pages].view(bsz, nkv, n, d).masked_fill(~old_visible[:, :, 0, :, None], 0)
+            old_v = cache.v_pages[pages].view(bsz, nkv, n, d).masked_fill(~old_visible[:, :, 0, :, None], 0)
+            kh, vh = torch.cat([old_k.to(kh.dtype), kh], dim=2), torch.cat([old_v.to(vh.dtype), vh], dim=2)
+        n_old = kh.shape[2] - t
+        final_t = final.permute(0, 2, 1)[:, :, None, :]  # [B, Hkv, 1, T]
+        out = torch.empty(bsz, nh, t, d, dtype=q.dtype, device=q.device)
+        for c0 in range(0, t, self.prefill_chunk):
+            c1 = min(t, c0 + self.prefill_chunk)
+            rows, cols = idx[c0:c1, None], idx[None, :c1]
+            visible = ((rows > cols) & final_t[..., :c1]) | (rows == cols)  # [B, Hkv, C, c1]
+            if old_visible is not None:
+                visible = torch.cat([old_visible.expand(-1, -1, c1 - c0, -1), visible], dim=3)
+            qg = qh[:, :, c0:c1].reshape(bsz, nkv, groups * (c1 - c0), d)
+            attn = F.scaled_dot_product_attention(qg, kh[:, :, :n_old + c1], vh[:, :, :n_old + c1],
+                                                  attn_mask=visible.repeat(1, 1, groups, 1))
+            out[:, :, c0:c1] = attn.view(bsz, nh, c1 - c0, d)
+        return out.transpose(1, 2).reshape(bsz, t, nh * d)
+
+    def _store_prefill(self, li, merge, final, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start):
+        """The new final tokens' keys and values into their slots, and the state after the last
+        token: run length, sums, and the window buffer's entries of the new tokens."""
+        cache, win = self.cache, self.window
+        bsz, t, nkv, d = kr.shape
+        start = cache.length
+        lens_old = cache.lens[li].long()
+        slot_of = lens_old[:, None] - 1 + (~merge).long().cumsum(1)  # [B, T, Hkv]
+        lens_new = slot_of[:, -1] + 1
+        cache.ensure_pages(li, -(-lens_new.cpu() // cache.page_size))
+        b_idx, t_idx, h_idx = final.nonzero(as_tuple=True)
+        s = slot_of[b_idx, t_idx, h_idx]
+        page = cache.block_table[li][b_idx, h_idx, s // cache.page_size].long()
+        flat = page * cache.page_size + s % cache.page_size
+        cache.k_pages.view(-1, d).index_copy_(0, flat, kr[b_idx, t_idx, h_idx].to(cache.dtype))
+        cache.v_pages.view(-1, d).index_copy_(0, flat, v_slot[b_idx, t_idx, h_idx].to(cache.dtype))
+        cache.lens[li] = lens_new.to(torch.int32)
+        cache.run[li] = (start + t - run_start[:, -1]).to(torch.int32)
+        cache.ksum[li], cache.vsum[li], cache.wsum[li] = ksum[:, -1], vsum[:, -1], wsum[:, -1]
+        for j in range(max(0, t - win), t):
+            at = (start + j) % win
+            cache.win_k[li, at], cache.win_v[li, at], cache.win_w[li, at] = kw[:, j], vw[:, j], w[:, j]

@@ -1,0 +1,166 @@
+"""Which Medusa tree to verify on this device.
+
+A tree of N nodes yields, per step, 1 + the sum over its proposal nodes of the frequency with
+which that node's path of ranks is entirely right (the heads' acceptance profile, measured on
+held-out replies when the heads were trained: the matching nodes form one chain). It costs one
+verify step, whose time depends on N and on the device: on a GPU 64 nodes cost about what one
+does, on a CPU each node adds a sizeable share of a step. So the best tree is the one with the
+most expected tokens per second of measured step time, and it differs per device. Where no
+tree beats a plain decoding step (a CPU on which a two-token pass costs much more than a
+one-token one, with weak heads), the plan is plain decoding.
+
+``--medusa-choices`` overrides the choice: a preset (``auto``, ``card``) or a JSON file with a
+list of paths."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels import cpu_gemm
+
+from engine.errors import EngineError
+from engine.decoding.medusa.tree import CARD_CHOICES, MedusaTree, build_tree
+from engine.paths import cache_dir
+
+PRESETS = ("auto", "card")
+TREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass
+class Profile:
+    """Frequency with which each path of ranks is right, most frequent first."""
+
+    paths: list[tuple[tuple[int, ...], float]]
+
+    @classmethod
+    def read(cls, path: Path) -> "Profile":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls([(tuple(int(r) for r in e["path"]), float(e["freq"])) for e in data["profile"]])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise EngineError(f"{path}: not a Medusa acceptance profile ({e})") from None
+
+    def tree_paths(self, num_nodes: int, num_heads: int) -> list[tuple[int, ...]]:
+        """The ``num_nodes - 1`` most frequent paths (prefix-closed: a path is never more
+        frequent than its parent, and ties keep the shorter first)."""
+        usable = [p for p, _ in self.paths if len(p) <= num_heads]
+        return usable[:num_nodes - 1]
+
+    def expected_tokens(self, paths: list[tuple[int, ...]]) -> float:
+        freq = dict(self.paths)
+        return 1.0 + sum(freq.get(tuple(p), 0.0) for p in paths)
+
+
+@dataclass
+class Plan:
+    tree: MedusaTree | None  # None: no tree is faster than plain decoding on this device
+    choices: str  # how it was chosen, for the model info
+    expected_tokens_per_step: float | None = None
+    step_ms: float | None = None
+    plain_step_ms: float | None = None
+
+
+def read_choices(spec: str, num_heads: int) -> list[list[int]]:
+    """A preset's or a JSON file's paths."""
+    if spec == "card":
+        return [c for c in CARD_CHOICES if len(c) <= num_heads]
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise EngineError(f"--medusa-choices {spec!r}: not a preset ({', '.join(PRESETS)}) and not a file")
+    try:
+        choices = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EngineError(f"{path}: not a JSON list of Medusa choices ({e})") from None
+    if not isinstance(choices, list):
+        raise EngineError(f"{path}: expected a JSON list of paths such as [[0], [0, 0], [1]]")
+    return choices
+
+
+def _cost_key(model, name: str) -> str:
+    dev = model.device
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    lin = model.layers[0].qkv
+    kind = type(lin).__name__ + (f"/panels-v{cpu_gemm.VERSION}" if getattr(lin, "packed", None) is not None else "")
+    return f"{name}|{where}|{str(model.dtype).removeprefix('torch.')}|{kind}"
+
+
+def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 1, reps: int = 3,
+                    context: int = 256) -> dict[int, float]:
+    """Median time of one verify step (heads included) per tree size, with ``context`` tokens
+    already in a scratch cache; size 0 is a plain decode step."""
+    from engine.decoding.medusa.verify import TreeGraph, verify
+
+    cache = model.new_cache(context + max(sizes) + 1)
+    out = {}
+    with torch.inference_mode():
+        model.forward(torch.zeros(1, context, dtype=torch.long, device=model.device), cache, 0, logits=False)
+        for n in (0, *sizes):
+            if n == 0:
+                def step():
+                    model.forward(torch.zeros(1, 1, dtype=torch.long, device=model.device), cache, context)
+            else:
+                paths = profile.tree_paths(n, heads.num_heads) if profile else CARD_CHOICES[:n - 1]
+                tree = build_tree(paths or [[0]], heads.num_heads).to(model.device)
+                hidden = torch.zeros(model.cfg.hidden_size, device=model.device, dtype=model.dtype)
+                graph = TreeGraph.for_device(model, tree, cache)  # as decoding runs it
+
+                def step():  # the heads' proposals and the verify pass
+                    verify(model, tree, cache, 0, heads.propose(hidden, model, tree, 0), graph=graph)
+            times = []
+            for i in range(warmup + reps):
+                cache.length = context
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step()
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+            out[n] = sorted(times)[len(times) // 2] * 1000
+    return out
+
+
+def step_costs(model, heads, name: str, sizes, profile: Profile | None) -> dict[int, float]:
+    """Measured once per model, device and weight format, then read from the cache folder."""
+    file = cache_dir() / "medusa_step_ms.json"
+    key = _cost_key(model, name)
+    try:
+        known = json.loads(file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    have = {int(n): float(ms) for n, ms in known.get(key, {}).items()}
+    if not all(n in have for n in (0, *sizes)):
+        have = measure_step_ms(model, heads, sizes, profile)
+        known[key] = {str(n): round(ms, 3) for n, ms in have.items()}
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(known, indent=1) + "\n")
+    return have
+
+
+def plan(model, heads, name: str, choices: str | None, profile: Profile | None) -> Plan:
+    """The tree to verify: the user's choice, or (``auto``) the best for this device."""
+    choices = choices or "auto"
+    if choices != "auto":
+        return Plan(build_tree(read_choices(choices, heads.num_heads), heads.num_heads).to(model.device), choices)
+    if profile is None:  # no acceptance figures for these heads: the reference tree
+        return Plan(build_tree(read_choices("card", heads.num_heads), heads.num_heads).to(model.device), "card")
+    most = len([p for p, _ in profile.paths if len(p) <= heads.num_heads]) + 1
+    sizes = sorted({n for n in TREE_SIZES if 2 <= n < most} | {most})
+    costs = step_costs(model, heads, name, sizes, profile)
+
+    def rate(n):
+        return profile.expected_tokens(profile.tree_paths(n, heads.num_heads)) / costs[n]
+
+    best = max(sizes, key=rate)
+    if rate(best) <= 1.0 / costs[0]:
+        return Plan(None, f"auto (plain: no tree beats plain decoding here; best {best} nodes, "
+                          f"{rate(best) * costs[0]:.2f}x)", 1.0, costs[0], costs[0])
+    paths = profile.tree_paths(best, heads.num_heads)
+    return Plan(build_tree(paths, heads.num_heads).to(model.device), f"auto ({best} nodes)",
+                profile.expected_tokens(paths), costs[best], costs[0])

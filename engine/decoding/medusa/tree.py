@@ -1,0 +1,150 @@
+"""Medusa candidate trees: from a list of ``medusa_choices`` to the buffers one verification
+step needs.
+
+A choice is a path ``(a, b, c)``: the a-th most likely token of head 0, then the b-th of head 1,
+then the c-th of head 2. Node 0 is the root (the base model's own next token); node k > 0 is a
+path. The buffers:
+
+- ``tree_indices`` [N]: where each node's token is in the candidate vector
+  ``[root, head0 top-k0, head1 top-k1, ...]`` (each head contributes only the ranks used);
+- ``position_offsets`` [N]: the node's depth (its position after the last accepted token);
+- ``attn_mask`` [N, N] bool: a node attends to itself and its ancestors (and to the whole cache);
+- ``retrieve_indices`` [R, D + 1]: one row per leaf, the node ids from the root down, padded
+  with -1 (``valid`` marks the real entries, so padding can never be accepted);
+- ``parents`` [N]: the parent node (-1 for the root);
+- ``inner`` [I]: the nodes with children (only their logits are needed to judge the proposals);
+  ``parent_slot`` [N - 1]: for nodes 1.., the row of their parent in ``inner``;
+- ``levels``: per depth d, what heads whose input depends on the path (``MedusaHeads.path_proj``)
+  need to propose the nodes of depth d + 1 parent by parent (see ``Level``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import EngineError
+
+# The tree of the nvidia/Llama-3.1-8B-Medusa-FP8 model card (3 heads, depth 3).
+CARD_CHOICES = [
+    [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5],
+    [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0], [0, 9], [8], [9],
+    [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5], [0, 1, 1], [0, 0, 6], [0, 3, 0],
+    [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0], [1, 4], [7, 0], [0, 1, 2], [2, 0, 0],
+    [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0], [1, 6], [0, 7, 0],
+]
+
+
+@dataclass
+class Level:
+    """The nodes of one depth d + 1 and their parents (the nodes of depth d with children): head
+    d runs once per parent. ``ancestors`` [P, d]: each parent's path, the node ids at depths
+    1..d (empty for the root); ``children`` [C] node ids; ``child_parent`` [C]: the row of each
+    child's parent in ``parents``; ``child_rank`` [C]: the child's rank among that parent's
+    proposals."""
+
+    parents: torch.Tensor
+    ancestors: torch.Tensor
+    children: torch.Tensor
+    child_parent: torch.Tensor
+    child_rank: torch.Tensor
+
+    def to(self, device) -> "Level":
+        return Level(*(t.to(device) for t in (self.parents, self.ancestors, self.children, self.child_parent,
+                                              self.child_rank)))
+
+
+@dataclass
+class MedusaTree:
+    paths: list[tuple[int, ...]]  # node k (k >= 1) is paths[k - 1]; breadth-first, then lexicographic
+    topk: list[int]  # ranks used per head
+    tree_indices: torch.Tensor
+    position_offsets: torch.Tensor
+    attn_mask: torch.Tensor
+    retrieve_indices: torch.Tensor
+    valid: torch.Tensor
+    parents: torch.Tensor
+    inner: torch.Tensor
+    parent_slot: torch.Tensor
+    retrieve_rows: list[list[int]]  # retrieve_indices on the host, without the padding
+    inner_rows: dict[int, int]  # node id -> its row in ``inner``
+    levels: list[Level]
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.paths) + 1
+
+    @property
+    def depth(self) -> int:
+        return len(self.topk)
+
+    def to(self, device) -> "MedusaTree":
+        move = {k: getattr(self, k).to(device) for k in
+                ("tree_indices", "position_offsets", "attn_mask", "retrieve_indices", "valid", "parents", "inner",
+                 "parent_slot")}
+        return MedusaTree(self.paths, self.topk, **move, retrieve_rows=self.retrieve_rows,
+                          inner_rows=self.inner_rows, levels=[lv.to(device) for lv in self.levels])
+
+
+def build_tree(choices, num_heads: int | None = None) -> MedusaTree:
+    """Buffers for ``choices``; missing prefixes are added (a path implies its ancestors).
+    ``num_heads``: the model's head count; a path deeper than that is an error."""
+    paths: set[tuple[int, ...]] = set()
+    for c in choices:
+        path = tuple(c) if isinstance(c, (list, tuple)) else None
+        if not path or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in path):
+            raise EngineError(f"medusa choice {c!r} is not a non-empty list of token ranks (integers >= 0)")
+        for d in range(1, len(path) + 1):
+            paths.add(path[:d])
+    if not paths:
+        raise EngineError("medusa choices are empty")
+    ordered = sorted(paths, key=lambda p: (len(p), p))
+    depth = len(ordered[-1])
+    if num_heads is not None and depth > num_heads:
+        raise EngineError(f"medusa choices are {depth} deep but the model has {num_heads} Medusa heads")
+    topk = [max(p[d] for p in ordered if len(p) > d) + 1 for d in range(depth)]
+    offsets = [1]
+    for k in topk[:-1]:
+        offsets.append(offsets[-1] + k)
+    node = {p: i + 1 for i, p in enumerate(ordered)}
+    n = len(ordered) + 1
+
+    tree_indices = torch.zeros(n, dtype=torch.long)
+    position = torch.zeros(n, dtype=torch.long)
+    parents = torch.full((n,), -1, dtype=torch.long)
+    mask = torch.eye(n, dtype=torch.bool)
+    mask[:, 0] = True
+    for p, i in node.items():
+        tree_indices[i] = offsets[len(p) - 1] + p[-1]
+        position[i] = len(p)
+        parents[i] = node[p[:-1]] if len(p) > 1 else 0
+        for d in range(1, len(p)):
+            mask[i, node[p[:d]]] = True
+
+    leaves = [p for p in ordered if not any(q[:len(p)] == p and len(q) > len(p) for q in ordered)]
+    retrieve = torch.full((len(leaves), depth + 1), -1, dtype=torch.long)
+    retrieve[:, 0] = 0
+    for r, leaf in enumerate(leaves):
+        for d in range(1, len(leaf) + 1):
+            retrieve[r, d] = node[leaf[:d]]
+    inner = sorted(set(parents[1:].tolist()))
+    slot = {node_id: i for i, node_id in enumerate(inner)}
+    parent_slot = torch.tensor([slot[int(q)] for q in parents[1:]], dtype=torch.long)
+    return MedusaTree(ordered, topk, tree_indices, position, mask, retrieve, retrieve >= 0, parents,
+                      torch.tensor(inner, dtype=torch.long), parent_slot,
+                      [[i for i in row if i >= 0] for row in retrieve.tolist()], slot, _levels(ordered, node, depth))
+
+
+def _levels(ordered: list[tuple[int, ...]], node: dict[tuple[int, ...], int], depth: int) -> list[Level]:
+    levels = []
+    for d in range(depth):
+        kids = [p for p in ordered if len(p) == d + 1]
+        par = sorted({p[:-1] for p in kids}, key=lambda p: node.get(p, 0))
+        row = {p: i for i, p in enumerate(par)}
+        levels.append(Level(
+            torch.tensor([node.get(p, 0) for p in par], dtype=torch.long),
+            torch.tensor([[node[p[:j]] for j in range(1, d + 1)] for p in par], dtype=torch.long).reshape(len(par), d),
+            torch.tensor([node[p] for p in kids], dtype=torch.long),
+            torch.tensor([row[p[:-1]] for p in kids], dtype=torch.long),
+            torch.tensor([p[-1] for p in kids], dtype=torch.long)))
+    return levels

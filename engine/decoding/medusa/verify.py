@@ -1,0 +1,252 @@
+"""Medusa speculative decoding: heads that propose the next tokens from the base model's last
+hidden state, one forward pass that verifies a whole candidate tree, greedy acceptance (the
+output is exactly the base model's greedy output) or typical acceptance (sampling), and
+in-place compaction of the accepted path's KV entries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from engine.model.cuda_graph import capture
+from engine.model.kv_cache import KVCache
+from engine.model.llama import Linear, LlamaModel, default_splits
+from engine.decoding.medusa.tree import MedusaTree
+
+SMALL_TREE = 16  # on a CPU, trees up to this size compute every node's logits in one pass
+
+
+@dataclass
+class MedusaHeads:
+    """Head h: ResBlocks ``x + SiLU(W x + b)`` on the final-normed hidden state, then its own
+    lm_head, or the base model's when ``lm_heads`` is None. ``token_ids``: with the base
+    lm_head, the heads may score only these tokens (its rows, taken once): proposals come from
+    that subset, at a fraction of the full vocabulary's cost.
+
+    ``root_proj`` (chatapp's heads for the embedded model): head h's input is the hidden state
+    plus ``root_proj[h]`` applied to the base model's embedding of the root, the token the base
+    model has already chosen to come next (it is known before the heads run). Knowing that token,
+    a head guessing the one after it is right much more often than from the hidden state alone.
+
+    ``path_proj`` (with ``root_proj``): head h's input also gets ``path_proj[h][j - 1]`` applied to
+    the embedding of the token at depth j of the path it extends (j = 1..h), as Hydra's heads do:
+    head h then proposes the children of each tree node of depth h from that node's own path,
+    one row per parent node, instead of one list for every node of the depth."""
+
+    blocks: list[list[Linear]]  # [head][layer]
+    lm_heads: list[Linear] | None
+    token_ids: torch.Tensor | None = None
+    root_proj: list[Linear] | None = None
+    path_proj: list[list[Linear]] | None = None  # [head h][j - 1], j = 1..h
+    _subset: Linear | None = field(default=None, repr=False)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.blocks)
+
+    def _output(self, h: int, base_lm_head: Linear) -> Linear:
+        if self.lm_heads is not None:
+            return self.lm_heads[h]
+        if self.token_ids is None:
+            return base_lm_head
+        if self._subset is None:
+            from engine.decoding.medusa.heads import output_rows
+
+            rows = output_rows(base_lm_head, self.token_ids)
+            self._subset = Linear(rows.t(), None, default_splits(rows.device))
+        return self._subset
+
+    def __call__(self, hidden: torch.Tensor, base_lm_head: Linear, num: int | None = None,
+                 root_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., H] (and, for heads with ``root_proj``, the root's embedding [..., H]) ->
+        the first ``num`` heads' logits [num, ..., V or len(token_ids)] (float32), for heads
+        without ``path_proj``."""
+        if self.root_proj is not None and root_embedding is None:
+            raise ValueError("these Medusa heads need the root token's embedding")
+        return torch.stack([self._head(h, hidden, base_lm_head, root_embedding)
+                            for h in range(len(self.blocks[:num]))])
+
+    def _head(self, h: int, hidden: torch.Tensor, base_lm_head: Linear, root_embedding: torch.Tensor | None,
+              path_embeddings: list[torch.Tensor] = ()) -> torch.Tensor:
+        x = hidden if self.root_proj is None else self.root_proj[h](root_embedding, residual=hidden)
+        for proj, e in zip(self.path_proj[h] if self.path_proj else [], path_embeddings):
+            x = proj(e, residual=x)
+        for lin in self.blocks[h]:
+            x = x + F.silu(lin(x))
+        return self._output(h, base_lm_head)(x).float()
+
+    def _tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if self.token_ids is None else self.token_ids[idx]
+
+    def propose(self, hidden: torch.Tensor, model: LlamaModel, tree: MedusaTree,
+                root: int | torch.Tensor) -> torch.Tensor:
+        """The tokens of the tree's nodes 1.. [N - 1] after ``root``, from the hidden state that
+        chose it: node (r0, r1, ...) holds the r_d-th most likely token of head d (given its
+        parent's path, for heads with ``path_proj``)."""
+        emb = None
+        if self.root_proj is not None:
+            emb = F.embedding(torch.as_tensor(root, device=hidden.device).reshape(()), model.embed).to(hidden.dtype)
+        if self.path_proj is None:  # one list per head, shared by every node of its depth
+            logits = self(hidden, model.lm_head, tree.depth, emb)
+            idx = torch.cat([logits[d].topk(k).indices for d, k in enumerate(tree.topk)])
+            return self._tokens(idx)[tree.tree_indices[1:] - 1]
+        tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=hidden.device)
+        for d, level in enumerate(tree.levels):  # the nodes of depth d + 1, parent by parent
+            rows = len(level.parents)
+            paths = [F.embedding(tokens[level.ancestors[:, j]], model.embed).to(hidden.dtype) for j in range(d)]
+            logits = self._head(d, hidden.expand(rows, -1), model.lm_head, emb.expand(rows, -1), paths)
+            top = logits.topk(tree.topk[d], dim=-1).indices  # [P, k]
+            tokens[level.children] = self._tokens(top[level.child_parent, level.child_rank])
+        return tokens[1:]
+
+
+@dataclass
+class StepResult:
+    tokens: list[int]  # accepted this step: the root, then the accepted proposals
+    root_logits: torch.Tensor  # base model's logits after the last accepted token (for the next root)
+    hidden: torch.Tensor  # its final-normed hidden state [H] (the heads' input for the next step)
+
+
+def accept_greedy(logits: torch.Tensor, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Whether each proposal equals the base model's greedy choice after its parent node (so the
+    output is exactly plain greedy decoding). logits [I, V] (after the tree's inner nodes),
+    parent [M] (each proposal's parent row in ``logits``), tokens [M] -> bool [M]."""
+    return tokens == logits.argmax(-1)[parent]
+
+
+@dataclass
+class TypicalAcceptance:
+    """The Medusa paper's typical acceptance for sampling: a proposal is accepted when the base
+    model gives it probability above min(threshold, alpha * exp(-entropy)) at temperature T."""
+
+    temperature: float
+    threshold: float = 0.09
+    alpha: float = 0.3  # the paper recommends about sqrt(threshold)
+
+    def __call__(self, logits: torch.Tensor, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits.float() / self.temperature, dim=-1)  # [I, V]
+        entropy = -(p * torch.log(p + 1e-5)).sum(-1)
+        limit = torch.minimum(torch.full_like(entropy, self.threshold), self.alpha * torch.exp(-entropy))
+        return p[parent, tokens] > limit[parent]
+
+
+def accepted_lengths(ok: torch.Tensor, tree: MedusaTree) -> torch.Tensor:
+    """ok [N - 1] (per proposal node) -> accepted proposals per tree path [R]: the run of
+    accepted nodes from the root down (padding never counts)."""
+    ok = torch.cat([ok.new_ones(1), ok])
+    return (ok[tree.retrieve_indices.clamp(min=0)] & tree.valid)[:, 1:].int().cumprod(1).sum(1)
+
+
+class TreeGraph:
+    """The verify pass of one tree over one cache as a CUDA graph (``LlamaModel.tree_step`` and
+    the inner nodes' logits): one launch per step instead of hundreds of kernel launches."""
+
+    def __init__(self, model: LlamaModel, tree: MedusaTree, cache: KVCache):
+        self.model, self.tree, self.cache = model, tree, cache
+        self.tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=model.device)
+        self.pos = torch.zeros((), dtype=torch.long, device=model.device)
+
+        def run():
+            hidden = model.tree_step(self.tokens[None], self.pos, cache, tree.position_offsets, tree.attn_mask)
+            return hidden, model.logits(hidden.index_select(0, tree.inner))
+
+        # warm-up runs write the tree's keys/values somewhere: at the end of the cache, which is
+        # free (a step is only taken while the tree fits after the cached tokens)
+        self.pos.fill_(cache.max_len - tree.num_nodes)
+        self.graph, (self.hidden, self.logits) = capture(run)
+
+    @classmethod
+    def for_device(cls, model: LlamaModel, tree: MedusaTree, cache: KVCache) -> "TreeGraph | None":
+        """A graph on a GPU; None elsewhere (the verify pass runs eagerly)."""
+        return cls(model, tree, cache) if model.device.type == "cuda" else None
+
+    def __call__(self, tokens: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.tokens.copy_(tokens)
+        self.pos.fill_(start)
+        self.graph.replay()
+        self.cache.length = start + self.tree.num_nodes
+        return self.hidden, self.logits
+
+
+def verify(model: LlamaModel, tree: MedusaTree, cache: KVCache, root: int | torch.Tensor, proposals: torch.Tensor,
+           accept=accept_greedy, graph: TreeGraph | None = None) -> StepResult:
+    """One Medusa step at batch 1. ``root`` is the next token (chosen from the base model's
+    logits after the last accepted token, which the cache holds); ``proposals`` are the tokens of
+    the tree's other nodes (``MedusaHeads.propose``). The root and the proposals are verified in
+    one pass over the tree; the longest accepted path wins (ties: the first). Only the nodes with
+    children go through the lm_head (plus the last accepted node when it is a leaf); on a CPU, a
+    small tree's nodes all do, in one pass."""
+    root = torch.as_tensor(root, device=proposals.device).reshape(1)  # a device tensor stays there: no sync
+    tokens = torch.cat([root, proposals])  # [N]
+    start = cache.length
+    node_logits = None
+    if graph is not None:
+        hidden, logits = graph(tokens, start)
+    else:
+        hidden = model.forward(tokens[None], cache, start, tree=(tree.position_offsets, tree.attn_mask),
+                               logits=False)[0]  # [N, H]
+        if model.device.type == "cpu" and tree.num_nodes <= SMALL_TREE:
+            # with the CPU GEMM kernel, all nodes' logits cost about what the inner nodes' do,
+            # and a leaf at the end of the accepted path then needs no second lm_head pass
+            node_logits = model.logits(hidden)
+            logits = node_logits.index_select(0, tree.inner)
+        else:
+            logits = model.logits(hidden.index_select(0, tree.inner))  # [I, V]
+    lengths = accepted_lengths(accept(logits, tree.parent_slot, tokens[1:]), tree)
+    host = torch.cat([lengths, tokens]).tolist()  # the one host sync of the step
+    lengths, token_list = host[:len(tree.retrieve_rows)], host[len(tree.retrieve_rows):]
+    best = max(range(len(lengths)), key=lambda r: (lengths[r], -r))
+    path = tree.retrieve_rows[best][:lengths[best] + 1]
+    _compact(cache, start, torch.tensor(path, device=tokens.device))
+    last = path[-1]
+    inner = tree.inner_rows.get(last)
+    if node_logits is not None:
+        root_logits = node_logits[last]
+    else:
+        root_logits = logits[inner] if inner is not None else model.logits(hidden[last:last + 1])[0]
+    return StepResult([token_list[i] for i in path], root_logits, hidden[last])
+
+
+def _compact(cache: KVCache, start: int, path: torch.Tensor) -> None:
+    """Move the accepted nodes' keys/values (slots start + node) to slots start, start + 1, ...
+    Node ids grow along a path, so every source is at or after its destination."""
+    src = path + start
+    dst = torch.arange(start, start + len(path), device=path.device)
+    for buf in (cache.k, cache.v):
+        buf.index_copy_(3, dst, buf.index_select(3, src))
+    cache.length = start + len(path)
+
+
+def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, root_logits: torch.Tensor,
+             hidden: torch.Tensor, max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy,
+             graph: TreeGraph | None = None):
+    """Medusa decoding after a prefill (the cache holds the prompt; ``root_logits`` and
+    ``hidden`` are the base model's logits and final-normed hidden state after its last token):
+    yields the tokens accepted at each step (at least one), ending at EOS (not yielded), at
+    ``max_new_tokens``, or where the context is full. Every yielded token's keys/values are in
+    the cache, in order. ``sampler`` picks each root (argmax when None). ``graph``: the verify
+    pass of this tree and cache as a CUDA graph (``TreeGraph.for_device``), or None (eager)."""
+    pick = sampler if sampler is not None else (lambda logits: logits.argmax())
+    produced = 0
+    while produced < max_new_tokens and cache.length + tree.num_nodes <= cache.max_len:
+        root = pick(root_logits)
+        step = verify(model, tree, cache, root, heads.propose(hidden, model, tree, root), accept, graph)
+        tokens = step.tokens[:max_new_tokens - produced]
+        stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+        if stop is not None:
+            if stop:
+                yield tokens[:stop]
+            return
+        produced += len(tokens)
+        yield tokens
+        root_logits, hidden = step.root_logits, step.hidden
+
+
+def prefill_and_generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, prompt: list[int],
+                         max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy):
+    """``generate`` after one prefill pass of ``prompt`` from an empty cache (tests, benchmarks)."""
+    logits, hidden = model.forward(torch.tensor([prompt], device=model.device), cache, 0, return_hidden=True)
+    yield from generate(model, heads, tree, cache, logits[0, -1], hidden[0, -1], max_new_tokens, eos_ids, sampler,
+                        accept, TreeGraph.for_device(model, tree, cache))

@@ -1,0 +1,114 @@
+"""Reading tensors from Hugging Face safetensors checkpoints, single file or sharded,
+with errors that name the file and tensor at fault."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.errors import EngineError
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class TensorSource:
+    """Name -> tensor over the safetensors files of one checkpoint folder. Tensors are
+    read lazily (memory-mapped) and each is read at most once by the caller."""
+
+    def __init__(self, model_dir: Path, files: list[Path] | None = None):
+        """All the checkpoint's files (by its index, or every *.safetensors), or just ``files``."""
+        self.model_dir = Path(model_dir)
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        index = self.model_dir / INDEX_NAME
+        if files is not None:
+            for path in files:
+                for name in self._keys(self._open(Path(path))):
+                    self._where[name] = Path(path)
+        elif index.exists():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise EngineError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                self._open(self.model_dir / f)
+            for name, f in weight_map.items():
+                path = self.model_dir / f
+                if name not in self._keys(path):
+                    raise EngineError(f"{path}: tensor {name!r} listed in {INDEX_NAME} is not in the file")
+                self._where[name] = path
+        else:
+            files = sorted(self.model_dir.glob("*.safetensors"))
+            if not files:
+                raise EngineError(f"{self.model_dir}: no *.safetensors files found")
+            for path in files:
+                for name in self._keys(self._open(path)):
+                    self._where[name] = path
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], path: Path) -> "TensorSource":
+        """The same interface over tensors already in memory (e.g. a .pt file's state dict)."""
+        src = cls.__new__(cls)
+        src.model_dir = Path(path).parent
+        src._handles = {Path(path): _InMemory(tensors)}
+        src._where = dict.fromkeys(tensors, Path(path))
+        return src
+
+    def _open(self, path: Path) -> Path:
+        if not path.exists():
+            raise EngineError(f"{path}: file not found")
+        try:
+            self._handles[path] = safe_open(str(path), framework="pt")
+        except Exception as e:  # safetensors raises its own error type for bad headers and sizes
+            raise EngineError(f"{path}: not a valid safetensors file ({e})") from None
+        return path
+
+    def _keys(self, path: Path) -> set[str]:
+        return set(self._handles[path].keys())
+
+    def files(self) -> list[Path]:
+        """The files the tensors come from."""
+        return sorted(set(self._where.values()))
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise EngineError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint")
+        path = self._where[name]
+        try:
+            return self._handles[path].get_tensor(name)
+        except Exception as e:
+            raise EngineError(f"{path}: cannot read tensor {name!r} ({e})") from None
+
+    def get_shaped(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = self.get(name)
+        if tuple(t.shape) != tuple(shape):
+            raise EngineError(
+                f"{self._where[name]}: tensor {name!r} has shape {list(t.shape)}, the config implies {list(shape)}"
+            )
+        return t
+
+
+class _InMemory:
+    """What TensorSource needs of a safetensors handle, over a dict."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = tensors
+
+    def keys(self):
+        return self._tensors.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]

@@ -1,0 +1,231 @@
+"""FP8 quantization on load (``--quantize fp8``) with error-compensating rounding.
+
+Rounding each weight to the nearest e4m3 value (per-output-channel scales) costs a small model
+several percent of perplexity. GPTQ (Frantar et al., 2022) rounds a layer's weight columns one
+at a time and spreads each column's rounding error over the columns not rounded yet, weighted by
+the inverse of H = X^T X of the layer's real inputs X, so that the layer's outputs change least.
+The format stays that of compressed-tensors' FP8-dynamic checkpoints (per-channel weight scales
+from each row's max, dynamic per-token activations); only the e4m3 value each weight rounds to
+changes, so the kernels and the memory are those of round-to-nearest.
+
+Calibration data: the model's own text. A checkpoint ships no data and a fixed text would favour
+its own domain, so ``SAMPLES`` sequences of ``LENGTH`` tokens are sampled (temperature 1, seeded)
+from the BOS token by the round-to-nearest FP8 model.
+
+Layers are calibrated in order, each on the outputs of the layers already quantized before it,
+with only that layer's high-precision weights in memory (the model stays FP8-sized). The result
+is cached as ``<cache>/fp8/<key>.safetensors``; the key names the checkpoint's files (the blob
+names of the Hugging Face cache, which are content hashes, or else path, size and modification
+time), its config and the calibration settings, so a later load reads the rounded weights."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from kernels.fp8_quant import FP8, FP8_MAX
+
+from engine.formats.tensor_source import TensorSource
+from engine.config import ModelConfig
+from engine.errors import EngineError
+from engine.model.fp8_linear import Fp8Linear
+from engine.paths import cache_dir
+
+METHOD = "gptq-e4m3-channel v1"
+SAMPLES, LENGTH, SEED = 32, 256, 0
+DAMP = 0.01  # of the mean of diag(H), added to its diagonal
+BLOCK = 128  # columns rounded per block (the lazy batch update of the GPTQ paper)
+LINEARS = ("qkv", "o", "gate_up", "down")  # a Layer's linear layers
+
+
+def gptq_fp8(w: torch.Tensor, h: torch.Tensor, damp: float = DAMP, block: int = BLOCK
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``w`` [N, K] and ``h`` = X^T X [K, K] of its inputs -> (e4m3 [N, K], scale [N, 1] fp32),
+    real weight = e4m3 * scale. Columns go in order of decreasing diag(H) ("act order")."""
+    w = w.float().clone()
+    h = h.float().clone()
+    n, k = w.shape
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights do not matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(h), descending=True)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_cholesky(h, damp)
+    q = torch.empty_like(w)
+    for a in range(0, k, block):
+        b = min(a + block, k)
+        wb, err = w[:, a:b].clone(), torch.empty(n, b - a, device=w.device)
+        hb = hinv[a:b, a:b]
+        for i in range(b - a):
+            col = wb[:, i:i + 1]
+            qv = (col / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float()
+            q[:, a + i:a + i + 1] = qv
+            qc = qv * scale
+            e = (col - qc) / hb[i, i]
+            wb[:, i:] -= e @ hb[i:i + 1, i:]
+            err[:, i:i + 1] = e
+        w[:, b:] -= err @ hinv[a:b, b:]
+    return q[:, torch.argsort(perm)].to(FP8), scale  # q holds e4m3 values: the cast is exact
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping)^-1; the damping grows until H is positive definite."""
+    eye = torch.eye(h.shape[0], device=h.device)
+    mean = torch.diagonal(h).mean()
+    for _ in range(5):
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        if not info:
+            inv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if not info:
+                return inv
+        damp *= 10
+    raise EngineError("FP8 calibration: the inputs' Hessian is not positive definite even with damping")
+
+
+class _Recorder:
+    """A high-precision linear layer that adds X^T X of its inputs to ``h``."""
+
+    def __init__(self, lin):
+        self.lin, self.splits, self.bias = lin, lin.splits, lin.bias
+        self.h = torch.zeros(lin.in_features, lin.in_features, device=lin.device)
+
+    def _add(self, x: torch.Tensor):
+        x2 = x.reshape(-1, self.h.shape[0]).float()
+        self.h.addmm_(x2.t(), x2)
+
+    def __call__(self, x, residual=None):
+        self._add(x)
+        return self.lin(x, residual)
+
+    def blocks(self, x):
+        self._add(x)
+        return self.lin.blocks(x)
+
+
+def sample_ids(model, n: int = SAMPLES, length: int = LENGTH, seed: int = SEED) -> torch.Tensor:
+    """``n`` sequences [n, length] sampled from the model, starting with its BOS token. On a CPU,
+    which has no FP8 arithmetic, the FP8 layers run dequantized while sampling (the same weights,
+    without converting them at every step)."""
+    if model.device.type != "cpu":
+        return _sample(model, n, length, seed)
+    from engine.model.llama import Linear
+
+    def plain(lin):
+        if not isinstance(lin, Fp8Linear):
+            return lin
+        return Linear((lin.weight.float() * lin.weight_scale).to(model.dtype).t(), lin.bias)
+
+    fp8_layers = model.layers
+    model.layers = [replace(ly, **{n: plain(getattr(ly, n)) for n in LINEARS}) for ly in fp8_layers]
+    try:
+        return _sample(model, n, length, seed)
+    finally:
+        model.layers = fp8_layers
+
+
+def _sample(model, n: int, length: int, seed: int) -> torch.Tensor:
+    cfg = model.cfg
+    length = min(length, cfg.max_position_embeddings)
+    start = cfg.bos_token_id if cfg.bos_token_id is not None else min(cfg.eos_token_ids, default=0)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    ids = torch.full((n, length), start, dtype=torch.long, device=model.device)
+    cache = model.new_cache(length, batch=n)
+    with torch.inference_mode():
+        logits = model.forward(ids[:, :1], cache, 0)
+        for pos in range(1, length):
+            probs = torch.softmax(logits[:, -1].float(), dim=-1)
+            ids[:, pos] = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            logits = model.forward(ids[:, pos:pos + 1], cache, pos)
+    return ids
+
+
+def calibrate(model, src: TensorSource, progress=lambda msg: None) -> dict[str, torch.Tensor]:
+    """Round ``model``'s block linears (FP8, rounded to nearest) again with GPTQ, from the
+    high-precision weights in ``src``; replaces them in the model and returns them as
+    ``{<linear>.weight, <linear>.weight_scale}``."""
+    from engine.model.llama import Linear, block_linears, fused_weight
+
+    cfg, dev = model.cfg, model.device
+    ids = sample_ids(model, SAMPLES, LENGTH, SEED)
+    out: dict[str, torch.Tensor] = {}
+    cache = model.new_cache(ids.shape[1], batch=ids.shape[0])
+    with torch.inference_mode():
+        x = torch.nn.functional.embedding(ids, model.embed)
+        for li, layer in enumerate(model.layers):
+            linears = block_linears(cfg, li)
+            weights = {key: fused_weight(src, parts).to(dev, torch.float32) for key, (parts, _) in linears.items()}
+            field = {key: key.rsplit(".", 1)[1] for key in linears}  # model.layers.N.qkv -> qkv
+            bias = {key: getattr(layer, field[key]).bias for key in linears}
+            rec = {key: _Recorder(Linear(w.to(model.dtype).t(), bias[key])) for key, w in weights.items()}
+            model.layer_pass(li, replace(layer, **{field[key]: r for key, r in rec.items()}), x, cache)
+            new = {}
+            for key, w in weights.items():
+                q, scale = gptq_fp8(w, rec[key].h)
+                out[key + ".weight"], out[key + ".weight_scale"] = q, scale
+                new[field[key]] = Fp8Linear(q, scale, None, bias[key])
+            model.layers[li] = layer = replace(layer, **new)
+            x = model.layer_pass(li, layer, x, cache)
+            progress(f"FP8 calibration: layer {li + 1}/{cfg.num_layers}")
+    return out
+
+
+def cache_key(cfg: ModelConfig, src: TensorSource) -> str:
+    """Names the checkpoint's weights and config and the calibration settings."""
+    h = hashlib.sha256(f"{METHOD} {SAMPLES} {LENGTH} {SEED} {DAMP} {BLOCK}\n".encode())
+    config = src.model_dir / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    for f in src.files():
+        if f.is_symlink() and "blobs" in Path(os.readlink(f)).parts:  # the HF cache: a content hash
+            h.update(f"{f.name} {Path(os.readlink(f)).name}\n".encode())
+        else:
+            st = f.stat()
+            h.update(f"{f.resolve()} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _read_cached(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """The cached rounded weights, or None when the file is missing, unreadable or incomplete."""
+    from engine.model.llama import block_linears
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
+    except (OSError, ValueError, RuntimeError, SafetensorError):
+        return None
+    for li in range(cfg.num_layers):
+        for key, (parts, _) in block_linears(cfg, li).items():
+            w, s = tensors.get(key + ".weight"), tensors.get(key + ".weight_scale")
+            shape = (sum(p[1][0] for p in parts), parts[0][1][1])
+            if w is None or s is None or w.dtype != FP8 or tuple(w.shape) != shape or tuple(s.shape) != (shape[0], 1):
+                return None
+    return tensors
+
+
+def load_calibrated(cls, cfg: ModelConfig, src: TensorSource, device, dtype, progress=lambda msg: None):
+    """``cls.from_source(..., quantize="fp8")`` with GPTQ-rounded weights: from the cache, or
+    calibrated now (and cached)."""
+    path = cache_dir() / "fp8" / f"{cache_key(cfg, src)}.safetensors"
+    cached = _read_cached(path, cfg) if path.is_file() else None
+    if cached is not None:
+        return cls.from_source(cfg, src, device, dtype, "fp8", fp8_weights=cached)
+    model = cls.from_source(cfg, src, device, dtype, "fp8")
+    progress("FP8 calibration: rounding the weights with error compensation (once for this checkpoint)")
+    t0 = time.time()
+    tensors = calibrate(model, src, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({n: t.cpu().contiguous() for n, t in tensors.items()}, str(tmp),
+              metadata={"method": METHOD, "samples": str(SAMPLES), "length": str(LENGTH), "seed": str(SEED),
+                        "source": str(src.model_dir), "seconds": f"{time.time() - t0:.1f}"})
+    tmp.replace(path)
+    progress(f"FP8 calibration done in {time.time() - t0:.0f} s; cached in {path}")
+    return model

@@ -1,0 +1,190 @@
+"""The chat screen's flows with a scripted engine: history across restarts, regenerate, chat settings,
+export, the stats panel, the command palette."""
+
+from __future__ import annotations
+
+from textual.command import CommandList
+
+from chatapp.tui.app import ChatApp
+from chatapp.store.history import History
+from chatapp.tui.widgets import AssistantMessage, Note, UserMessage
+from engine.serving.client import EngineClient
+from engine.events import Generate, SamplingParams
+from fakes.engine import FakeWorker, ask, send, wait_for
+
+SIZE = (140, 36)
+
+
+def new_app(**fake) -> tuple[ChatApp, FakeWorker]:
+    worker = FakeWorker(**fake)
+    return ChatApp(client=EngineClient(worker=worker)), worker
+
+
+async def test_a_conversation_is_kept_and_continues_after_a_restart():
+    app, _ = new_app(max_tokens=4, interval=0.01)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        await send(pilot, "What is the capital of France?")
+        await wait_for(pilot, lambda: app.state == "ready" and app.conversation[-1]["role"] == "assistant", 5,
+                       "the reply")
+        assert [o.prompt for o in app.sidebar.options] == ["What is the capital of France?"]
+
+    history = History()
+    [chat] = history.chats()
+    assert chat.title == "What is the capital of France?"
+    messages = history.messages(chat.id)
+    assert [(m.role, m.content, m.complete) for m in messages] == [
+        ("user", "What is the capital of France?", True), ("assistant", "word0 word1 word2 word3 ", True)]
+    assert messages[1].stats["tokens"] == 4 and messages[1].stats["reason"] == "length"
+    history.close()
+
+    app, worker = new_app(max_tokens=2, interval=0.01)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        assert not app.query(UserMessage)  # a new chat until one is picked
+        app.sidebar.focus()
+        await pilot.press("down", "enter")
+        await wait_for(pilot, lambda: len(app.query(AssistantMessage)) == 1, 2, "the saved chat to open")
+        assert app.query_one(AssistantMessage).source == "word0 word1 word2 word3 "
+        await send(pilot, "And of Italy?")
+        await wait_for(pilot, lambda: app.state == "ready" and len(app.conversation) == 4, 5, "the reply")
+        assert worker.requests[-1].messages == [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "word0 word1 word2 word3 "},
+            {"role": "user", "content": "And of Italy?"},
+        ]
+    history = History()
+    assert len(history.chats()) == 1 and len(history.messages(chat.id)) == 4
+
+
+async def test_a_cancelled_reply_is_kept_and_marked():
+    app, _ = new_app(max_tokens=400, interval=0.02)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        await send(pilot, "Tell me a long story")
+        await wait_for(pilot, lambda: app.query(AssistantMessage) and "word3" in app.query_one(
+            AssistantMessage).source, 5, "some of the reply")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.state == "cancelled", 3, "the reply to stop")
+    history = History()
+    [chat] = history.chats()
+    reply = history.messages(chat.id)[-1]
+    assert not reply.complete and reply.content.startswith("word0 word1 word2 word3")
+    assert reply.stats["reason"] == "cancelled"
+
+    app, _ = new_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        await app.open_chat(chat.id)
+        await pilot.pause()
+        assert [str(n.content) for n in app.query(Note)] == ["(cancelled)"]
+
+
+async def test_regenerate_replaces_the_last_reply():
+    app, worker = new_app(max_tokens=3, interval=0.01, token="try{} ")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        await ask(pilot, "Say something")
+        worker.token = "again{} "
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.state == "ready" and "again0" in app.conversation[-1]["content"], 5,
+                       "the new reply")
+        assert [r.source for r in app.query(AssistantMessage)] == ["again0 again1 again2 "]
+        assert worker.requests[-1].messages == [{"role": "user", "content": "Say something"}]
+    history = History()
+    [chat] = history.chats()
+    assert [m.content for m in history.messages(chat.id)] == ["Say something", "again0 again1 again2 "]
+
+
+async def test_chat_settings_set_the_system_prompt_and_sampling():
+    app, worker = new_app(max_tokens=2, interval=0.01)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        await pilot.press("f3")
+        await pilot.pause()
+        dialog = app.screen
+        dialog.query_one("#system").text = "You are terse."
+        dialog.query_one("#temperature").value = "hot"
+        await pilot.click("#save")
+        assert app.screen is dialog  # refused, with the reason
+        assert "temperature: expected a number" in str(dialog.query_one("#problem").content)
+        dialog.query_one("#temperature").value = "0.7"
+        dialog.query_one("#seed").value = "5"
+        await pilot.pause(0.3)  # a button ignores clicks for 0.2 s after a press
+        await pilot.click("#save")
+        await pilot.pause()
+        assert app.screen is not dialog
+        await ask(pilot, "Hi")
+        assert worker.requests[-1] == Generate(
+            messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
+            params=SamplingParams(temperature=0.7, seed=5))
+
+
+async def test_cancelled_chat_settings_save_no_chat():
+    app, _ = new_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        await pilot.press("f3")
+        await pilot.pause()
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.chat_record is None
+    assert History().chats() == []
+
+
+async def test_a_bad_settings_file_falls_back_to_the_defaults():
+    from chatapp.store.settings import default_path
+
+    path = default_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('[ui]\ntheme = "no-such-theme"\n')
+    app, _ = new_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        assert app.theme == "textual-dark"
+        assert "[ui] theme" in app.settings_error and str(path) in app.settings_error
+
+
+async def test_export_writes_markdown(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app, _ = new_app(max_tokens=2, interval=0.01)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        await ask(pilot, "Hello there")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+    [exported] = tmp_path.glob("chat-*.md")
+    text = exported.read_text()
+    assert "Hello there" in text and "word0 word1" in text
+
+
+async def test_stats_panel_shows_the_reply_figures():
+    app, _ = new_app(max_tokens=6, interval=0.01)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        assert "decoding    plain" in app.stats.text
+        await ask(pilot, "Hi")
+        await wait_for(pilot, lambda: "19.5 tok/s" in app.stats.text, 2, "the final figures")
+        text = app.stats.text
+        assert "first token 0.05 s" in text and "tokens/step 1.00" in text and "peak        1.0 GiB" in text
+        assert "1.5 GiB / 8.0 GiB" in text  # the memory bar's figures, from the Step events
+        await pilot.press("ctrl+g")
+        assert not app.stats.display
+
+
+async def test_new_chat_and_the_command_palette():
+    app, _ = new_app(max_tokens=2, interval=0.01)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        await ask(pilot, "First chat")
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert not app.query(UserMessage) and app.conversation == []
+        await ask(pilot, "Second chat")
+        assert [o.prompt for o in app.sidebar.options] == ["Second chat", "First chat"]
+
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"export")
+        await wait_for(pilot, lambda: any("Export to Markdown" in str(o.prompt)
+                                          for o in app.screen.query_one(CommandList).options), 3, "the command")

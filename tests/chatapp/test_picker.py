@@ -1,0 +1,127 @@
+"""The model picker driven through Textual's pilot, with downloads from a fake hub (the real
+huggingface_hub code path)."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatapp.tui.app import ChatApp
+from chatapp.tui.picker import PickerScreen
+from engine.hub.catalog import DeviceMemory
+from engine.serving.client import EngineClient
+from engine.events import LoadModel
+from fakes.engine import FakeWorker, wait_for
+from fakes.hub import FakeHub, install
+
+SIZE = (160, 40)
+H100 = DeviceMemory("NVIDIA H100 80GB HBM3", 79 * 2**30, 80 * 2**30)
+SMALL = DeviceMemory("NVIDIA GeForce RTX 3060", 11 * 2**30, 12 * 2**30)
+SPARSE_BASE = "neuralmagic/Sparse-Llama-3.1-8B-gsm8k-2of4"
+FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"\x01" * 20000,
+         "tokenizer.json": b"{}", "README.md": b"not fetched"}
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    h = FakeHub(chunk_size=256)
+    h.add(SPARSE_BASE, dict(FILES))
+    h.add("meta-llama/Llama-3.1-8B-Instruct", dict(FILES), gated=True)
+    install(h, monkeypatch, tmp_path)
+    return h
+
+
+async def open_picker(pilot, app, device=H100) -> PickerScreen:
+    await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+    screen = PickerScreen(app.settings, app.load_request, online=False, device=device)
+    app.push_screen(screen, app._picked)
+    await wait_for(pilot, lambda: screen.is_mounted and screen.table.row_count > 5, 5, "the rows")
+    return screen
+
+
+def row_of(screen: PickerScreen, model_id: str) -> list[str]:
+    return [str(c) for c in screen.table.get_row(model_id)]
+
+
+async def goto(pilot, screen: PickerScreen, model_id: str) -> None:
+    screen.table.move_cursor(row=screen.table.get_row_index(model_id))
+    await pilot.pause()
+
+
+async def test_the_catalog_with_sizes_and_fit(hub):
+    app = ChatApp(client=EngineClient(FakeWorker()))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_picker(pilot, app)
+        assert "NVIDIA H100 80GB HBM3" in str(screen.query_one("#device").content)
+        medusa = row_of(screen, "nvidia/Llama-3.1-8B-Medusa-FP8")
+        assert medusa[1] == "fp8-modelopt+medusa" and medusa[2] == "8B" and medusa[3].endswith("GB")
+        assert medusa[5] == "✓ fits"
+        assert row_of(screen, "nvidia/Llama-3.1-405B-Instruct-FP8")[5] == "✗ won't fit"
+
+        await goto(pilot, screen, "nvidia/Llama-3.1-405B-Instruct-FP8")
+        await pilot.press("enter")
+        detail = str(screen.query_one("#detail").content)
+        assert "--remote" in detail and app.screen is screen  # the way to run it; nothing loaded
+
+        await goto(pilot, screen, "nvidia/Llama-3.1-8B-Medusa-FP8")
+        assert [o[0] for o in screen.query_one("#decoding")._options] == ["plain", "medusa"]
+
+
+async def test_a_model_that_wont_fit_asks_before_loading():
+    fake = FakeWorker()
+    app = ChatApp(client=EngineClient(fake))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_picker(pilot, app, device=SMALL)
+        screen.query_one("#context").value = "131072"
+        await wait_for(pilot, lambda: "131072" in str(screen.query_one("#device").content), 5, "new estimates")
+        row = row_of(screen, "SmolLM2-135M-Instruct")
+        assert row[5] == "✓ fits"  # the embedded model fits anywhere
+        await goto(pilot, screen, "nvidia/Llama-2-7B-DMC-8x")
+        assert "KV cache" in str(screen.query_one("#detail").content)
+
+
+async def test_picking_the_embedded_model_with_medusa_loads_it():
+    fake = FakeWorker()
+    app = ChatApp(client=EngineClient(fake))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_picker(pilot, app)
+        await goto(pilot, screen, "SmolLM2-135M-Instruct")
+        screen.query_one("#decoding").value = "medusa"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.screen is not screen, 3, "the picker to close")
+        await wait_for(pilot, lambda: len([r for r in fake.requests if isinstance(r, LoadModel)]) == 2, 3,
+                       "the new load")
+        assert fake.requests[-1] == LoadModel(model=None, context=8192, decoding="medusa")
+
+
+async def test_download_with_progress_then_load(hub):
+    fake = FakeWorker()
+    app = ChatApp(client=EngineClient(fake))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_picker(pilot, app)
+        assert row_of(screen, SPARSE_BASE)[6] == "—"
+        labels: list[str] = []
+        original = screen._download_progress
+
+        def spy(repo, p):
+            original(repo, p)
+            labels.append(str(screen.query_one("#download-label").content))
+        screen._download_progress = spy
+        await goto(pilot, screen, SPARSE_BASE)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.screen is not screen, 10, "the download and the load")
+        assert fake.requests[-1] == LoadModel(model=SPARSE_BASE, context=8192)
+        assert labels and "MB/s" in labels[-1] and "ETA" in labels[-1] and "of" in labels[-1]
+        assert sum(s.body_bytes for s in hub.log) >= 20000
+
+
+async def test_a_gated_model_says_how_to_get_access(hub):
+    app = ChatApp(client=EngineClient(FakeWorker()))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_picker(pilot, app)
+        await goto(pilot, screen, "meta-llama/Llama-3.1-8B-Instruct")
+        await pilot.press("ctrl+d")
+        await wait_for(pilot, lambda: "gated" in str(screen.query_one("#detail").content)
+                       and "hf auth login" in str(screen.query_one("#detail").content), 10, "the gated message")
+        assert app.screen is screen
+        await pilot.press("escape")
+        assert app.screen is not screen

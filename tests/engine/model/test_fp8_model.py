@@ -1,0 +1,95 @@
+"""FP8 quantization on load (--quantize fp8): layer numerics, the embedded model still answers,
+perplexity reported and close to the unquantized model's."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.errors import EngineError
+from engine.events import LoadModel, SamplingParams
+from engine.model.fp8_linear import Fp8Linear
+from engine.model.llama import LlamaModel
+from engine.session import Session
+from kernels.fp8_gemm import fp8_gemm_ref
+from kernels.fp8_quant import quantize_rows_ref
+
+ROOT = Path(__file__).resolve().parents[3]
+SAMPLE = ROOT / "tests" / "data" / "sample.txt"
+
+
+def test_fp8_linear_is_quantize_then_scaled_gemm():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 200, generator=g) * 0.05
+    x = torch.randn(3, 200, generator=g)
+    b = torch.randn(96, generator=g)
+    lin = Fp8Linear.quantize(w, b)
+    assert lin.weight.dtype == torch.float8_e4m3fn and lin.weight_scale.shape == (96, 1)
+    xq, xs = quantize_rows_ref(x)
+    wq, ws = quantize_rows_ref(w)
+    torch.testing.assert_close(lin(x), fp8_gemm_ref(xq, wq, xs, ws, b, out_dtype=torch.float32))
+    exact = x @ w.t() + b
+    assert (lin(x) - exact).norm() / exact.norm() < 0.05  # e4m3 keeps ~3 significant bits per value
+
+
+def test_static_input_scale():
+    w = torch.randn(32, 64) * 0.1
+    wq, ws = quantize_rows_ref(w)
+    lin = Fp8Linear(wq, ws.max(), input_scale=torch.tensor(0.01))
+    x = torch.randn(2, 64)
+    xq = (x / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn)
+    torch.testing.assert_close(lin(x), fp8_gemm_ref(xq, wq, torch.tensor(0.01), ws.max(), out_dtype=torch.float32))
+
+
+def test_only_block_linears_are_quantized(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))  # its calibrated weights: not kept
+    m = LlamaModel.from_dir(tiny_checkpoint, quantize="fp8")
+    assert all(isinstance(getattr(layer, n), Fp8Linear) for layer in m.layers for n in ("qkv", "o", "gate_up", "down"))
+    assert not isinstance(m.lm_head, Fp8Linear) and m.embed.dtype == torch.float32
+    with pytest.raises(EngineError, match="quantize 'int4' is not supported"):
+        LlamaModel.from_dir(tiny_checkpoint, quantize="int4")
+
+
+def test_fp8_embedded_model_still_answers():
+    session = Session.load(LoadModel(device="cpu", quantize="fp8"))
+    assert session.info().quantization == "fp8"
+    done = list(session.generate([{"role": "user", "content": "What is the capital of France?"}],
+                                 SamplingParams(max_new_tokens=16)))[-1]
+    assert "Paris" in done.stats.text
+
+
+def test_run_cli_with_quantize_before_or_after_the_subcommand():
+    for args in (["--quantize", "fp8", "run"], ["run", "--quantize", "fp8"]):
+        r = subprocess.run([sys.executable, "-m", "chatapp", *args, "--prompt", "Hi", "--max-new-tokens", "2",
+                            "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["quantization"] == "fp8"
+
+
+def test_perplexity_cli_fp8_close_to_unquantized():
+    def run(*extra):
+        r = subprocess.run([sys.executable, "-m", "chatapp", "perplexity", "--file", str(SAMPLE), "--json", *extra],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    full, fp8 = run(), run("--quantize", "fp8")
+    assert full["tokens"] == fp8["tokens"] > 400
+    assert 5 < full["perplexity"] < 60  # a real language model on English prose
+    assert fp8["quantization"] == "fp8"
+    assert abs(fp8["perplexity"] / full["perplexity"] - 1) < 0.03  # GPTQ rounding (round-to-nearest: ~3.4%)
+
+
+def test_perplexity_matches_transformers_loss(embedded_session, hf_reference):
+    """One window: exp of transformers' mean token loss."""
+    from engine.perplexity import perplexity
+
+    ids = embedded_session.tokenizer.encode(SAMPLE.read_text())[:300]
+    with torch.inference_mode():
+        loss = hf_reference(torch.tensor([ids]), labels=torch.tensor([ids])).loss
+    ours = perplexity(embedded_session.model, ids, window=512)
+    assert ours["tokens"] == 299
+    assert ours["perplexity"] == pytest.approx(torch.exp(loss).item(), rel=1e-4)
