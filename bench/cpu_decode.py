@@ -72,7 +72,7 @@ def main() -> None:
         messages = [{"role": "user", "content": prompt}]
         ids = torch.tensor([session.tokenizer.encode_chat(messages)])
         for _ in range(repeats):
-            session.cached_ids = []  # no prefix reuse between repeats
+            session.reset()  # no prefix reuse between repeats
             stats = list(session.generate(messages, params))[-1].stats
             with torch.inference_mode():
                 hf = _hf_decode_rate(ref, ids, n)

@@ -76,13 +76,13 @@ def bytes_per_token(model, context: int) -> int:
 
 
 def run(cfg_dict, quantize, device, context, steps, graphs) -> dict:
+    from engine.model.weights import from_source
     from engine.config import config_from_dict
     from engine.model.cuda_graph import capture
-    from engine.model.llama import LlamaModel
 
     cfg = config_from_dict({"model_type": "llama", **cfg_dict})
     torch.manual_seed(0)
-    model = LlamaModel.from_source(cfg, RandomSource(device), device, torch.bfloat16 if device.type == "cuda"
+    model = from_source(cfg, RandomSource(device), device, torch.bfloat16 if device.type == "cuda"
                                    else torch.float32, quantize)
     cache = model.new_cache(context)
     prompt = 16

@@ -2,7 +2,7 @@
 
 For each (context, batch): a random prompt of ``context`` tokens per batch row is prefilled, then
 ``--steps`` tokens are decoded, once with the plain cache (LlamaModel's dense cache) and once with
-the DMC cache (engine/dmc.DMCDecoder). Records the KV bytes each holds after the prompt (and
+the DMC cache (engine/dmc.DMCForward). Records the KV bytes each holds after the prompt (and
 per token), the compression, the decode tokens/s (batch x steps / time) of each and the speed-up.
 
 Decisions: with ``--cr X`` (the default at the Llama-2-7B shape, whose weights are random), the
@@ -62,21 +62,24 @@ class ForcedDecisions:
 
 def load(args, device):
     from engine.config import config_from_dict
-    from engine.model.llama import LlamaModel
+    from engine.model.weights import from_dir, from_source
 
     if args.shape == "embedded":
-        from engine.formats.dmc_delta import load_dmc_model
+        from engine.events import LoadModel
+        from engine.hub.layout import dmc_delta
         from engine.hub.resolve import resolve
+        from engine.load import load as load_model
 
         name, path = resolve(None, lambda m: print(m, file=sys.stderr))
-        if args.cr is None:
-            model, settings, source = load_dmc_model(name, path, device)
-            return model, name, source, settings
-        return LlamaModel.from_dir(path, device), name, "base weights, synthetic decisions", {}
+        if args.cr is None:  # the model's own decisions: the shipped retrofit, as the engine loads it
+            loaded = load_model(LoadModel(device=str(device), decoding="dmc"))
+            dmc = loaded.decoder.dmc
+            return loaded.model, name, str(dmc_delta(name, path)), {"init_val": dmc.init_val, "window": dmc.window}
+        return from_dir(path, device), name, "base weights, synthetic decisions", {}
     cfg = config_from_dict({"model_type": "llama", **(TINY if args.shape == "tiny" else LLAMA2_7B)})
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = LlamaModel.from_source(cfg, RandomSource(device), device, dtype)
+    model = from_source(cfg, RandomSource(device), device, dtype)
     return model, "Llama-2-7B shape" if args.shape == "7b" else "tiny", "random weights, synthetic decisions", {}
 
 
@@ -89,7 +92,7 @@ def timed(fn, device) -> float:
 
 
 def measure(model, settings: dict, context: int, batch: int, steps: int, at: list, device) -> dict:
-    from engine.decoding.dmc import DMCDecoder
+    from engine.decoding.dmc import DMCForward
 
     cfg = model.cfg
     g = torch.Generator().manual_seed(context * 131 + batch)
@@ -113,7 +116,7 @@ def measure(model, settings: dict, context: int, batch: int, steps: int, at: lis
         if device.type == "cuda":
             torch.cuda.empty_cache()
         # DMC
-        dmc = DMCDecoder(model, batch, context + steps + 1, **settings)
+        dmc = DMCForward(model, batch, context + steps + 1, **settings)
         at[0] = 0
         dmc.prefill(prompt)
         st = dmc.stats()

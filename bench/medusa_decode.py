@@ -32,12 +32,13 @@ PROMPTS = ROOT / "bench" / "data" / "chat_prompts.txt"
 
 
 def embedded(args) -> dict:
+    from engine.decoding.plain import PlainDecoder
     from engine.events import LoadModel, SamplingParams
     from engine.session import Session
 
     medusa = Session.load(LoadModel(None, args.device, 2048, decoding="medusa", medusa_choices=args.medusa_choices),
                           lambda m: print(m, file=sys.stderr))
-    plain = Session(medusa.name, medusa.path, medusa.model, medusa.tokenizer, 2048)
+    plain = Session(medusa.name, medusa.path, medusa.model, medusa.tokenizer, PlainDecoder(medusa.model, 2048))
     prompts = PROMPTS.read_text().splitlines()[:args.prompts]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     rows = []
@@ -45,7 +46,7 @@ def embedded(args) -> dict:
         messages = [{"role": "user", "content": prompt}]
         runs = {}
         for name, s in (("plain", plain), ("medusa", medusa)):
-            s.cached_ids = []  # no prefix reuse between the two
+            s.reset()  # no prefix reuse between the two
             runs[name] = list(s.generate(messages, params))[-1].stats
         p, m = runs["plain"], runs["medusa"]
 
@@ -62,7 +63,7 @@ def embedded(args) -> dict:
     rate = {k: sum(r[k][0] for r in rows) / max(sum(r[k][1] for r in rows), 1e-9) for k in ("_plain", "_medusa")}
     for r in rows:
         del r["_plain"], r["_medusa"]
-    plan = medusa.plan
+    plan = medusa.decoder.plan
     nodes = plan.tree.num_nodes if plan.tree is not None else 1
     return {"model": medusa.name, "tree": plan.choices, "tree_nodes": nodes, "prompts": len(rows),
             "max_new_tokens": args.max_new_tokens, "tokens": tokens, "mean_tokens_per_step": round(tokens / steps, 3),
@@ -78,21 +79,25 @@ def shape_8b(args) -> dict:
     from decode_e2e import LLAMA31_8B, TINY, RandomSource
 
     from engine.config import config_from_dict
-    from engine.model.llama import Linear, LlamaModel
-    from engine.decoding.medusa.verify import MedusaHeads
-    from engine.decoding.medusa.heads import SHIPPED
-    from engine.decoding.medusa.plan import TREE_SIZES, Profile, measure_step_ms
+    from engine.decoding.medusa.heads import MedusaHeads, Profile
+    from engine.decoding.medusa.plan import TREE_SIZES, measure_step_ms
+    from engine.hub.layout import SHIPPED_MEDUSA
+    from engine.model.gptq import round_to_nearest
+    from engine.model.linear import Linear
+    from engine.model.weights import from_source
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     cfg = config_from_dict({"model_type": "llama", **(TINY if args.smoke else LLAMA31_8B)})
     torch.manual_seed(0)
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = LlamaModel.from_source(cfg, RandomSource(device), device, dtype, args.quantize)
+    model = from_source(cfg, RandomSource(device), device, dtype)
+    if args.quantize == "fp8":
+        round_to_nearest(model)
     h = cfg.hidden_size
     heads = MedusaHeads([[Linear(torch.randn(h, h, device=device, dtype=dtype) * 0.02,
                                  torch.zeros(h, device=device, dtype=dtype))] for _ in range(3)], None)
-    profile = Profile.read(SHIPPED / "SmolLM2-135M-Instruct.json")
+    profile = Profile.read(SHIPPED_MEDUSA / "SmolLM2-135M-Instruct.json")
     sizes = [n for n in TREE_SIZES if 2 <= n <= (8 if args.smoke else 64)]
     costs = measure_step_ms(model, heads, sizes, profile, context=args.context)
     rows = []

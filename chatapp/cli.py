@@ -6,29 +6,74 @@ import argparse
 import json
 import sys
 
-DEFAULT_API_KEY_ENV = "CHATAPP_API_KEY"  # `chatapp serve`: where the API key is read from by default
+from engine.events import DECODINGS
+
+from chatapp.options import load_request
+from chatapp.server import DEFAULT_API_KEY_ENV
+from chatapp.store.settings import DEVICES, QUANTIZE
+
 DEFAULT_REMOTE_KEY_ENV = "CHATAPP_REMOTE_API_KEY"  # --remote: where the server's key is read from
 DESCRIPTION = "Terminal chat with a local inference engine (Llama-family models, CPU or NVIDIA GPU)."
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="chatapp", description=DESCRIPTION)
-    p.add_argument("--model", help="model id or checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--quantize", choices=["fp8"], help="quantize a bf16/fp16/fp32 checkpoint's linear layers on load")
-    p.add_argument("--remote", metavar="URL",
-                   help="use a remote OpenAI-compatible server (e.g. http://host:8000/v1) instead of the local "
-                        "engine; --model then names the server's model (default: the first it lists)")
-    p.add_argument("--remote-key-env", metavar="VAR", default=DEFAULT_REMOTE_KEY_ENV,
-                   help=f"environment variable with the remote server's API key (default {DEFAULT_REMOTE_KEY_ENV})")
-    sub = p.add_subparsers(dest="command")
+def _shared(top: bool) -> dict[str, argparse.ArgumentParser]:
+    """Parent parsers for the options that both the top level and subcommands take, each declared
+    here once: "model" (--model, --device), "quantize" and "remote" (--remote, --remote-key-env).
+    The top level's hold the defaults; a subcommand's default to SUPPRESS, so that an option given
+    before the subcommand stays (``chatapp --model X run`` is ``chatapp run --model X``)."""
+    def default(value) -> dict:
+        return {"default": value if top else argparse.SUPPRESS}
 
-    run = sub.add_parser("run", help="answer one prompt without the UI")
-    run.add_argument("--model", default=argparse.SUPPRESS, help="model id or checkpoint folder")
-    run.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
-    run.add_argument("--remote", metavar="URL", default=argparse.SUPPRESS,
-                     help="answer with a remote OpenAI-compatible server")
-    run.add_argument("--remote-key-env", metavar="VAR", default=argparse.SUPPRESS)
+    parents = {name: argparse.ArgumentParser(add_help=False) for name in ("model", "quantize", "remote")}
+    parents["model"].add_argument("--model", **default(None),
+                                  help="model id or checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parents["model"].add_argument("--device", choices=DEVICES, **default(None), help="default: cuda when available")
+    parents["quantize"].add_argument("--quantize", choices=QUANTIZE, **default(None),
+                                     help="quantize a bf16/fp16/fp32 checkpoint's linear layers on load")
+    parents["remote"].add_argument("--remote", metavar="URL", **default(None),
+                                   help="use a remote OpenAI-compatible server (e.g. http://host:8000/v1) instead of "
+                                        "the local engine; --model then names the server's model (default: the "
+                                        "first it lists)")
+    parents["remote"].add_argument("--remote-key-env", metavar="VAR", **default(DEFAULT_REMOTE_KEY_ENV),
+                                   help=f"environment variable with the remote server's API key (default "
+                                        f"{DEFAULT_REMOTE_KEY_ENV})")
+    return parents
+
+
+def _loading() -> dict[str, argparse.ArgumentParser]:
+    """Parent parsers for the subcommands' options of how the local engine loads a model, each
+    declared here once: "context" (--context) and "decoding" (--decoding, --medusa-choices,
+    --tokenizer)."""
+    parents = {name: argparse.ArgumentParser(add_help=False) for name in ("context", "decoding")}
+    parents["context"].add_argument("--context", type=int,
+                                    help="KV cache length in tokens (default: min(the model's, 8192))")
+    decoding = parents["decoding"]
+    decoding.add_argument("--decoding", choices=DECODINGS, default="plain",
+                          help="medusa: speculative decoding with the checkpoint's Medusa heads (or the ones "
+                               "chatapp ships for it); dmc: Dynamic Memory Compression of the KV cache (a Megatron "
+                               "DMC checkpoint, or a model chatapp ships a DMC retrofit for)")
+    decoding.add_argument("--medusa-choices", metavar="PRESET|FILE",
+                          help="Medusa tree: auto (default: the best for this device, from the heads' measured "
+                               "acceptance and this device's measured step time), card (the 8B model card's "
+                               "63-node tree), or a JSON file with a list of paths such as [[0], [0, 0], [1]]")
+    decoding.add_argument("--tokenizer", metavar="PATH",
+                          help="tokenizer for a checkpoint without one (a Megatron DMC checkpoint): the Llama 2 "
+                               "SentencePiece tokenizer.model, or a folder with tokenizer.json (default: in the "
+                               "checkpoint's root folder)")
+    return parents
+
+
+def _parser() -> argparse.ArgumentParser:
+    top = _shared(top=True)
+    p = argparse.ArgumentParser(prog="chatapp", description=DESCRIPTION,
+                                parents=[top["model"], top["quantize"], top["remote"]])
+    sub = p.add_subparsers(dest="command")
+    shared, loading = _shared(top=False), _loading()
+    model, quantize, remote = shared["model"], shared["quantize"], shared["remote"]
+    context, decoding = loading["context"], loading["decoding"]
+
+    run = sub.add_parser("run", help="answer one prompt without the UI",
+                         parents=[model, remote, quantize, context, decoding])
     run.add_argument("--prompt", required=True)
     run.add_argument("--system", help="system prompt")
     run.add_argument("--max-new-tokens", type=int, default=512)
@@ -37,26 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int)
     run.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens tokens")
-    run.add_argument("--context", type=int, help="KV cache length in tokens")
-    run.add_argument("--quantize", choices=["fp8"], default=argparse.SUPPRESS)
-    run.add_argument("--decoding", choices=["plain", "medusa", "dmc"], default="plain",
-                     help="medusa: speculative decoding with the checkpoint's Medusa heads (or the ones chatapp "
-                          "ships for it); dmc: Dynamic Memory Compression of the KV cache (a Megatron DMC "
-                          "checkpoint, or a model chatapp ships a DMC retrofit for)")
-    run.add_argument("--medusa-choices", metavar="PRESET|FILE",
-                     help="Medusa tree: auto (default: the best for this device, from the heads' measured "
-                          "acceptance and this device's measured step time), card (the 8B model card's 63-node "
-                          "tree), or a JSON file with a list of paths such as [[0], [0, 0], [1]]")
-    run.add_argument("--tokenizer", metavar="PATH",
-                     help="tokenizer for a checkpoint without one (a Megatron DMC checkpoint): the Llama 2 "
-                          "SentencePiece tokenizer.model, or a folder with tokenizer.json (default: in the "
-                          "checkpoint's root folder)")
     run.add_argument("--json", action="store_true", help="print one JSON object with the reply and its figures")
 
     models = sub.add_parser("models", help="list the known and the locally available models, with the memory each "
-                                          "needs on this machine's GPU (or RAM) and whether it fits")
-    models.add_argument("--context", type=int,
-                        help="KV cache length the estimates assume (default: the engine's, min(model's, 8192))")
+                                          "needs on this machine's GPU (or RAM) and whether it fits",
+                            parents=[context])
     models.add_argument("--online", action="store_true",
                         help="ask the Hugging Face hub for exact download sizes (default: the catalog's)")
     models.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
@@ -65,56 +95,43 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("id", help="model id, e.g. nvidia/Llama-3.1-8B-Medusa-FP8 (see `chatapp models`)")
     pull.add_argument("--revision", help="branch, tag or commit (default: main)")
 
-    _serve_arguments(sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API"))
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                           parents=[model, quantize, context, decoding])
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--served-model-name", help="the model's name in the API (default: the model's own name)")
+    serve.add_argument("--api-key-env", metavar="VAR",
+                       help=f"environment variable that holds the API key clients must send (default: "
+                            f"{DEFAULT_API_KEY_ENV}; no key needed when it is unset)")
+    serve.add_argument("--max-queue", type=int, default=16,
+                       help="requests that may wait behind the running one; more get 429 (default 16)")
+    serve.add_argument("--max-tokens-limit", type=int, default=4096,
+                       help="the largest max_tokens a request may ask for, and the default (default 4096)")
+    serve.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                       help="the largest request body accepted; larger gets 413 (default 1048576)")
 
-    ppl = sub.add_parser("perplexity", help="perplexity of a model on a text file (to compare weight formats)")
-    ppl.add_argument("--model", default=argparse.SUPPRESS, help="model id or checkpoint folder")
-    ppl.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
-    ppl.add_argument("--quantize", choices=["fp8"], default=argparse.SUPPRESS)
+    ppl = sub.add_parser("perplexity", help="perplexity of a model on a text file (to compare weight formats)",
+                         parents=[model, quantize])
     ppl.add_argument("--file", required=True, help="a UTF-8 text file")
     ppl.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     ppl.add_argument("--stride", type=int, default=256, help="tokens between window starts (default 256)")
     ppl.add_argument("--json", action="store_true")
 
-    cmp = sub.add_parser("compare", help="one prompt, two decoding set-ups side by side (speed, memory, text)")
+    cmp = sub.add_parser("compare", help="one prompt, two decoding set-ups side by side (speed, memory, text)",
+                         parents=[model, context])
     cmp.add_argument("--a", metavar="SPEC", default="plain",
-                     help="set-up A (default plain): comma-separated terms: a decoding (plain, medusa, dmc), a "
+                     help=f"set-up A (default plain): comma-separated terms: a decoding ({', '.join(DECODINGS)}), a "
                           "weight format (fp8: quantize on load, bf16: as stored), model=ID_OR_PATH, "
                           "medusa-choices=auto|card|FILE, temperature=, top_p=, top_k=, seed=, max_new_tokens= "
-                          "(e.g. medusa,fp8 or plain,temperature=0.8,seed=1); greedy unless told")
+                          "(e.g. medusa,fp8 or plain,temperature=0.8,seed=1); greedy unless told; the model: "
+                          "--model's, unless the spec names one")
     cmp.add_argument("--b", metavar="SPEC", default="medusa", help="set-up B (default medusa), as for --a")
     cmp.add_argument("--prompt", help="the prompt both set-ups answer (required with --json)")
-    cmp.add_argument("--model", default=argparse.SUPPRESS,
-                     help="model id or checkpoint folder for the set-ups that name none")
-    cmp.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
-    cmp.add_argument("--context", type=int, help="KV cache length in tokens")
     cmp.add_argument("--max-new-tokens", type=int, default=256, help="per set-up, unless its spec says (default 256)")
     cmp.add_argument("--json", action="store_true",
                      help="run headless and print one JSON object: both set-ups' figures, speed-up, same text")
     return p
-
-
-def _serve_arguments(p) -> None:
-    p.add_argument("--model", default=argparse.SUPPRESS, help="model id or checkpoint folder")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=argparse.SUPPRESS)
-    p.add_argument("--quantize", choices=["fp8"], default=argparse.SUPPRESS)
-    p.add_argument("--decoding", choices=["plain", "medusa", "dmc"], default="plain",
-                   help="as for `chatapp run`")
-    p.add_argument("--medusa-choices", metavar="PRESET|FILE", help="Medusa tree (as for `chatapp run`)")
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer for a checkpoint without one (as for `chatapp run`)")
-    p.add_argument("--context", type=int, help="KV cache length in tokens")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="default 8000")
-    p.add_argument("--served-model-name", help="the model's name in the API (default: the model's own name)")
-    p.add_argument("--api-key-env", metavar="VAR",
-                   help=f"environment variable that holds the API key clients must send (default: "
-                        f"{DEFAULT_API_KEY_ENV}; no key needed when it is unset)")
-    p.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait behind the running one; more get 429 (default 16)")
-    p.add_argument("--max-tokens-limit", type=int, default=4096,
-                   help="the largest max_tokens a request may ask for, and the default (default 4096)")
-    p.add_argument("--max-request-bytes", type=int, default=1 << 20,
-                   help="the largest request body accepted; larger gets 413 (default 1048576)")
 
 
 def _remote_check(args) -> str | None:
@@ -140,7 +157,7 @@ def _remote_session(args, progress):
 
 def _run(args) -> int:
     from engine.errors import EngineError
-    from engine.events import Done, LoadModel, SamplingParams, Token
+    from engine.events import Done, SamplingParams, Token
 
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr)
@@ -153,12 +170,9 @@ def _run(args) -> int:
         if args.remote:
             session = _remote_session(args, progress)
         else:
-            from engine.session import (
-                Session,  # torch: not imported for a remote server
-            )
+            from engine.session import Session  # torch: not imported for a remote server
 
-            session = Session.load(LoadModel(args.model, args.device, args.context, args.quantize, args.decoding,
-                                             args.medusa_choices, args.tokenizer), progress)
+            session = Session.load(load_request(args), progress)
         for ev in session.generate(messages, params):
             if isinstance(ev, Token) and not args.json:
                 sys.stdout.write(ev.text)
@@ -183,8 +197,6 @@ def _perplexity(args) -> int:
     from pathlib import Path
 
     from engine.errors import EngineError
-    from engine.events import LoadModel
-    from engine.perplexity import perplexity
     from engine.session import Session
 
     try:
@@ -193,9 +205,8 @@ def _perplexity(args) -> int:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise EngineError(f"{path}: cannot read it as UTF-8 text ({e})") from None
-        session = Session.load(LoadModel(args.model, args.device, quantize=args.quantize),
-                               lambda msg: print(msg, file=sys.stderr))
-        result = perplexity(session.model, session.tokenizer.encode(text), args.window, args.stride)
+        session = Session.load(load_request(args), lambda msg: print(msg, file=sys.stderr))
+        result = session.perplexity(text, args.window, args.stride)
     except EngineError as e:
         print(f"chatapp: error: {e}", file=sys.stderr)
         return 1
@@ -235,7 +246,7 @@ def _compare(args) -> int:
         return 1 if any("error" in result[k] for k in ("a", "b")) else 0
     from chatapp.tui.app import ChatApp
 
-    ChatApp(model=args.model, device=args.device, compare=(a, b, args.prompt)).run()
+    ChatApp(args, compare=(a, b, args.prompt)).run()
     return 0
 
 
@@ -332,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         except EngineError as e:
             print(f"chatapp: error: {e}", file=sys.stderr)
             return 1
-        ChatApp(model=args.model, client=client).run()
+        ChatApp(args, client=client).run()
         return 0
-    ChatApp(model=args.model, device=args.device, quantize=args.quantize).run()
+    ChatApp(args).run()
     return 0
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
+DECODINGS = ("plain", "medusa", "dmc")  # the decodings, named once for every front end
+DEFAULT_CONTEXT = 8192  # KV cache length when none is asked for: min(the model's context, this)
+
+
 # ---- requests ------------------------------------------------------------------------------
 @dataclass
 class SamplingParams:
@@ -20,7 +24,7 @@ class SamplingParams:
 class LoadModel:
     model: str | None = None  # id or path; None = the embedded default model
     device: str | None = None  # cpu | cuda; None = cuda when available
-    context: int | None = None  # KV cache length; None = min(model's context, 8192)
+    context: int | None = None  # KV cache length; None = min(model's context, DEFAULT_CONTEXT)
     quantize: str | None = None  # "fp8": quantize a high-precision checkpoint's linear layers on load
     decoding: str = "plain"  # plain | medusa (the checkpoint's Medusa heads, or the ones shipped for it)
     #                          | dmc (Dynamic Memory Compression: a Megatron DMC checkpoint, or a shipped retrofit)

@@ -26,7 +26,7 @@ def perplexity(model: LlamaModel, ids: list[int], window: int = 512, stride: int
         for start in range(0, len(ids) - 1, stride):
             end = min(start + window, len(ids))
             chunk = torch.tensor([ids[start:end]], device=model.device)
-            logits = model.forward(chunk, cache, 0, all_logits=True)[0, :-1]
+            logits = model.forward_all(chunk, cache, 0)[0, :-1]
             targets = chunk[0, 1:]
             # position i of the window predicts token start + i + 1; score only the new ones
             first_new = max(prev_end - start - 1, 0)

@@ -4,7 +4,7 @@ and its reference code do, at a small scale, by distillation from the original m
 Decision neurons: the last dimension D-1 of each key head gives the merge decision (alpha logit
 ``k[D-1] - init_val``), the last dimension of the query heads the token's importance weight
 (omega = ``sigmoid(mean over the KV head's query heads of q[D-1] + init_val)``); neither takes
-part in attention any more (engine/dmc.py has the inference side).
+part in attention any more (engine/decoding/dmc.py has the inference side).
 
 - Stage 1 (``--stage1-steps``, with ``--train lora`` or ``attention``): the repurposed dims' share of
   q and k is decayed linearly to zero over 80% of the stage, while the attention weights learn to
@@ -30,7 +30,7 @@ token pieces); a share (``--holdout``) of each is held out.
 
 Outputs (``--out``, default assets/dmc/): ``<model>.safetensors``, the delta engine/dmc_retrofit.py
 loads; ``<model>.json``: data, steps, times, and on the held-out data with the engine's
-DMCDecoder: the KV compression of held-out chat replies (prompt + reply prefilled), and
+DMCForward: the KV compression of held-out chat replies (prompt + reply prefilled), and
 perplexity of held-out sequences for the original model (dense cache) and the DMC model.
 
     python -m training.dmc --steps 4 --stage1-steps 0 --seq-len 64       # smoke run, a minute on CPU
@@ -55,14 +55,16 @@ from safetensors.torch import save_file
 
 from engine.formats.tensor_source import TensorSource
 from engine.config import load_config
-from engine.decoding.dmc import DMCDecoder, INIT_VAL, WINDOW
-from engine.formats.dmc_delta import ROWS, decision_row_index, delta_metadata, load_retrofitted
+from engine.decoding.dmc import DMCForward, INIT_VAL, WINDOW
+from engine.formats.dmc_delta import ROWS, decision_row_index, delta_metadata
+from engine.model.weights import load_retrofitted
 from engine.errors import EngineError
 from engine.model.llama import LlamaModel
 from engine.hub.resolve import resolve
 from engine.paths import ASSETS, cache_dir
 from engine.model.rope import cos_sin_table
 from engine.tokenizer import ChatTokenizer
+from engine.model.weights import from_dir
 from kernels.dmc import WEIGHT_EPS
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -440,7 +442,7 @@ def greedy_reply(first_logits: torch.Tensor, advance, eos_ids, max_new_tokens: i
     return out
 
 
-def simple_questions(base: LlamaModel, dmc: DMCDecoder, tok: ChatTokenizer, prompts: list[list[int]],
+def simple_questions(base: LlamaModel, dmc: DMCForward, tok: ChatTokenizer, prompts: list[list[int]],
                      max_new_tokens: int = SIMPLE_ANSWER_TOKENS) -> dict:
     """Greedy answers of the original model and of the DMC model to SIMPLE_QUESTIONS (``prompts``:
     their chat prompts, ``question_prompts``): how many contain a right word, and the answers."""
@@ -464,16 +466,16 @@ def simple_questions(base: LlamaModel, dmc: DMCDecoder, tok: ChatTokenizer, prom
 def evaluate(model_dir: Path, delta: Path, seqs: list[list[int]], replies: list[tuple[int, list[int]]],
              device) -> dict:
     """With the engine: perplexity of ``seqs`` for the original model (dense cache) and the DMC
-    model (DMCDecoder, whole sequence prefilled), and the DMC cache's compression after
+    model (DMCForward, whole sequence prefilled), and the DMC cache's compression after
     prefilling each held-out chat (prompt + reply; ``replies`` [(prompt length, ids)]), and both
     models' answers to SIMPLE_QUESTIONS."""
-    base = LlamaModel.from_dir(model_dir, device, dtype=torch.float32)
+    base = from_dir(model_dir, device, dtype=torch.float32)
     model, settings = load_retrofitted(model_dir, delta, device, dtype=torch.float32)
     tok = ChatTokenizer(model_dir, base.cfg)
     questions = question_prompts(tok)
     longest = max([len(s) for s in seqs] + [len(s) for _, s in replies] +
                   [len(q) + SIMPLE_ANSWER_TOKENS for q in questions])
-    dmc = DMCDecoder(model, 1, longest, **settings)
+    dmc = DMCForward(model, 1, longest, **settings)
     cache = base.new_cache(longest)
     base_nll = dmc_nll = 0.0
     n = 0
@@ -481,7 +483,7 @@ def evaluate(model_dir: Path, delta: Path, seqs: list[list[int]], replies: list[
         for s in seqs:
             ids = torch.tensor([s], device=device)
             cache.length = 0
-            a, _ = nll(base.forward(ids, cache, 0, all_logits=True)[0], s)
+            a, _ = nll(base.forward_all(ids, cache, 0)[0], s)
             dmc.reset()
             b, m = nll(dmc.prefill(ids, all_logits=True)[0], s)
             base_nll, dmc_nll, n = base_nll + a, dmc_nll + b, n + m

@@ -47,6 +47,7 @@ from engine.decoding.medusa.heads import output_rows
 from engine.hub.resolve import resolve
 from engine.paths import ASSETS, cache_dir
 from engine.tokenizer import ChatTokenizer
+from engine.model.weights import from_dir
 from training.prompts import subjects, training_prompts
 
 MAX_RANK = 10  # ranks per head kept in the acceptance profile
@@ -142,7 +143,7 @@ def hidden_states(model: LlamaModel, data: list[dict], num_heads: int):
         for n, d in enumerate(data):
             seq = d["prompt_ids"] + d["reply_ids"]
             first = len(d["prompt_ids"]) - 1
-            hidden = model.forward(torch.tensor([seq], device=model.device), cache, 0, logits=False)
+            hidden = model.hidden(torch.tensor([seq], device=model.device), cache, 0)
             nxt = model.logits(hidden[0, first:-1]).argmax(-1).cpu()
             agree += int((nxt == torch.tensor(seq[first + 1:])).sum())
             total += len(seq) - 1 - first
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     t0 = time.time()
     name, model_dir = resolve(args.model, log)
-    model = LlamaModel.from_dir(model_dir, args.device, dtype=torch.float32)
+    model = from_dir(model_dir, args.device, dtype=torch.float32)
     tok = ChatTokenizer(model_dir, model.cfg)
     data = load_or_generate(name, model, tok, args)
     t_gen = time.time() - t0

@@ -4,8 +4,6 @@ figures in a table. One GPU: the set-ups run one after the other through the sam
 
 from __future__ import annotations
 
-import time
-
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -20,9 +18,8 @@ from chatapp.compare.figures import compare_figures, summary
 from engine.events import Done, Error, Generate, GenerationStats, Loaded, ModelInfo, Progress, Step, Token
 from chatapp.compare.spec import Setup
 
-from chatapp.tui.widgets import ErrorMessage
+from chatapp.tui.widgets import ErrorMessage, ReplyStream
 
-REPLY_FPS = 15  # Markdown and header repaints a second, per pane
 KEYS = ("a", "b")
 
 
@@ -318,33 +315,25 @@ class CompareScreen(Screen):
             return
 
         pane.set_state("generating…")
-        stream = Markdown.get_stream(pane.reply)
+        stream = ReplyStream(pane.reply)
         pane.body.follow = True
-        pending: list[str] = []  # text not yet handed to the Markdown stream
-        flushed_at = 0.0
         rate = ""
         end: Done | Error | None = None
         request = Generate(messages=[{"role": "user", "content": prompt}], params=setup.params)
         try:
             async for event in self.client.generate(request):
                 if isinstance(event, Token):
-                    pending.append(event.text)
+                    stream.add(event.text)
                 elif isinstance(event, Step):
                     rate = f" {event.tok_per_s:.1f} tok/s"
                 elif isinstance(event, (Done, Error)):
                     end = event
                     continue
-                # repaint at most REPLY_FPS times a second: rendering competes with the engine
-                if time.monotonic() - flushed_at >= 1 / REPLY_FPS:
-                    if pending:
-                        await stream.write("".join(pending))
-                        pending.clear()
+                if stream.due:  # the header is repainted with the reply, as seldom
+                    if await stream.flush():
                         pane.body.catch_up()
                     pane.set_state(f"generating…{rate}")
-                    flushed_at = time.monotonic()
         finally:
-            if pending:
-                await stream.write("".join(pending))
             await stream.stop()
 
         if isinstance(end, Done):

@@ -14,14 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import EngineError
-from engine.events import LoadModel, SamplingParams
+from engine.events import DECODINGS, LoadModel, SamplingParams
 
-DECODINGS = ("plain", "medusa", "dmc")
 WEIGHT_FORMATS = ("fp8", "bf16")
 KEYS = ("model", "medusa-choices", "temperature", "top_p", "top_k", "seed", "max_new_tokens")
 _ALIASES = {"medusa_choices": "medusa-choices", "top-p": "top_p", "top-k": "top_k",
             "max-new-tokens": "max_new_tokens"}
-_EXPECTED = ("expected plain, medusa, dmc, fp8, bf16 or key=value with model, medusa-choices, temperature, "
+_EXPECTED = (f"expected {', '.join(DECODINGS)}, fp8, bf16 or key=value with model, medusa-choices, temperature, "
              "top_p, top_k, seed, max_new_tokens")
 
 

@@ -6,7 +6,7 @@
     GET  /metrics                 Prometheus text format
     GET  /health                  200 once the model is loaded, 503 before
 
-Requests run one at a time on the engine thread (``serve_engine.EngineRunner``) behind a bounded
+Requests run one at a time on the engine thread (``runner.EngineRunner``) behind a bounded
 wait queue; a full queue answers 429 with Retry-After. A client that goes away stops its
 generation within one decoding step. Errors use OpenAI's shape:
 ``{"error": {"message", "type", "param", "code"}}``."""
@@ -35,7 +35,8 @@ from starlette.routing import Route
 from engine.errors import EngineError
 from engine.events import SamplingParams
 
-from chatapp.cli import DEFAULT_API_KEY_ENV
+from chatapp.options import load_request
+from chatapp.server import DEFAULT_API_KEY_ENV
 from chatapp.server.runner import Chunk, EngineRunner, Failed, Finished, Job, Metrics, NotReady, QueueFull
 
 MAX_STOP_SEQUENCES = 16
@@ -294,7 +295,7 @@ class Server:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
-            prompt = self.session.tokenizer.encode_chat(messages)
+            prompt = self.session.encode_chat(messages)
         except EngineError as e:
             raise ApiError(400, f"messages: {e}", param="messages") from None
         params = self._params(req, req.max_completion_tokens or req.max_tokens, len(prompt))
@@ -319,9 +320,9 @@ class Server:
                 raise ApiError(400, "prompt: one prompt per request is supported", param="prompt")
             req.prompt = req.prompt[0]
         if isinstance(req.prompt, str):
-            prompt = self.session.tokenizer.encode_prompt(req.prompt)
+            prompt = self.session.encode_prompt(req.prompt)
         else:
-            vocab = self.session.model.cfg.vocab_size
+            vocab = self.session.vocab_size
             if any(not 0 <= t < vocab for t in req.prompt):
                 raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
             prompt = list(req.prompt)
@@ -514,8 +515,6 @@ def create_app(runner: EngineRunner, options: ServeOptions | None = None):
 def main(args) -> int:
     import uvicorn
 
-    from engine.events import LoadModel
-
     def fail(message: str) -> int:
         print(f"chatapp: error: {message}", file=sys.stderr)
         return 1
@@ -553,8 +552,7 @@ def main(args) -> int:
         from engine.serving.worker import describe
 
         try:
-            session = Session.load(LoadModel(args.model, args.device, args.context, args.quantize, args.decoding,
-                                             args.medusa_choices, args.tokenizer), lambda msg: print(msg, file=sys.stderr))
+            session = Session.load(load_request(args), lambda msg: print(msg, file=sys.stderr))
         except BaseException as exc:  # noqa: BLE001 - reported, and the server stops
             load_error.append(describe(exc))
             server.should_exit = True

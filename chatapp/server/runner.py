@@ -1,18 +1,17 @@
-"""The serving side of ``chatapp serve`` that is not HTTP: one engine thread that runs the requests
-one at a time against the loaded session (the model is not thread-safe), a bounded wait queue in
-front of it, stop sequences, and the Prometheus metrics."""
+"""The serving side of ``chatapp serve`` that is not HTTP: the requests run one at a time against
+the loaded session (the model is not thread-safe) by the job loop of engine.serving.worker.Worker,
+behind a bounded wait queue; stop sequences, and the Prometheus metrics."""
 
 from __future__ import annotations
 
 import math
-import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.events import Done, GenerationStats, SamplingParams, Token
-from engine.serving.worker import describe
+from engine.serving.worker import Jobs, Worker, describe
 
 
 class QueueFull(Exception):
@@ -198,23 +197,23 @@ def _label(value: str) -> str:
 
 
 # ---- the engine thread -----------------------------------------------------------------------
-class EngineRunner:
-    """Runs jobs one at a time on one thread. ``max_queue`` jobs may wait behind the running one;
-    a job submitted beyond that is refused with ``QueueFull``."""
+class EngineRunner(Jobs):
+    """The jobs of engine.serving.worker.Worker for the server: the worker's job loop runs them one
+    at a time on its thread, against the attached session. ``max_queue`` jobs may wait behind the
+    running one; a job submitted beyond that is refused with ``QueueFull``. A Job's prompt is token
+    ids, and its reply goes to ``job.emit`` as Chunk pieces, then Finished or Failed."""
 
     def __init__(self, max_queue: int, metrics: Metrics | None = None):
         if max_queue < 0:
             raise ValueError("max_queue must be 0 or more")
+        super().__init__()  # self.session: an engine.session.Session once attached
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
-        self.session = None  # engine.session.Session once loaded
         self.waiting = 0
         self.running = 0
         self._last_job_s = 1.0
         self._lock = threading.Lock()
-        self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="chatapp-serve-engine", daemon=True)
-        self._thread.start()
+        self._worker = Worker(self)
 
     def attach(self, session) -> None:
         self.session = session
@@ -227,48 +226,51 @@ class EngineRunner:
                 ahead = self.waiting + self.running
                 raise QueueFull(max(1, min(60, math.ceil(ahead * self._last_job_s))))
             self.waiting += 1
-        self._jobs.put(job)
+        self._worker.submit(job, job.emit, job.cancel)
 
     def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=5)
+        self._worker.stop()
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            with self._lock:
-                self.waiting -= 1
-                self.running += 1
-            t0 = time.monotonic()
-            try:
-                if job.cancel.is_set():  # the client went away while it waited
-                    final = Finished("cancelled", len(job.prompt), 0)
-                else:
-                    final = self._generate(job)
-            except BaseException as exc:  # noqa: BLE001 - the engine thread must survive anything
-                final = Failed(describe(exc))
-            with self._lock:  # the engine is free before the client hears that its request is over
-                self.running -= 1
-                self._last_job_s = max(0.05, time.monotonic() - t0)
-            job.emit(final)
+    def close(self) -> None:
+        """The worker stopped: no more jobs (NotReady). The session stays open: it is the attacher's."""
+        self.session = None
 
-    def _generate(self, job: Job) -> Finished:
+    def run(self, job: Job, sink, cancel) -> None:
+        """One job, on the worker's thread (``sink`` and ``cancel`` are the job's ``emit`` and ``cancel``)."""
+        with self._lock:
+            self.waiting -= 1
+            self.running += 1
+        t0 = time.monotonic()
+        try:
+            if cancel.is_set():  # the client went away while it waited
+                final = Finished("cancelled", len(job.prompt), 0)
+            else:
+                final = self._reply(job, sink, cancel)
+        except BaseException as exc:  # noqa: BLE001 - the engine thread must survive anything
+            final = Failed(describe(exc))
+        with self._lock:  # the engine is free before the client hears that its request is over
+            self.running -= 1
+            self._last_job_s = max(0.05, time.monotonic() - t0)
+        sink(final)
+
+    def _reply(self, job: Job, sink, cancel) -> Finished:
         matcher = StopMatcher(job.stop)
         finish = None
-        for ev in self.session.generate_ids(job.prompt, job.params, job.cancel):
+        for ev in self.session.generate_ids(job.prompt, job.params, cancel):
             if isinstance(ev, Token):
                 if finish is not None:
                     continue
                 text, stopped = matcher.feed(ev.text)
                 if text:
-                    job.emit(Chunk(text))
+                    sink(Chunk(text))
                 if stopped:
                     finish = "stop"
-                    job.cancel.set()  # the engine ends after this step
+                    cancel.set()  # the engine ends after this step
             elif isinstance(ev, Done):
                 cancelled = finish is None and ev.reason == "cancelled"
                 if finish is None and not cancelled:
                     if rest := matcher.flush():
-                        job.emit(Chunk(rest))
+                        sink(Chunk(rest))
                     finish = "length" if ev.reason == "length" else "stop"
                 self.metrics.count_generation(ev.stats, cancelled)
                 return Finished("cancelled" if cancelled else finish, ev.stats.n_prompt_tokens,

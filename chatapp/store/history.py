@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from engine.events import DECODINGS
 from engine.paths import data_dir
 
 FILENAME = "history.sqlite3"
 DEFAULT_TITLE = "New chat"
 TITLE_LENGTH = 40
 ROLES = ("system", "user", "assistant")
-DECODINGS = ("plain", "medusa", "dmc")
 PARAM_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
 
 # SQLite's primary result codes for "this is not a (sound) database file".

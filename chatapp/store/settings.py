@@ -49,12 +49,12 @@ from typing import Any, Callable
 
 import tomli_w
 
+from engine.events import DECODINGS
 from engine.paths import config_dir
 
 FILENAME = "settings.toml"
 DEVICES = ("cpu", "cuda")
 QUANTIZE = ("fp8",)
-DECODINGS = ("plain", "medusa", "dmc")
 
 
 class SettingsError(Exception):

@@ -12,7 +12,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.reactive import reactive
-from textual.widgets import Footer, Input, Markdown, OptionList
+from textual.widgets import Footer, Input, OptionList
 from textual.widgets.option_list import Option
 
 from engine.serving.client import EngineClient
@@ -22,13 +22,13 @@ from engine.events import (Done, Error, Generate, Loaded, LoadModel, ModelInfo, 
 from engine.units import binary_size
 from engine.serving.worker import ProcessWorker
 
+from chatapp.options import load_request
 from chatapp.tui.chat_settings import ChatSettingsScreen
 from chatapp.store.history import Chat, History, HistoryError
 from chatapp.store.settings import Settings, SettingsError, load_settings, save_settings
 from chatapp.tui.stats import StatsPanel
-from chatapp.tui.widgets import AssistantMessage, ErrorMessage, Note, StatusBar, UserMessage
+from chatapp.tui.widgets import AssistantMessage, ErrorMessage, Note, ReplyStream, StatusBar, UserMessage
 
-REPLY_FPS = 15
 SAVE_EVERY_S = 0.5  # a streaming reply is written to the history this often (a crash loses at most this)
 STATE_LABELS = {"loading": "loading…", "ready": "ready", "generating": "generating…",
                 "cancelled": "cancelled", "error": "error"}
@@ -75,9 +75,10 @@ class ChatApp(App):
     state: reactive[str] = reactive("loading", bindings=True, init=False)
     """loading, ready, generating, cancelled or error."""
 
-    def __init__(self, model: str | None = None, device: str | None = None, quantize: str | None = None, *,
-                 decoding: str | None = None, client: EngineClient | None = None, history: History | None = None,
+    def __init__(self, options=None, *, client: EngineClient | None = None, history: History | None = None,
                  settings: Settings | None = None, compare: tuple | None = None, remote: bool = False):
+        """``options``: the command line's (an argparse.Namespace: --model, --device, --quantize...),
+        or None; the model is loaded as they say, and as the settings say where they say nothing."""
         super().__init__()
         self.settings_error = ""
         if settings is None:
@@ -87,9 +88,7 @@ class ChatApp(App):
                 self.settings_error = f"{e} (using the defaults)"
                 settings = Settings()
         self.settings = settings
-        m = settings.model
-        self.load_request = LoadModel(model or m.default, device or m.device, m.context, quantize or m.quantize,
-                                      decoding or m.decoding)
+        self.load_request = load_request(options, settings.model)
         self.remote = remote
         self.client = client or EngineClient(ProcessWorker())
         self.history_error = ""
@@ -335,10 +334,9 @@ class ChatApp(App):
         self.chat.anchor()
         record = self.chat_record
         saved = self.history.add_message(record.id, "assistant", "", complete=False) if record is not None else None
-        stream = Markdown.get_stream(reply)
+        stream = ReplyStream(reply)
         received: list[str] = []
-        pending: list[str] = []  # text not yet handed to the Markdown stream
-        flushed_at = saved_at = 0.0
+        saved_at = 0.0
         end: Done | Error | None = None
         self.stats.reply_started()
         try:
@@ -348,14 +346,10 @@ class ChatApp(App):
                     if not received:
                         self.stats.first_token()
                     received.append(event.text)
-                    pending.append(event.text)
+                    stream.add(event.text)
+                    if stream.due:
+                        await stream.flush()
                     now = time.monotonic()
-                    # Re-render at most REPLY_FPS times a second: rendering competes with the
-                    # engine for the CPU, and nobody reads faster than that.
-                    if now - flushed_at >= 1 / REPLY_FPS:
-                        await stream.write("".join(pending))
-                        pending.clear()
-                        flushed_at = now
                     if saved is not None and now - saved_at >= SAVE_EVERY_S:
                         self.history.update_message(saved.id, content="".join(received))
                         saved_at = now
@@ -368,8 +362,6 @@ class ChatApp(App):
                 elif isinstance(event, (Done, Error)):
                     end = event
         finally:
-            if pending:
-                await stream.write("".join(pending))
             await stream.stop()
             text = "".join(received)
             if saved is not None:

@@ -15,10 +15,12 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, Select, Static
 
-from engine.hub.catalog import DeviceMemory, ModelRow, device_memory, estimate_for_device, gib, model_rows
-from engine.hub.download import hub_offline
+from engine.hub import layout
+from engine.hub.catalog import (DeviceMemory, ModelEntry, ModelRow, device_memory, estimate_for_device, gib,
+                                model_rows)
+from engine.hub.hf_cache import hub_offline
 from engine.errors import EngineError
-from engine.events import LoadModel
+from engine.events import DEFAULT_CONTEXT, LoadModel
 
 from chatapp.store.settings import RemoteServer, Settings
 
@@ -33,16 +35,15 @@ def human_size(n: int | None) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
-def decodings(row: ModelRow) -> list[str]:
-    """The decodings a model offers: Medusa with heads (its own, or the ones chatapp ships for the
-    embedded model), DMC for a DMC checkpoint."""
-    fmt = row.entry.format
-    out = ["plain"]
-    if "medusa" in fmt or row.entry.source == "embedded":
-        out.append("medusa")
-    if "dmc" in fmt:
-        out.append("dmc")
-    return out
+def model_spec(entry: ModelEntry) -> str | None:
+    """What a row's model is loaded as (LoadModel.model): its id; None for the embedded model."""
+    return None if entry.source == "embedded" else entry.id
+
+
+def decodings(entry: ModelEntry) -> list[str]:
+    """The decodings the loader accepts for a row's model (engine.hub.layout.decodings): from its
+    folder when it is on this machine, else from its catalog format and what chatapp ships for it."""
+    return layout.decodings(entry.id, entry.local_path if entry.downloaded else None, entry.format)
 
 
 def speed_text(bytes_per_s: float) -> str:
@@ -97,7 +98,7 @@ class PickerScreen(Screen):
             yield Select([("as stored", "stored"), ("FP8 on load", "fp8")], value="stored", allow_blank=False,
                          id="weights")
             yield Label("context")
-            yield Input(str(self.current.context or self.settings.model.context or 8192), id="context",
+            yield Input(str(self.current.context or self.settings.model.context or DEFAULT_CONTEXT), id="context",
                         restrict=r"[0-9]*", compact=True)
         yield DataTable(cursor_type="row", zebra_stripes=True, id="models")
         with Vertical(id="download"):
@@ -200,16 +201,15 @@ class PickerScreen(Screen):
                      f"{gib(est.overhead_bytes)} = {gib(est.total_bytes)}")
         gated = " · gated: needs a Hugging Face token" if row.entry.gated else ""
         detail.update(f"{row.entry.description}{gated}\n{est.verdict}: {est.reason}\n{breakdown}")
-        options = decodings(row)
+        options = decodings(row.entry)
         decoding.set_options([(d, d) for d in options])
-        wanted = self.current.decoding if self.current.decoding in options else "plain"
-        decoding.value = wanted
+        decoding.value = self.current.decoding if self.current.decoding in options else options[0]
 
     # ---- loading and downloading ----------------------------------------------------------------
     def request_for(self, row: ModelRow) -> LoadModel:
         e = row.entry
         weights = self.query_one("#weights", Select).value
-        return LoadModel(model=None if e.source == "embedded" else e.id, device=self.current.device,
+        return LoadModel(model=model_spec(e), device=self.current.device,
                          context=self.context(), quantize="fp8" if weights == "fp8" else None,
                          decoding=str(self.query_one("#decoding", Select).value))
 

@@ -7,6 +7,8 @@ import time
 from textual.timer import Timer
 from textual.widgets import Markdown, Static
 
+REPLY_FPS = 15  # how often a streaming reply is rendered, at most, a second
+
 
 class UserMessage(Static):
     """What the user typed, shown as plain text."""
@@ -17,6 +19,40 @@ class UserMessage(Static):
 
 class AssistantMessage(Markdown):
     """A reply of the model, streamed in as Markdown."""
+
+
+class ReplyStream:
+    """Text streamed into a Markdown widget, rendered at most ``fps`` times a second: rendering
+    competes with the engine for the CPU, and nobody reads faster than that. ``add`` the pieces
+    as they come, ``flush`` when ``due``, and ``stop`` at the end (it renders what is left)."""
+
+    def __init__(self, markdown: Markdown, fps: float = REPLY_FPS):
+        self._stream = Markdown.get_stream(markdown)
+        self._interval = 1 / fps
+        self._pending: list[str] = []  # text not yet handed to the Markdown stream
+        self._flushed_at = 0.0
+
+    def add(self, text: str) -> None:
+        self._pending.append(text)
+
+    @property
+    def due(self) -> bool:
+        """Whether the last render is 1/fps seconds ago or more."""
+        return time.monotonic() - self._flushed_at >= self._interval
+
+    async def flush(self) -> bool:
+        """Render the text added since the last flush; whether there was any."""
+        self._flushed_at = time.monotonic()
+        if not self._pending:
+            return False
+        text = "".join(self._pending)
+        self._pending.clear()
+        await self._stream.write(text)
+        return True
+
+    async def stop(self) -> None:
+        await self.flush()
+        await self._stream.stop()
 
 
 class ErrorMessage(Static):

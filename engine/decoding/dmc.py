@@ -1,11 +1,12 @@
 """Dynamic Memory Compression (DMC) inference for LlamaModel: a paged KV cache whose length
 varies per (batch row, layer, KV head), and the forward pass that fills it.
 
-API for the engine (the Session wires it; nothing here knows about the UI):
+``DMCDecoder`` is the decoding the session holds (engine/decoding/base.py); it drives
+``DMCForward``, whose API serves the engine, the benchmarks and training:
 
-    model = LlamaModel.from_dir(...)                 # or engine.formats.megatron.load_megatron_model(path)
-    dmc = DMCDecoder(model, batch=1, max_len=4096)   # page_size=16, init_val=5.0, window=12
-                                                     # (megatron_checkpoint.dmc_settings(info["args"]))
+    model = weights.from_dir(...)                    # engine/model/weights.py (or from_megatron(path))
+    dmc = DMCForward(model, batch=1, max_len=4096)   # page_size=16, init_val=5.0, window=12
+                                                     # (dmc_settings(info["args"]) for a Megatron checkpoint)
     logits = dmc.prefill(ids)     # ids [B, T] int64 after the tokens held -> logits of the last token
                                   # [B, vocab] (float32); all T tokens at once per layer (parallel=False:
                                   # token by token, the reference)
@@ -45,11 +46,23 @@ import torch.nn.functional as F
 from kernels.dmc import WEIGHT_EPS, dmc_decode_attention, dmc_update
 
 from engine.config import ModelConfig
+from engine.decoding.base import Decoder
 from engine.errors import EngineError
 
 INIT_VAL = 5.0  # --dmc-init-val of the released checkpoints
 WINDOW = 12  # --dmc-window-size of the released checkpoints (the reference kernel hard-codes 12)
 PREFILL_CHUNK = 256  # query tokens per attention call in the parallel prefill
+
+
+def dmc_settings(args: dict) -> dict:
+    """DMCForward's init_val and window from a checkpoint's stored args (read_megatron_checkpoint's
+    info["args"]), where the training run recorded them; the released defaults otherwise. The
+    reference decoder uses a window of 12 whatever the args say, unless the window is 0 (an
+    unbounded running mean, which DMCForward does not implement)."""
+    window = args.get("dmc_window_size", WINDOW)
+    if window is not None and int(window) == 0:
+        raise EngineError("DMC with dmc_window_size 0 (unbounded running means) is not supported")
+    return {"init_val": float(args.get("dmc_init_val") or INIT_VAL), "window": WINDOW}
 
 
 class DMCCache:
@@ -185,7 +198,7 @@ class DMCCache:
                                                            self.win_v, self.win_w, self.run, self.lens))
 
 
-class DMCDecoder:
+class DMCForward:
     """A LlamaModel run with a DMC cache instead of the dense one (see the module docstring)."""
 
     def __init__(self, model, batch: int = 1, max_len: int | None = None, page_size: int = 16,
@@ -237,16 +250,15 @@ class DMCDecoder:
         ids = ids.reshape(-1, 1).to(model.device)
         self._check(ids, 1)
         bsz = ids.shape[0]
-        h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pos = cache.length
-        cos, sin = model._rope_tables(pos + 1)
+        cos, sin = model.rope(pos + 1)
         cos, sin = cos[pos], sin[pos]
         ptr, first = pos % self.window, pos == 0
         cache.reserve()
-        eps = cfg.rms_norm_eps
         x = F.embedding(ids, model.embed)
         for li, layer in enumerate(model.layers):
-            qkv = layer.qkv(F.rms_norm(x, (h,), layer.attn_norm, eps)).view(bsz, nh + 2 * nkv, d)
+            qkv = model.qkv(layer, x).view(bsz, nh + 2 * nkv, d)
             q, k, v = qkv[:, :nh], qkv[:, nh:nh + nkv], qkv[:, nh + nkv:]
             k_slot, v_slot, slot = dmc_update(q, k, v, *cache.layer_state(li), ptr, first, self.init_val,
                                               self.window)
@@ -254,9 +266,9 @@ class DMCDecoder:
             cache.write(li, slot, qk[:, nh:], v_slot)
             attn = dmc_decode_attention(qk[:, :nh], *cache.layer_cache(li))
             x = layer.o(attn.reshape(bsz, 1, cfg.q_size), residual=x)
-            x = model._mlp(layer, x)
+            x = model.mlp(layer, x)
         cache.length = pos + 1
-        return model.logits(F.rms_norm(x[:, 0], (h,), model.norm, eps))
+        return model.logits(model.final_norm(x[:, 0]))
 
     # ---- a prompt --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -284,16 +296,15 @@ class DMCDecoder:
         model, cfg, cache = self.model, self.model.cfg, self.cache
         bsz, t = ids.shape
         start = cache.length
-        h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         groups, win = nh // nkv, self.window
         dev = model.device
-        cos, sin = model._rope_tables(start + t)
+        cos, sin = model.rope(start + t)
         cos, sin = cos[start:start + t, None], sin[start:start + t, None]  # [T, 1, D]
         pos = torch.arange(start, start + t, device=dev)[None, :, None]  # [1, T, 1]
-        eps = cfg.rms_norm_eps
         x = F.embedding(ids, model.embed)
         for li, layer in enumerate(model.layers):
-            qkv = layer.qkv(F.rms_norm(x, (h,), layer.attn_norm, eps)).view(bsz, t, nh + 2 * nkv, d)
+            qkv = model.qkv(layer, x).view(bsz, t, nh + 2 * nkv, d)
             q, k, v = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv], qkv[:, :, nh + nkv:]
             merge = k[..., d - 1].float() > self.init_val  # [B, T, Hkv]
             if start == 0:
@@ -317,11 +328,11 @@ class DMCDecoder:
             attn = self._prefill_attention(li, qr, kr, v_slot, final, merge[:, 0])
             self._store_prefill(li, merge, final, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start)
             x = layer.o(attn, residual=x)
-            x = model._mlp(layer, x)
+            x = model.mlp(layer, x)
         cache.length = start + t
         if not all_logits:
             x = x[:, -1]
-        return model.logits(F.rms_norm(x, (h,), model.norm, eps))
+        return model.logits(model.final_norm(x))
 
     def _window_sums(self, li: int, kw: torch.Tensor, vw: torch.Tensor, w: torch.Tensor, lo: torch.Tensor):
         """For each new token (position start + i), the sums of kw, vw [B, T, Hkv, D] and w
@@ -407,3 +418,44 @@ class DMCDecoder:
         for j in range(max(0, t - win), t):
             at = (start + j) % win
             cache.win_k[li, at], cache.win_v[li, at], cache.win_w[li, at] = kw[:, j], vw[:, j], w[:, j]
+
+
+class DMCDecoder(Decoder):
+    """DMC decoding: one token per step through a DMC cache. Merges cannot be undone, so the
+    cache is reused only when everything it holds is a prefix of the new prompt (the next turn
+    of the same chat); otherwise it is emptied and the whole prompt prefilled."""
+
+    name = "dmc"
+
+    def __init__(self, model, context: int, init_val: float = INIT_VAL, window: int = WINDOW):
+        super().__init__(model, context)
+        self.dmc = DMCForward(model, 1, context, init_val=init_val, window=window)
+
+    def prefill(self, prompt: list[int]) -> torch.Tensor:
+        """The cache brought to hold ``prompt``; the logits [vocab] after its last token."""
+        held = len(self.cached_ids)
+        if not (0 < held < len(prompt) and self.cached_ids == prompt[:held]):
+            self.reset()
+            held = 0
+        logits = self.dmc.prefill(self._ids(prompt[held:]))[0]
+        self.cached_ids = list(prompt)
+        return logits
+
+    def generate(self, prompt, params, sampler, eos):
+        logits = self.prefill(prompt)
+        dmc = self.dmc
+        return (yield from self._one_token_steps(
+            logits, params, sampler, eos, lambda: dmc.length >= self.context,
+            lambda tok: dmc.step(torch.tensor([tok], device=self.model.device))[0]))
+
+    def kv_bytes(self) -> tuple[int, int]:
+        c = self.dmc.cache
+        return c.nbytes_used(), c.nbytes_dense()
+
+    def reset(self) -> None:
+        super().reset()
+        self.dmc.reset()
+
+    def free(self) -> None:
+        super().free()
+        self.dmc.free()

@@ -1,12 +1,5 @@
-"""Which models can decode with DMC, and the retrofit deltas chatapp ships for Hugging Face
-checkpoints (assets/dmc/<model name>.safetensors, made by training/dmc.py).
-
-A model qualifies when it is
-
-- a legacy Megatron DMC checkpoint (engine/megatron_checkpoint.py: mp_rank_00/model_optim_rng.pt;
-  the DMC settings come from its stored args), or
-- a Hugging Face checkpoint with a retrofit delta: ``dmc/delta.safetensors`` in the checkpoint folder,
-  or the one chatapp ships for the model's name.
+"""The DMC retrofit delta format: what training/dmc.py writes and the loader applies to a Hugging
+Face checkpoint (which models qualify for DMC and where their delta is: engine/hub/layout.py).
 
 Delta format (one safetensors file; metadata ``format`` = ``chatapp-dmc-delta``, ``version`` 1,
 ``init_val``, ``window``, ``model``, and the base shape ``num_layers``, ``num_heads``,
@@ -31,19 +24,11 @@ import torch
 from engine.formats.tensor_source import TensorSource
 from engine.config import ModelConfig
 from engine.errors import EngineError
-from engine.paths import ASSETS
 
-SHIPPED = ASSETS / "dmc"
 FORMAT = "chatapp-dmc-delta"
 VERSION = 1
 ROWS = ".decision_rows"
 LOW_RANK = (".lora_a", ".lora_b")
-LOCAL_NAME = "dmc/delta.safetensors"  # a delta inside the checkpoint folder (a subfolder: not a weights file)
-
-
-def shipped_delta(name: str) -> Path | None:
-    path = SHIPPED / f"{name}.safetensors"
-    return path if path.is_file() else None
 
 
 def delta_metadata(cfg: ModelConfig, model: str, init_val: float, window: int) -> dict[str, str]:
@@ -149,69 +134,3 @@ def read_delta(path: Path, cfg: ModelConfig, base: TensorSource) -> tuple[dict[s
         w[decision_row_index(r.shape[0], d)] = r.to(w.dtype)
         whole[target] = w
     return whole, settings
-
-
-def load_retrofitted(path: Path, delta: Path, device, dtype=None):
-    """LlamaModel of a Hugging Face checkpoint with a DMC delta applied, and its DMC settings."""
-    from engine.config import load_config
-    from engine.model.llama import LlamaModel
-    from engine.formats.fp8 import detect
-
-    cfg = load_config(path)
-    if detect(path, cfg.quantization_config) is not None:
-        raise EngineError(f"{path}: DMC deltas apply to high-precision checkpoints, this one is quantized")
-    base = TensorSource(path)
-    replaced, settings = read_delta(delta, cfg, base)
-    return LlamaModel.from_source(cfg, PatchedSource(base, replaced, Path(delta)), device, dtype), settings
-
-
-def is_megatron(path: Path) -> bool:
-    from engine.formats.megatron import checkpoint_file
-
-    path = Path(path)
-    if (path / "config.json").exists():
-        return False
-    try:
-        checkpoint_file(path)
-    except EngineError:
-        return False
-    return True
-
-
-def load_dmc_model(name: str, path: Path, device, delta: Path | None = None):
-    """(LlamaModel, {"init_val", "window"}, where the DMC weights came from) for a model that
-    qualifies for DMC (see the module docstring); an EngineError naming what is missing otherwise."""
-    if is_megatron(path):
-        from engine.model.llama import LlamaModel
-        from engine.formats.megatron import dmc_settings, read_megatron_checkpoint
-
-        cfg, src, info = read_megatron_checkpoint(path)
-        settings = dmc_settings(info["args"])
-        return LlamaModel.from_source(cfg, src, device), settings, "megatron checkpoint"
-    own = Path(path) / LOCAL_NAME
-    delta = delta or (own if own.is_file() else shipped_delta(name))
-    if delta is None:
-        raise EngineError(f"{name}: no DMC for this model: not a Megatron DMC checkpoint, no {LOCAL_NAME} in {path}, "
-                          f"and chatapp ships no DMC retrofit for it ({SHIPPED / (name + '.safetensors')})")
-    model, settings = load_retrofitted(path, delta, device)
-    return model, settings, str(delta)
-
-
-
-def tokenizer_dir(path: Path, tokenizer: Path | None = None) -> Path:
-    """Where the tokenizer files are: the checkpoint folder, or for a Megatron checkpoint (which
-    does not include its tokenizer) ``tokenizer`` when given (a tokenizer.model or a folder with
-    tokenizer.json), else its root folder's tokenizer.json or SentencePiece tokenizer.model."""
-    if not is_megatron(path):
-        return Path(path)
-    from engine.formats.megatron import checkpoint_file, checkpoint_root, tokenizer_path
-    from engine.tokenizer import sentencepiece_dir
-
-    if tokenizer is not None and Path(tokenizer).is_dir():
-        if not (Path(tokenizer) / "tokenizer.json").is_file():
-            raise EngineError(f"{tokenizer}: no tokenizer.json in this folder")
-        return Path(tokenizer)
-    root = checkpoint_root(checkpoint_file(path))
-    if tokenizer is None and (root / "tokenizer.json").is_file():
-        return root
-    return sentencepiece_dir(tokenizer_path(path, tokenizer))

@@ -25,7 +25,6 @@ import torch
 
 from engine.formats.tensor_source import TensorSource
 from engine.errors import EngineError
-from engine.model.fp8_linear import Fp8Linear
 
 FP8 = torch.float8_e4m3fn
 
@@ -73,8 +72,10 @@ class Fp8Format:
             raise EngineError(f"{src.file_of(name)}: tensor {name!r} holds a scale that is not a positive number")
         return s
 
-    def load(self, src: TensorSource, parts: list[tuple[str, tuple[int, int]]], bias: torch.Tensor | None,
-             device) -> Fp8Linear:
+    def read(self, src: TensorSource, parts: list[tuple[str, tuple[int, int]]], device
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The fused parts' e4m3 weight [N, K], weight scale ([1]: per tensor, else [N]) and static
+        input scale (None: dynamic per-token activations), on ``device``: an Fp8Linear's arguments."""
         weights, scales, input_scales = [], [], []
         for module, shape in parts:
             weights.append(self._weight(src, module, shape))
@@ -87,8 +88,7 @@ class Fp8Format:
             scale = scale[:1]  # one per-tensor scale
         input_scale = torch.stack(input_scales).max() if input_scales else None
         weight = torch.cat(weights).to(device)
-        return Fp8Linear(weight, scale.to(device), None if input_scale is None else input_scale.to(device),
-                         None if bias is None else bias.to(device))
+        return weight, scale.to(device), None if input_scale is None else input_scale.to(device)
 
 
 

@@ -9,7 +9,7 @@ on top of PyTorch's own (tensors, storages, dtypes, OrderedDict, bytes): inert s
 the file can run code; a pickle that asks for anything else is refused.
 
 The model config comes from the stored ``args`` (no config.json); tensors are renamed to the
-Hugging Face names LlamaModel.from_source reads:
+Hugging Face names engine/model/weights.py reads:
 
     embedding.word_embeddings.weight                  -> model.embed_tokens.weight
     decoder.layers.N.self_attention.linear_qkv.layer_norm_weight
@@ -40,9 +40,8 @@ import torch
 from engine.formats.tensor_source import TensorSource
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import EngineError
+from engine.hub.layout import checkpoint_file, checkpoint_root
 
-CHECKPOINT_FILE = "model_optim_rng.pt"
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 TOKENIZER_FILE = "tokenizer.model"
 
 
@@ -110,39 +109,6 @@ def _load_pickle(path: Path) -> dict:
 
 
 # ---- where things are ------------------------------------------------------------------------
-def checkpoint_file(path: Path) -> Path:
-    """The rank-0 file for a path to it, to its mp_rank_00 folder, or to a checkpoint root
-    (the layout of the Hugging Face DMC repos, mp_rank_00/ at the root, or Megatron's own,
-    iter_NNNNNNN/mp_rank_00/ or release/mp_rank_00/ named by latest_checkpointed_iteration.txt)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise EngineError(f"{path}: checkpoint not found")
-    candidates = [path / CHECKPOINT_FILE, path / "mp_rank_00" / CHECKPOINT_FILE]
-    tracker = path / TRACKER_FILE
-    if tracker.exists():
-        tag = tracker.read_text(encoding="utf-8", errors="replace").strip()
-        sub = "release" if tag == "release" else (f"iter_{int(tag):07d}" if tag.isdigit() else None)
-        if sub:
-            candidates.append(path / sub / "mp_rank_00" / CHECKPOINT_FILE)
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise EngineError(f"{path}: no Megatron checkpoint file (looked for "
-                      f"{', '.join(str(c.relative_to(path)) for c in candidates)})")
-
-
-def checkpoint_root(file: Path) -> Path:
-    """The folder above mp_rank_00 (and above iter_*/release), where the tokenizer goes."""
-    root = Path(file).parent
-    if root.name.startswith("mp_rank_"):
-        root = root.parent
-        if root.name.startswith("iter_") or root.name == "release":
-            root = root.parent
-    return root
-
-
 def tokenizer_path(checkpoint: Path, tokenizer: Path | None = None) -> Path:
     """The Llama 2 SentencePiece tokenizer.model for a Megatron checkpoint: ``tokenizer`` when
     given, else tokenizer.model in the checkpoint's root folder."""
@@ -285,24 +251,3 @@ def read_megatron_checkpoint(path: Path) -> tuple[ModelConfig, TensorSource, dic
     info = {"iteration": ckpt.get("iteration"), "checkpoint_version": ckpt.get("checkpoint_version"),
             "args": dict(args.__dict__)}
     return cfg, TensorSource.from_tensors(tensors, file), info
-
-
-def dmc_settings(args: dict) -> dict:
-    """DMCDecoder's init_val and window from a checkpoint's stored args (read_megatron_checkpoint's
-    info["args"]), where the training run recorded them; the released defaults otherwise. The
-    reference decoder uses a window of 12 whatever the args say, unless the window is 0 (an
-    unbounded running mean, which DMCDecoder does not implement)."""
-    from engine.decoding.dmc import INIT_VAL, WINDOW
-
-    window = args.get("dmc_window_size", WINDOW)
-    if window is not None and int(window) == 0:
-        raise EngineError("DMC with dmc_window_size 0 (unbounded running means) is not supported")
-    return {"init_val": float(args.get("dmc_init_val") or INIT_VAL), "window": WINDOW}
-
-
-def load_megatron_model(path: Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None):
-    """A LlamaModel from a legacy Megatron checkpoint (file, mp_rank_00 folder or root)."""
-    from engine.model.llama import LlamaModel
-
-    cfg, src, _ = read_megatron_checkpoint(path)
-    return LlamaModel.from_source(cfg, src, device, dtype, quantize)

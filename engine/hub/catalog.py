@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 from engine.errors import EngineError
+from engine.events import DEFAULT_CONTEXT
+from engine.hub import embedded, hf_cache
 from engine.paths import ASSETS
 
 CATALOG = ASSETS / "catalog.json"
 
 GiB = 1024 ** 3
-DEFAULT_CONTEXT = 8192  # the engine's default KV cache length (engine.session.DEFAULT_CONTEXT, which imports torch)
 OVERHEAD_FIXED = 1 * GiB
 OVERHEAD_FRACTION = 0.05
 TIGHT_FRACTION = 0.90
@@ -113,29 +114,6 @@ def find(model_id: str) -> ModelEntry | None:
     return None
 
 
-def _hf_cache_snapshots() -> dict[str, str]:
-    """repo id -> newest snapshot folder, for the models in the Hugging Face cache."""
-    local: dict[str, str] = {}
-    try:
-        from huggingface_hub import constants, scan_cache_dir
-
-        for repo in scan_cache_dir(constants.HF_HUB_CACHE).repos:
-            if repo.repo_type == "model" and repo.revisions:
-                newest = max(repo.revisions, key=lambda r: r.last_modified)
-                local[repo.repo_id] = str(newest.snapshot_path)
-    except Exception:  # no cache folder yet, or an unreadable one
-        pass
-    return local
-
-
-def _complete(repo_id: str) -> bool:
-    """Whether the cache holds every file of ``repo_id`` that the engine loads (by the tree
-    listing huggingface_hub keeps next to a snapshot; True when there is none to go by)."""
-    from engine.hub.resolve import _hf_cached_snapshot
-
-    return _hf_cached_snapshot(repo_id) is not None
-
-
 def entry_from_checkpoint(model_id: str, path: str | Path) -> ModelEntry:
     """An entry for a checkpoint folder that is not in the catalog, from its config.json (and the
     size of its weight files); fields it cannot tell stay None."""
@@ -174,22 +152,21 @@ def entry_from_checkpoint(model_id: str, path: str | Path) -> ModelEntry:
 
 def list_models() -> list[ModelEntry]:
     """The catalog's models, then any other models in the Hugging Face cache; each with
-    ``local_path`` set when it is on this machine."""
-    from . import embedded
-
-    local = _hf_cache_snapshots()
+    ``local_path`` set when it is on this machine; ``partial`` when the cache lacks some of the
+    files the engine loads (by the tree listing huggingface_hub keeps next to a snapshot)."""
+    local = hf_cache.snapshots()
     out = []
     for e in entries():
         e.local_path = local.pop(e.id, None)
         if e.local_path is not None:
-            e.partial = not _complete(e.id)
+            e.partial = hf_cache.complete_snapshot(e.id, e.format) is None
         if e.source == "embedded":
             e.local_path = (str(embedded.converted_dir()) if embedded.converted_dir().exists()
                             else "(built on first use)")
         out.append(e)
     for repo_id, path in sorted(local.items()):
         e = entry_from_checkpoint(repo_id, path)
-        e.partial = not _complete(repo_id)
+        e.partial = hf_cache.complete_snapshot(repo_id) is None
         out.append(e)
     return out
 
@@ -378,20 +355,17 @@ def download_size(entry_or_repo_id: ModelEntry | str, token: str | None = None,
     (None, "unknown"). Never raises."""
     entry = entry_or_repo_id if isinstance(entry_or_repo_id, ModelEntry) else find(entry_or_repo_id)
     repo_id = entry.repo_id if entry else str(entry_or_repo_id)
-
-    from engine.hub.download import allow_patterns, hub_offline
-
     if entry is not None and entry.source == "embedded":
         return 0, "embedded"
-    if hub_offline():
+    if hf_cache.hub_offline():
         return catalog_size(entry)
     try:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi  # here: huggingface_hub's HTTP client stays out of the UI at import
         from huggingface_hub.utils import filter_repo_objects
 
         info = HfApi(token=token).model_info(repo_id, files_metadata=True, timeout=timeout)
         sizes = {s.rfilename: (s.lfs.size if s.lfs is not None else s.size) for s in info.siblings or []}
-        wanted = filter_repo_objects(sizes.keys(), allow_patterns=allow_patterns(entry or repo_id))
+        wanted = filter_repo_objects(sizes.keys(), allow_patterns=hf_cache.allow_patterns(entry and entry.format))
         total = sum(sizes[name] or 0 for name in wanted)
         return (total, "hub") if total else catalog_size(entry)
     except Exception:  # offline, gated, unknown repo, hub down: the catalog's figure is the best we have

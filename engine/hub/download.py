@@ -2,12 +2,12 @@
 huggingface_hub.snapshot_download, with byte-level progress over all files, cancellation, and
 one-line errors.
 
-Only the files the engine loads are fetched (allow_patterns). Files already in the cache are not
-fetched again, so a download that was cancelled or cut off continues where it stopped when it is
-run again: the finished files stay in the cache, and within a run huggingface_hub resumes a file
-whose connection dropped with an HTTP Range request. (A file that was partly written when the run
-was cancelled starts over: huggingface_hub writes each file to a temporary file of its own and
-drops it when the download fails.)
+Only the files the engine loads are fetched (engine.hub.hf_cache.allow_patterns). Files already
+in the cache are not fetched again, so a download that was cancelled or cut off continues where it
+stopped when it is run again: the finished files stay in the cache, and within a run
+huggingface_hub resumes a file whose connection dropped with an HTTP Range request. (A file that
+was partly written when the run was cancelled starts over: huggingface_hub writes each file to a
+temporary file of its own and drops it when the download fails.)
 
 The hub token: ``token`` when given, else what huggingface_hub finds itself (HF_TOKEN, or the one
 ``hf auth login`` stored)."""
@@ -22,31 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 from engine.errors import EngineError
+from engine.hub.catalog import find
+from engine.hub.hf_cache import allow_patterns, hub_offline
 
-# What the engine reads from a Hugging Face checkpoint folder (engine.formats.tensor_source, engine.config,
-# engine.tokenizer, engine.formats.fp8, engine.decoding.medusa.heads).
-HF_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-    "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "*.model",
-    "hf_quant_config.json", "medusa_lm_head.pt", "medusa_config.json",
-]
-# Legacy Megatron-LM checkpoints (engine.formats.megatron): one model_optim_rng.pt per rank, the
-# tracker file that names the iteration folder, and the SentencePiece tokenizer when the repo has it.
-MEGATRON_PATTERNS = [
-    "*model_optim_rng.pt", "latest_checkpointed_iteration.txt", "tokenizer.model", "*.json",
-]
 MAX_EVENTS_PER_S = 10
 SPEED_WINDOW_S = 3.0
-
-
-def allow_patterns(entry_or_repo_id) -> list[str]:
-    """The file patterns ``pull`` downloads for a catalog entry or a repository id."""
-    from engine.hub.catalog import ModelEntry, find
-
-    entry = entry_or_repo_id if isinstance(entry_or_repo_id, ModelEntry) else find(str(entry_or_repo_id))
-    if entry is not None and entry.format.startswith("megatron"):
-        return list(MEGATRON_PATTERNS)
-    return list(HF_PATTERNS)
 
 
 @dataclass(frozen=True)
@@ -215,16 +195,9 @@ def _bar_class(tracker: _Tracker) -> type:
     return Bar
 
 
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE (read by huggingface_hub when it is imported; tests patch the constant)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def _error(repo_id: str, e: BaseException) -> EngineError:
     """A one-line EngineError for what snapshot_download raised."""
-    import httpx2
+    import httpx2  # here, as in pull: the hub client's packages load only when a download runs
     from huggingface_hub import errors as hf
 
     chain, cur = [], e
@@ -272,9 +245,7 @@ def pull(repo_id: str, on_progress: Callable[[DownloadProgress], None] | None = 
     folder. ``on_progress`` gets a DownloadProgress at most 10 times a second (from the download
     threads) and once at the end. Setting ``cancel``, or Ctrl+C in the calling thread, stops the
     download threads and raises DownloadCancelled; other failures raise a one-line EngineError."""
-    from huggingface_hub import snapshot_download
-
-    from engine.hub.catalog import find
+    from huggingface_hub import snapshot_download  # here: the UI imports this module, and not the hub client
 
     entry = find(repo_id)
     if entry is not None and entry.source == "embedded" and repo_id.lower() == entry.id.lower():
@@ -287,7 +258,7 @@ def pull(repo_id: str, on_progress: Callable[[DownloadProgress], None] | None = 
     def work():
         try:
             outcome["path"] = snapshot_download(
-                repo, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns(entry or repo),
+                repo, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns(entry and entry.format),
                 token=token, max_workers=max_workers, tqdm_class=_bar_class(tracker))
         except BaseException as e:  # handed to the calling thread
             outcome["error"] = e

@@ -48,7 +48,7 @@ def ensure_converted(progress=lambda msg: None) -> Path:
         return target
     source = gguf_path()
     progress(f"converting the embedded model {GGUF_NAME} (once)")
-    import torch
+    import torch  # here: the UI process imports this module (the catalog lists the embedded model), never torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

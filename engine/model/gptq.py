@@ -12,8 +12,9 @@ Calibration data: the model's own text. A checkpoint ships no data and a fixed t
 its own domain, so ``SAMPLES`` sequences of ``LENGTH`` tokens are sampled (temperature 1, seeded)
 from the BOS token by the round-to-nearest FP8 model.
 
-Layers are calibrated in order, each on the outputs of the layers already quantized before it,
-with only that layer's high-precision weights in memory (the model stays FP8-sized). The result
+It is a pass over a model already loaded in high precision (``quantize_fp8``). Layers are
+calibrated in order, each on the outputs of the layers already quantized before it, and each
+layer's high-precision weights are dropped once it is rounded. The result
 is cached as ``<cache>/fp8/<key>.safetensors``; the key names the checkpoint's files (the blob
 names of the Hugging Face cache, which are content hashes, or else path, size and modification
 time), its config and the calibration settings, so a later load reads the rounded weights."""
@@ -35,14 +36,15 @@ from kernels.fp8_quant import FP8, FP8_MAX
 from engine.formats.tensor_source import TensorSource
 from engine.config import ModelConfig
 from engine.errors import EngineError
-from engine.model.fp8_linear import Fp8Linear
+from engine.model.linear import Fp8Linear, Linear
+from engine.model.llama import LINEARS
+from engine.model.weights import block_linears
 from engine.paths import cache_dir
 
 METHOD = "gptq-e4m3-channel v1"
 SAMPLES, LENGTH, SEED = 32, 256, 0
 DAMP = 0.01  # of the mean of diag(H), added to its diagonal
 BLOCK = 128  # columns rounded per block (the lazy batch update of the GPTQ paper)
-LINEARS = ("qkv", "o", "gate_up", "down")  # a Layer's linear layers
 
 
 def gptq_fp8(w: torch.Tensor, h: torch.Tensor, damp: float = DAMP, block: int = BLOCK
@@ -116,8 +118,6 @@ def sample_ids(model, n: int = SAMPLES, length: int = LENGTH, seed: int = SEED) 
     without converting them at every step)."""
     if model.device.type != "cpu":
         return _sample(model, n, length, seed)
-    from engine.model.llama import Linear
-
     def plain(lin):
         if not isinstance(lin, Fp8Linear):
             return lin
@@ -147,30 +147,41 @@ def _sample(model, n: int, length: int, seed: int) -> torch.Tensor:
     return ids
 
 
-def calibrate(model, src: TensorSource, progress=lambda msg: None) -> dict[str, torch.Tensor]:
-    """Round ``model``'s block linears (FP8, rounded to nearest) again with GPTQ, from the
-    high-precision weights in ``src``; replaces them in the model and returns them as
-    ``{<linear>.weight, <linear>.weight_scale}``."""
-    from engine.model.llama import Linear, block_linears, fused_weight
+def round_to_nearest(model) -> None:
+    """Replace ``model``'s high-precision block linears by FP8 ones rounded to nearest
+    (per-channel weight scales, dynamic per-token activations); embeddings, norms and lm_head
+    stay as they are, as in the published FP8 checkpoints."""
+    for li, layer in enumerate(model.layers):
+        model.layers[li] = replace(layer, **{name: _rtn(getattr(layer, name)) for name in LINEARS})
 
-    cfg, dev = model.cfg, model.device
+
+def _rtn(lin):
+    if isinstance(lin, Fp8Linear):
+        raise EngineError("--quantize fp8: the checkpoint is already quantized")
+    return Fp8Linear.quantize(lin.dense().t().contiguous(), lin.bias)
+
+
+def calibrate(model, high: list[dict], progress=lambda msg: None) -> dict[str, torch.Tensor]:
+    """Round ``model``'s block linears (FP8, rounded to nearest) again with GPTQ, from their
+    high-precision originals ``high[layer][name]`` (Linear); replaces them in the model and
+    returns them as ``{<linear>.weight, <linear>.weight_scale}`` (names of ``block_linears``).
+    Each original is dropped once its layer is done."""
+    cfg = model.cfg
     ids = sample_ids(model, SAMPLES, LENGTH, SEED)
     out: dict[str, torch.Tensor] = {}
     cache = model.new_cache(ids.shape[1], batch=ids.shape[0])
     with torch.inference_mode():
         x = torch.nn.functional.embedding(ids, model.embed)
         for li, layer in enumerate(model.layers):
-            linears = block_linears(cfg, li)
-            weights = {key: fused_weight(src, parts).to(dev, torch.float32) for key, (parts, _) in linears.items()}
-            field = {key: key.rsplit(".", 1)[1] for key in linears}  # model.layers.N.qkv -> qkv
-            bias = {key: getattr(layer, field[key]).bias for key in linears}
-            rec = {key: _Recorder(Linear(w.to(model.dtype).t(), bias[key])) for key, w in weights.items()}
-            model.layer_pass(li, replace(layer, **{field[key]: r for key, r in rec.items()}), x, cache)
+            rec = {name: _Recorder(lin) for name, lin in high[li].items()}
+            model.layer_pass(li, replace(layer, **rec), x, cache)
             new = {}
-            for key, w in weights.items():
-                q, scale = gptq_fp8(w, rec[key].h)
+            for name, r in rec.items():
+                q, scale = gptq_fp8(r.lin.dense().t().float(), r.h)
+                key = f"model.layers.{li}.{name}"
                 out[key + ".weight"], out[key + ".weight_scale"] = q, scale
-                new[field[key]] = Fp8Linear(q, scale, None, bias[key])
+                new[name] = Fp8Linear(q, scale, None, r.bias)
+            high[li] = None
             model.layers[li] = layer = replace(layer, **new)
             x = model.layer_pass(li, layer, x, cache)
             progress(f"FP8 calibration: layer {li + 1}/{cfg.num_layers}")
@@ -194,8 +205,6 @@ def cache_key(cfg: ModelConfig, src: TensorSource) -> str:
 
 def _read_cached(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
     """The cached rounded weights, or None when the file is missing, unreadable or incomplete."""
-    from engine.model.llama import block_linears
-
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {n: f.get_tensor(n) for n in f.keys()}
@@ -210,17 +219,27 @@ def _read_cached(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor] | None
     return tensors
 
 
-def load_calibrated(cls, cfg: ModelConfig, src: TensorSource, device, dtype, progress=lambda msg: None):
-    """``cls.from_source(..., quantize="fp8")`` with GPTQ-rounded weights: from the cache, or
-    calibrated now (and cached)."""
+def quantize_fp8(model, src: TensorSource, progress=lambda msg: None) -> None:
+    """``--quantize fp8``, a pass over a model loaded in high precision from ``src``: its block
+    linears become FP8 with GPTQ-rounded weights, read from the cache or calibrated now (and
+    cached). The whole high-precision model is in memory when the pass starts, as in any
+    quantize-after-load scheme; each layer's originals are dropped as it is rounded."""
+    cfg = model.cfg
     path = cache_dir() / "fp8" / f"{cache_key(cfg, src)}.safetensors"
     cached = _read_cached(path, cfg) if path.is_file() else None
     if cached is not None:
-        return cls.from_source(cfg, src, device, dtype, "fp8", fp8_weights=cached)
-    model = cls.from_source(cfg, src, device, dtype, "fp8")
+        for li, layer in enumerate(model.layers):
+            key = f"model.layers.{li}."
+            model.layers[li] = replace(layer, **{
+                name: Fp8Linear(cached[key + name + ".weight"].to(model.device),
+                                cached[key + name + ".weight_scale"].to(model.device), None, getattr(layer, name).bias)
+                for name in LINEARS})
+        return
+    high = [{name: getattr(layer, name) for name in LINEARS} for layer in model.layers]
+    round_to_nearest(model)
     progress("FP8 calibration: rounding the weights with error compensation (once for this checkpoint)")
     t0 = time.time()
-    tensors = calibrate(model, src, progress)
+    tensors = calibrate(model, high, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({n: t.cpu().contiguous() for n, t in tensors.items()}, str(tmp),
@@ -228,4 +247,3 @@ def load_calibrated(cls, cfg: ModelConfig, src: TensorSource, device, dtype, pro
                         "source": str(src.model_dir), "seconds": f"{time.time() - t0:.1f}"})
     tmp.replace(path)
     progress(f"FP8 calibration done in {time.time() - t0:.0f} s; cached in {path}")
-    return model

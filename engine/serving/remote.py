@@ -186,5 +186,4 @@ class RemoteWorker(Worker):
 
     def __init__(self, url: str, api_key: str | None = None):
         _check_url(url)
-        super().__init__()
-        self.jobs = _RemoteJobs(url, api_key)
+        super().__init__(_RemoteJobs(url, api_key))

@@ -76,10 +76,11 @@ class Jobs:
 
 
 class Worker:
-    """Requests run in order on one thread of this process."""
+    """Requests run in order on one thread of this process, by ``jobs`` (default: a Jobs, the
+    local engine); when the worker stops, ``jobs.close()`` frees what they hold."""
 
-    def __init__(self):
-        self.jobs = Jobs()
+    def __init__(self, jobs: Jobs | None = None):
+        self.jobs = jobs or Jobs()
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="chatapp-engine", daemon=True)
         self._thread.start()

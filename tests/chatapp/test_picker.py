@@ -3,10 +3,13 @@ huggingface_hub code path)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from chatapp.tui.app import ChatApp
-from chatapp.tui.picker import PickerScreen
+from chatapp.tui.picker import PickerScreen, decodings, model_spec
 from engine.hub.catalog import DeviceMemory
 from engine.serving.client import EngineClient
 from engine.events import LoadModel
@@ -38,6 +41,11 @@ async def open_picker(pilot, app, device=H100) -> PickerScreen:
     return screen
 
 
+def offered(screen: PickerScreen) -> list[str]:
+    """The decodings the picker offers for the highlighted row."""
+    return [o[0] for o in screen.query_one("#decoding")._options]
+
+
 def row_of(screen: PickerScreen, model_id: str) -> list[str]:
     return [str(c) for c in screen.table.get_row(model_id)]
 
@@ -63,7 +71,11 @@ async def test_the_catalog_with_sizes_and_fit(hub):
         assert "--remote" in detail and app.screen is screen  # the way to run it; nothing loaded
 
         await goto(pilot, screen, "nvidia/Llama-3.1-8B-Medusa-FP8")
-        assert [o[0] for o in screen.query_one("#decoding")._options] == ["plain", "medusa"]
+        assert offered(screen) == ["plain", "medusa"]
+        await goto(pilot, screen, "SmolLM2-135M-Instruct")  # the heads and the DMC retrofit chatapp ships
+        assert offered(screen) == ["plain", "medusa", "dmc"]
+        await goto(pilot, screen, "nvidia/Llama-2-7B-DMC-8x")  # a Megatron DMC checkpoint: DMC only
+        assert offered(screen) == ["dmc"] and screen.query_one("#decoding").value == "dmc"
 
 
 async def test_a_model_that_wont_fit_asks_before_loading():
@@ -125,3 +137,42 @@ async def test_a_gated_model_says_how_to_get_access(hub):
         assert app.screen is screen
         await pilot.press("escape")
         assert app.screen is not screen
+
+
+def _in_hf_cache(checkpoint: Path, cache: Path, repo_id: str) -> None:
+    """``checkpoint`` as huggingface_hub lays out a downloaded repository in ``cache``."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(checkpoint, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+
+
+def test_the_decodings_offered_are_the_ones_the_loader_accepts(embedded_session, tiny_checkpoint, tmp_path,
+                                                               monkeypatch):
+    """For the embedded model (shipped Medusa heads and DMC retrofit) and a checkpoint in the
+    Hugging Face cache (no heads, no delta: plain only), a decoding is offered exactly when
+    Session.load accepts the picker's request for it."""
+    from huggingface_hub import constants
+
+    from engine.errors import EngineError
+    from engine.events import DECODINGS
+    from engine.hub.catalog import list_models
+    from engine.session import Session
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _in_hf_cache(tiny_checkpoint, tmp_path / "hub", "someone/tiny-llama")
+    entries = {e.id: e for e in list_models()}
+    for model_id, expected in (("SmolLM2-135M-Instruct", list(DECODINGS)), ("someone/tiny-llama", ["plain"])):
+        entry = entries[model_id]
+        assert entry.downloaded
+        choices = decodings(entry)
+        assert choices == expected
+        for decoding in DECODINGS:
+            request = LoadModel(model=model_spec(entry), device="cpu", decoding=decoding, context=64)
+            try:
+                Session.load(request).close()
+                accepted = True
+            except EngineError:
+                accepted = False
+            assert (decoding in choices) == accepted, (model_id, decoding)

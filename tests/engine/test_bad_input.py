@@ -19,6 +19,7 @@ def load(path):
 
 
 def cli_error(path) -> str:
+    """The CLI's error line for ``path`` (a subprocess: the tests that call it are marked slow)."""
     r = subprocess.run([sys.executable, "-m", "chatapp", "run", "--model", str(path), "--prompt", "hi"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
@@ -28,12 +29,14 @@ def cli_error(path) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_missing_model_path(tmp_path):
     with pytest.raises(EngineError, match="no such folder"):
         load(tmp_path / "nope")
     assert str(tmp_path / "nope") in cli_error(tmp_path / "nope")
 
 
+@pytest.mark.slow
 def test_corrupt_safetensors_header(tiny_checkpoint):
     f = tiny_checkpoint / "model.safetensors"
     data = bytearray(f.read_bytes())
@@ -59,6 +62,7 @@ def test_header_length_beyond_the_file(tiny_checkpoint):
         load(tiny_checkpoint)
 
 
+@pytest.mark.slow
 def test_tensor_with_wrong_shape(tiny_checkpoint):
     f = tiny_checkpoint / "model.safetensors"
     tensors = load_file(f)
@@ -79,6 +83,7 @@ def test_missing_tensor(tiny_checkpoint):
         load(tiny_checkpoint)
 
 
+@pytest.mark.slow
 def test_config_missing_field(tiny_checkpoint):
     cfg_file = tiny_checkpoint / "config.json"
     cfg = json.loads(cfg_file.read_text())

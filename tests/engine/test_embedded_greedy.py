@@ -42,11 +42,11 @@ def test_follow_up_turn_reuses_the_cache_and_matches_a_fresh_run(embedded_sessio
     reply = list(s.generate(first, SamplingParams(max_new_tokens=16)))[-1].stats.text
     convo = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And a vegetable?"}]
     prompt = s.tokenizer.encode_chat(convo)
-    cached_before = list(s.cached_ids)
+    cached_before = list(s.decoder.cached_ids)
     shared = next(i for i, (a, b) in enumerate(zip(cached_before + [None], prompt)) if a != b)
     assert shared > 20  # the first turn is reused
     warm = list(s.generate(convo, SamplingParams(max_new_tokens=16)))[-1].stats.token_ids
-    s.cached_ids = []
+    s.reset()
     cold = list(s.generate(convo, SamplingParams(max_new_tokens=16)))[-1].stats.token_ids
     assert warm == cold
 

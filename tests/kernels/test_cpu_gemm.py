@@ -54,7 +54,7 @@ def test_strided_rows_and_bad_arguments():
 
 
 def test_linear_uses_panels_on_cpu_and_matches_the_dense_product():
-    from engine.model.llama import Linear
+    from engine.model.linear import Linear
 
     w, b = rand(96, 80, seed=9), rand(80, seed=10)
     lin = Linear(w, b, splits=2)

@@ -12,6 +12,7 @@ from engine.formats.tensor_source import TensorSource
 from engine.config import ModelConfig
 from engine.model.llama import LlamaModel
 from engine.decoding.medusa.tree import CARD_CHOICES, build_tree
+from engine.model.weights import from_source
 from kernels.tree_attention import tree_attention, tree_attention_reference, tree_attention_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,7 +156,7 @@ def tiny_model() -> LlamaModel:
                        p + "mlp.down_proj.weight": (h, i)})
     tensors = {name: torch.randn(shape, generator=g) * 0.2 + (1.0 if len(shape) == 1 else 0.0)
                for name, shape in shapes.items()}
-    return LlamaModel.from_source(cfg, TensorSource.from_tensors(tensors, Path("tiny.pt")), device=DEV)
+    return from_source(cfg, TensorSource.from_tensors(tensors, Path("tiny.pt")), device=DEV)
 
 
 def test_model_tree_forward_with_the_kernel(monkeypatch):
@@ -170,7 +171,7 @@ def test_model_tree_forward_with_the_kernel(monkeypatch):
         monkeypatch.setattr("engine.model.llama.tree_attention", attention)
         cache = model.new_cache(64)
         model.forward(prompt, cache, 0)
-        logits = model.forward(nodes, cache, 23, all_logits=True, tree=(tree.position_offsets, tree.attn_mask))
+        logits = model.logits(model.tree_hidden(nodes, cache, 23, tree.position_offsets, tree.attn_mask))
         results.append((logits, cache.k.clone(), cache.v.clone()))
     (ref, ref_k, ref_v), (got, got_k, got_v) = results
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

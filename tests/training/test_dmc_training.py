@@ -1,5 +1,5 @@
 """training/dmc.py on a tiny checkpoint: its training-time DMC forward (partial accumulations and
-the log(1 - alpha) mask) with hard decisions equals the engine's DMCDecoder, its dense forward
+the log(1 - alpha) mask) with hard decisions equals the engine's DMCForward, its dense forward
 equals LlamaModel; a few steps of the script write a delta the engine loads strictly and decodes
 with, and a report with the held-out figures."""
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.decoding.dmc import DMCDecoder
-from engine.formats.dmc_delta import ROWS, load_retrofitted
-from engine.model.llama import LlamaModel
+from engine.decoding.dmc import DMCForward
+from engine.formats.dmc_delta import ROWS
+from engine.model.weights import load_retrofitted
+from engine.model.weights import from_dir
 from fakes.checkpoints import write_tiny_checkpoint
 from training import dmc as train_dmc
 
@@ -41,13 +42,13 @@ def test_training_forward_equals_the_engine(forced):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49152, (2, 40), generator=g)
     ids[0, 5:25] |= 1  # a 20-token merge run: past the 12-token window
-    model = LlamaModel.from_dir(forced, "cpu", dtype=torch.float32)
+    model = from_dir(forced, "cpu", dtype=torch.float32)
     with torch.no_grad():
         dense, _ = rf.forward(ids, "dense")
         student, decisions = rf.forward(ids, "dmc", noise=False)
-    plain = model.forward(ids, model.new_cache(64, batch=2), 0, all_logits=True)
+    plain = model.forward_all(ids, model.new_cache(64, batch=2), 0)
     assert torch.allclose(dense, plain, atol=1e-4)
-    dmc = DMCDecoder(model, 2, 64)
+    dmc = DMCForward(model, 2, 64)
     ref = dmc.prefill(ids, all_logits=True)
     assert torch.allclose(student, ref, atol=1e-4)
     assert not torch.allclose(student, dense, atol=1e-2)  # the merges change the outputs
@@ -60,7 +61,7 @@ def test_script_writes_a_delta_the_engine_loads(forced, tmp_path, monkeypatch, e
     monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))
     from engine.tokenizer import ChatTokenizer
 
-    tok = ChatTokenizer(forced, LlamaModel.from_dir(forced, "cpu").cfg)
+    tok = ChatTokenizer(forced, from_dir(forced, "cpu").cfg)
     replies = tmp_path / "replies.jsonl"
     with replies.open("w") as f:
         for n in range(6):
@@ -99,7 +100,7 @@ def test_script_writes_a_delta_the_engine_loads(forced, tmp_path, monkeypatch, e
         w = base[name] + delta[name + ".lora_b"] @ delta[name + ".lora_a"]
         x = torch.randn(1, 1, 64)
         assert torch.allclose(model.layers[1].o(x), x @ w.t(), atol=1e-5)
-    dec = DMCDecoder(model, 1, 64, **settings)
+    dec = DMCForward(model, 1, 64, **settings)
     logits = dec.step(dec.prefill(torch.tensor([[5, 7, 9, 11]]))[0].argmax().view(1))
     assert logits.shape == (1, 49152) and torch.isfinite(logits).all() and dec.length == 5
 

@@ -13,16 +13,20 @@
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from engine.formats.tensor_source import TensorSource
+from engine.decoding.medusa.tree import MedusaTree
 from engine.errors import EngineError
-from engine.model.llama import Linear, default_splits
-from engine.decoding.medusa.verify import MedusaHeads
 from engine.formats.fp8 import Fp8Format
+from engine.formats.tensor_source import TensorSource
+from engine.model.linear import Fp8Linear, Linear, default_splits
+from engine.model.llama import LlamaModel
 from engine.paths import ASSETS
 
 TOKEN_IDS = "token_ids"  # heads on the shared lm_head that score only these tokens (ours)
@@ -31,6 +35,113 @@ _PATH = re.compile(r"^(\d+)\.path\.(\d+)\.weight$")  # ... and from its path's t
 SHIPPED = ASSETS / "medusa"
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight|weight_scale|input_scale|linear\.weight_scale|"
                   r"linear\.input_scale)$")
+
+
+@dataclass
+class MedusaHeads:
+    """Head h: ResBlocks ``x + SiLU(W x + b)`` on the final-normed hidden state, then its own
+    lm_head, or the base model's when ``lm_heads`` is None. ``token_ids``: with the base
+    lm_head, the heads may score only these tokens (its rows, taken once): proposals come from
+    that subset, at a fraction of the full vocabulary's cost.
+
+    ``root_proj`` (chatapp's heads for the embedded model): head h's input is the hidden state
+    plus ``root_proj[h]`` applied to the base model's embedding of the root, the token the base
+    model has already chosen to come next (it is known before the heads run). Knowing that token,
+    a head guessing the one after it is right much more often than from the hidden state alone.
+
+    ``path_proj`` (with ``root_proj``): head h's input also gets ``path_proj[h][j - 1]`` applied to
+    the embedding of the token at depth j of the path it extends (j = 1..h), as Hydra's heads do:
+    head h then proposes the children of each tree node of depth h from that node's own path,
+    one row per parent node, instead of one list for every node of the depth."""
+
+    blocks: list[list[Linear]]  # [head][layer]
+    lm_heads: list[Linear] | None
+    token_ids: torch.Tensor | None = None
+    root_proj: list[Linear] | None = None
+    path_proj: list[list[Linear]] | None = None  # [head h][j - 1], j = 1..h
+    _subset: Linear | None = field(default=None, repr=False)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.blocks)
+
+    def _output(self, h: int, base_lm_head: Linear) -> Linear:
+        if self.lm_heads is not None:
+            return self.lm_heads[h]
+        if self.token_ids is None:
+            return base_lm_head
+        if self._subset is None:
+            rows = output_rows(base_lm_head, self.token_ids)
+            self._subset = Linear(rows.t(), None, default_splits(rows.device))
+        return self._subset
+
+    def __call__(self, hidden: torch.Tensor, base_lm_head: Linear, num: int | None = None,
+                 root_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., H] (and, for heads with ``root_proj``, the root's embedding [..., H]) ->
+        the first ``num`` heads' logits [num, ..., V or len(token_ids)] (float32), for heads
+        without ``path_proj``."""
+        if self.root_proj is not None and root_embedding is None:
+            raise ValueError("these Medusa heads need the root token's embedding")
+        return torch.stack([self._head(h, hidden, base_lm_head, root_embedding)
+                            for h in range(len(self.blocks[:num]))])
+
+    def _head(self, h: int, hidden: torch.Tensor, base_lm_head: Linear, root_embedding: torch.Tensor | None,
+              path_embeddings: list[torch.Tensor] = ()) -> torch.Tensor:
+        x = hidden if self.root_proj is None else self.root_proj[h](root_embedding, residual=hidden)
+        for proj, e in zip(self.path_proj[h] if self.path_proj else [], path_embeddings):
+            x = proj(e, residual=x)
+        for lin in self.blocks[h]:
+            x = x + F.silu(lin(x))
+        return self._output(h, base_lm_head)(x).float()
+
+    def _tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if self.token_ids is None else self.token_ids[idx]
+
+    def propose(self, hidden: torch.Tensor, model: LlamaModel, tree: MedusaTree,
+                root: int | torch.Tensor) -> torch.Tensor:
+        """The tokens of the tree's nodes 1.. [N - 1] after ``root``, from the hidden state that
+        chose it: node (r0, r1, ...) holds the r_d-th most likely token of head d (given its
+        parent's path, for heads with ``path_proj``)."""
+        emb = None
+        if self.root_proj is not None:
+            emb = F.embedding(torch.as_tensor(root, device=hidden.device).reshape(()), model.embed).to(hidden.dtype)
+        if self.path_proj is None:  # one list per head, shared by every node of its depth
+            logits = self(hidden, model.lm_head, tree.depth, emb)
+            idx = torch.cat([logits[d].topk(k).indices for d, k in enumerate(tree.topk)])
+            return self._tokens(idx)[tree.tree_indices[1:] - 1]
+        tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=hidden.device)
+        for d, level in enumerate(tree.levels):  # the nodes of depth d + 1, parent by parent
+            rows = len(level.parents)
+            paths = [F.embedding(tokens[level.ancestors[:, j]], model.embed).to(hidden.dtype) for j in range(d)]
+            logits = self._head(d, hidden.expand(rows, -1), model.lm_head, emb.expand(rows, -1), paths)
+            top = logits.topk(tree.topk[d], dim=-1).indices  # [P, k]
+            tokens[level.children] = self._tokens(top[level.child_parent, level.child_rank])
+        return tokens[1:]
+
+
+@dataclass
+class Profile:
+    """Frequency with which each path of ranks is right, most frequent first."""
+
+    paths: list[tuple[tuple[int, ...], float]]
+
+    @classmethod
+    def read(cls, path: Path) -> "Profile":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls([(tuple(int(r) for r in e["path"]), float(e["freq"])) for e in data["profile"]])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise EngineError(f"{path}: not a Medusa acceptance profile ({e})") from None
+
+    def tree_paths(self, num_nodes: int, num_heads: int) -> list[tuple[int, ...]]:
+        """The ``num_nodes - 1`` most frequent paths (prefix-closed: a path is never more
+        frequent than its parent, and ties keep the shorter first)."""
+        usable = [p for p, _ in self.paths if len(p) <= num_heads]
+        return usable[:num_nodes - 1]
+
+    def expected_tokens(self, paths: list[tuple[int, ...]]) -> float:
+        freq = dict(self.paths)
+        return 1.0 + sum(freq.get(tuple(p), 0.0) for p in paths)
 
 
 def _layout(names: set[str], prefix: str, where) -> tuple[int, int, bool]:
@@ -64,7 +175,7 @@ def _build(src, prefix: str, n_heads: int, n_layers: int, own: bool, hidden: int
         b = src.get_shaped(name + ".bias", (out,)).to(device, dtype) if bias else None
         if fmt is not None and src.get(name + ".weight").dtype == torch.float8_e4m3fn:
             expected.update({name + ".weight_scale", name + ".input_scale"} & src.names())
-            return fmt.load(src, [(name, (out, hidden))], b, device)
+            return Fp8Linear(*fmt.read(src, [(name, (out, hidden))], device), b)
         w = src.get_shaped(name + ".weight", (out, hidden))
         return Linear(w.to(device, dtype).t(), b, default_splits(device))
 
@@ -102,8 +213,6 @@ def output_rows(lm_head: Linear, token_ids: torch.Tensor) -> torch.Tensor:
 def shipped_heads(name: str, cfg, device, dtype):
     """The heads chatapp ships for a model (assets/medusa/<name>.safetensors, trained by
     training/medusa.py) and their acceptance profile, or (None, None)."""
-    from engine.decoding.medusa.plan import Profile
-
     path = SHIPPED / f"{name}.safetensors"
     if not path.exists():
         return None, None

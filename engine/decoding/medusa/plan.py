@@ -24,36 +24,13 @@ import torch
 from kernels import cpu_gemm
 
 from engine.errors import EngineError
+from engine.decoding.medusa.heads import Profile
 from engine.decoding.medusa.tree import CARD_CHOICES, MedusaTree, build_tree
+from engine.decoding.medusa.verify import TreeGraph, verify
 from engine.paths import cache_dir
 
 PRESETS = ("auto", "card")
 TREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
-
-
-@dataclass
-class Profile:
-    """Frequency with which each path of ranks is right, most frequent first."""
-
-    paths: list[tuple[tuple[int, ...], float]]
-
-    @classmethod
-    def read(cls, path: Path) -> "Profile":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            return cls([(tuple(int(r) for r in e["path"]), float(e["freq"])) for e in data["profile"]])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise EngineError(f"{path}: not a Medusa acceptance profile ({e})") from None
-
-    def tree_paths(self, num_nodes: int, num_heads: int) -> list[tuple[int, ...]]:
-        """The ``num_nodes - 1`` most frequent paths (prefix-closed: a path is never more
-        frequent than its parent, and ties keep the shorter first)."""
-        usable = [p for p, _ in self.paths if len(p) <= num_heads]
-        return usable[:num_nodes - 1]
-
-    def expected_tokens(self, paths: list[tuple[int, ...]]) -> float:
-        freq = dict(self.paths)
-        return 1.0 + sum(freq.get(tuple(p), 0.0) for p in paths)
 
 
 @dataclass
@@ -93,12 +70,10 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
                     context: int = 256) -> dict[int, float]:
     """Median time of one verify step (heads included) per tree size, with ``context`` tokens
     already in a scratch cache; size 0 is a plain decode step."""
-    from engine.decoding.medusa.verify import TreeGraph, verify
-
     cache = model.new_cache(context + max(sizes) + 1)
     out = {}
     with torch.inference_mode():
-        model.forward(torch.zeros(1, context, dtype=torch.long, device=model.device), cache, 0, logits=False)
+        model.hidden(torch.zeros(1, context, dtype=torch.long, device=model.device), cache, 0)
         for n in (0, *sizes):
             if n == 0:
                 def step():

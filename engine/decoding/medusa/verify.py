@@ -1,105 +1,21 @@
-"""Medusa speculative decoding: heads that propose the next tokens from the base model's last
-hidden state, one forward pass that verifies a whole candidate tree, greedy acceptance (the
-output is exactly the base model's greedy output) or typical acceptance (sampling), and
-in-place compaction of the accepted path's KV entries."""
+"""Medusa verification: one forward pass that verifies a whole candidate tree (proposed by the
+heads, engine/decoding/medusa/heads.py), greedy acceptance (the output is exactly the base
+model's greedy output) or typical acceptance (sampling), and in-place compaction of the
+accepted path's KV entries."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from engine.decoding.medusa.heads import MedusaHeads
+from engine.decoding.medusa.tree import MedusaTree
 from engine.model.cuda_graph import capture
 from engine.model.kv_cache import KVCache
-from engine.model.llama import Linear, LlamaModel, default_splits
-from engine.decoding.medusa.tree import MedusaTree
+from engine.model.llama import LlamaModel
 
 SMALL_TREE = 16  # on a CPU, trees up to this size compute every node's logits in one pass
-
-
-@dataclass
-class MedusaHeads:
-    """Head h: ResBlocks ``x + SiLU(W x + b)`` on the final-normed hidden state, then its own
-    lm_head, or the base model's when ``lm_heads`` is None. ``token_ids``: with the base
-    lm_head, the heads may score only these tokens (its rows, taken once): proposals come from
-    that subset, at a fraction of the full vocabulary's cost.
-
-    ``root_proj`` (chatapp's heads for the embedded model): head h's input is the hidden state
-    plus ``root_proj[h]`` applied to the base model's embedding of the root, the token the base
-    model has already chosen to come next (it is known before the heads run). Knowing that token,
-    a head guessing the one after it is right much more often than from the hidden state alone.
-
-    ``path_proj`` (with ``root_proj``): head h's input also gets ``path_proj[h][j - 1]`` applied to
-    the embedding of the token at depth j of the path it extends (j = 1..h), as Hydra's heads do:
-    head h then proposes the children of each tree node of depth h from that node's own path,
-    one row per parent node, instead of one list for every node of the depth."""
-
-    blocks: list[list[Linear]]  # [head][layer]
-    lm_heads: list[Linear] | None
-    token_ids: torch.Tensor | None = None
-    root_proj: list[Linear] | None = None
-    path_proj: list[list[Linear]] | None = None  # [head h][j - 1], j = 1..h
-    _subset: Linear | None = field(default=None, repr=False)
-
-    @property
-    def num_heads(self) -> int:
-        return len(self.blocks)
-
-    def _output(self, h: int, base_lm_head: Linear) -> Linear:
-        if self.lm_heads is not None:
-            return self.lm_heads[h]
-        if self.token_ids is None:
-            return base_lm_head
-        if self._subset is None:
-            from engine.decoding.medusa.heads import output_rows
-
-            rows = output_rows(base_lm_head, self.token_ids)
-            self._subset = Linear(rows.t(), None, default_splits(rows.device))
-        return self._subset
-
-    def __call__(self, hidden: torch.Tensor, base_lm_head: Linear, num: int | None = None,
-                 root_embedding: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [..., H] (and, for heads with ``root_proj``, the root's embedding [..., H]) ->
-        the first ``num`` heads' logits [num, ..., V or len(token_ids)] (float32), for heads
-        without ``path_proj``."""
-        if self.root_proj is not None and root_embedding is None:
-            raise ValueError("these Medusa heads need the root token's embedding")
-        return torch.stack([self._head(h, hidden, base_lm_head, root_embedding)
-                            for h in range(len(self.blocks[:num]))])
-
-    def _head(self, h: int, hidden: torch.Tensor, base_lm_head: Linear, root_embedding: torch.Tensor | None,
-              path_embeddings: list[torch.Tensor] = ()) -> torch.Tensor:
-        x = hidden if self.root_proj is None else self.root_proj[h](root_embedding, residual=hidden)
-        for proj, e in zip(self.path_proj[h] if self.path_proj else [], path_embeddings):
-            x = proj(e, residual=x)
-        for lin in self.blocks[h]:
-            x = x + F.silu(lin(x))
-        return self._output(h, base_lm_head)(x).float()
-
-    def _tokens(self, idx: torch.Tensor) -> torch.Tensor:
-        return idx if self.token_ids is None else self.token_ids[idx]
-
-    def propose(self, hidden: torch.Tensor, model: LlamaModel, tree: MedusaTree,
-                root: int | torch.Tensor) -> torch.Tensor:
-        """The tokens of the tree's nodes 1.. [N - 1] after ``root``, from the hidden state that
-        chose it: node (r0, r1, ...) holds the r_d-th most likely token of head d (given its
-        parent's path, for heads with ``path_proj``)."""
-        emb = None
-        if self.root_proj is not None:
-            emb = F.embedding(torch.as_tensor(root, device=hidden.device).reshape(()), model.embed).to(hidden.dtype)
-        if self.path_proj is None:  # one list per head, shared by every node of its depth
-            logits = self(hidden, model.lm_head, tree.depth, emb)
-            idx = torch.cat([logits[d].topk(k).indices for d, k in enumerate(tree.topk)])
-            return self._tokens(idx)[tree.tree_indices[1:] - 1]
-        tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=hidden.device)
-        for d, level in enumerate(tree.levels):  # the nodes of depth d + 1, parent by parent
-            rows = len(level.parents)
-            paths = [F.embedding(tokens[level.ancestors[:, j]], model.embed).to(hidden.dtype) for j in range(d)]
-            logits = self._head(d, hidden.expand(rows, -1), model.lm_head, emb.expand(rows, -1), paths)
-            top = logits.topk(tree.topk[d], dim=-1).indices  # [P, k]
-            tokens[level.children] = self._tokens(top[level.child_parent, level.child_rank])
-        return tokens[1:]
 
 
 @dataclass
@@ -185,8 +101,7 @@ def verify(model: LlamaModel, tree: MedusaTree, cache: KVCache, root: int | torc
     if graph is not None:
         hidden, logits = graph(tokens, start)
     else:
-        hidden = model.forward(tokens[None], cache, start, tree=(tree.position_offsets, tree.attn_mask),
-                               logits=False)[0]  # [N, H]
+        hidden = model.tree_hidden(tokens[None], cache, start, tree.position_offsets, tree.attn_mask)[0]  # [N, H]
         if model.device.type == "cpu" and tree.num_nodes <= SMALL_TREE:
             # with the CPU GEMM kernel, all nodes' logits cost about what the inner nodes' do,
             # and a leaf at the end of the accepted path then needs no second lm_head pass
@@ -247,6 +162,6 @@ def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVC
 def prefill_and_generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, prompt: list[int],
                          max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy):
     """``generate`` after one prefill pass of ``prompt`` from an empty cache (tests, benchmarks)."""
-    logits, hidden = model.forward(torch.tensor([prompt], device=model.device), cache, 0, return_hidden=True)
-    yield from generate(model, heads, tree, cache, logits[0, -1], hidden[0, -1], max_new_tokens, eos_ids, sampler,
+    hidden = model.hidden(torch.tensor([prompt], device=model.device), cache, 0)[0, -1]
+    yield from generate(model, heads, tree, cache, model.logits(hidden), hidden, max_new_tokens, eos_ids, sampler,
                         accept, TreeGraph.for_device(model, tree, cache))

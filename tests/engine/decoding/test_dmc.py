@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from engine.formats.tensor_source import TensorSource
 from engine.config import ModelConfig
-from engine.decoding.dmc import DMCDecoder
+from engine.decoding.dmc import DMCForward
 from engine.errors import EngineError
 from engine.model.llama import LlamaModel
+from engine.model.weights import from_source
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, FFN = 32, 64, 4, 2, 16, 2, 96
 CONTROL = 4  # features 0..3: one merge-decision feature per (layer, KV head)
@@ -81,7 +82,7 @@ def tiny_tensors(decisions: bool = True, seed: int = 0) -> dict[str, torch.Tenso
 
 
 def build(tensors) -> LlamaModel:
-    return LlamaModel.from_source(tiny_config(), TensorSource.from_tensors(tensors, Path("tiny.pt")), "cpu",
+    return from_source(tiny_config(), TensorSource.from_tensors(tensors, Path("tiny.pt")), "cpu",
                                   torch.float32)
 
 
@@ -122,7 +123,7 @@ def oracle(model: LlamaModel, ids: torch.Tensor, init_val=5.0, window=12):
     bsz, t = ids.shape
     nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     groups = nh // nkv
-    cos, sin = model._rope_tables(t)
+    cos, sin = model.rope(t)
     cos, sin = cos[:t, None], sin[:t, None]
     x = F.embedding(ids, model.embed)
     all_alpha = []
@@ -159,7 +160,7 @@ def oracle(model: LlamaModel, ids: torch.Tensor, init_val=5.0, window=12):
             s = qr[:, :, hh] @ kr[:, :, g].transpose(1, 2) / math.sqrt(d) + bias[:, g]
             out[:, :, hh] = s.softmax(-1) @ vp[:, :, g]
         x = layer.o(out.reshape(bsz, t, cfg.q_size).to(x.dtype), residual=x)
-        x = model._mlp(layer, x)
+        x = model.mlp(layer, x)
         all_alpha.append(alpha)
     logits = model.logits(F.rms_norm(x, (cfg.hidden_size,), model.norm, cfg.rms_norm_eps))
     return logits, all_alpha
@@ -181,7 +182,7 @@ def longest_run(alpha: torch.Tensor) -> int:
     return best
 
 
-def greedy(dmc: DMCDecoder, ids: torch.Tensor, new: int, parallel: bool):
+def greedy(dmc: DMCForward, ids: torch.Tensor, new: int, parallel: bool):
     """Prompt logits [B, T, V], then `new` greedy steps: all logits [B, T + new - 1, V] and the tokens."""
     logits = [dmc.prefill(ids, parallel=parallel, all_logits=True)]
     tokens = []
@@ -199,7 +200,7 @@ def greedy(dmc: DMCDecoder, ids: torch.Tensor, new: int, parallel: bool):
 def test_dmc_decoding_equals_the_full_sequence_oracle(dmc_model, parallel):
     ids = prompts()
     new = 12
-    dmc = DMCDecoder(dmc_model, batch=2, max_len=128)
+    dmc = DMCForward(dmc_model, batch=2, max_len=128)
     got, tokens = greedy(dmc, ids, new, parallel)
     seq = torch.cat([ids, tokens], dim=1)
     want, alphas = oracle(dmc_model, seq)
@@ -216,8 +217,8 @@ def test_dmc_decoding_equals_the_full_sequence_oracle(dmc_model, parallel):
 
 def test_parallel_prefill_leaves_the_same_cache_and_state(dmc_model):
     ids = prompts()
-    seq_dmc = DMCDecoder(dmc_model, batch=2, max_len=128)
-    par_dmc = DMCDecoder(dmc_model, batch=2, max_len=128)
+    seq_dmc = DMCForward(dmc_model, batch=2, max_len=128)
+    par_dmc = DMCForward(dmc_model, batch=2, max_len=128)
     par_dmc.prefill_chunk = 7  # several attention chunks, the last one partial
     want = seq_dmc.prefill(ids, parallel=False, all_logits=True)
     got = par_dmc.prefill(ids, parallel=True, all_logits=True)
@@ -265,8 +266,8 @@ def test_parallel_prefill_continues_from_a_held_cache(dmc_model, splits):
     tokens in (past the window), so the new tokens' windows reach into the window buffer and
     the first new token merges into the last cached slot."""
     ids = prompts()
-    seq_dmc = DMCDecoder(dmc_model, batch=2, max_len=128)
-    par_dmc = DMCDecoder(dmc_model, batch=2, max_len=128)
+    seq_dmc = DMCForward(dmc_model, batch=2, max_len=128)
+    par_dmc = DMCForward(dmc_model, batch=2, max_len=128)
     par_dmc.prefill_chunk = 8
     want = seq_dmc.prefill(ids, parallel=False, all_logits=True)
     got, at = [], 0
@@ -293,9 +294,9 @@ def test_without_merges_dmc_is_plain_attention_without_the_last_dim():
     plain = build(zero_rows(tensors, HEAD_DIM - 1))
     ids = prompts()
     cache = plain.new_cache(64, batch=2)
-    want = plain.forward(ids, cache, 0, all_logits=True)
+    want = plain.forward_all(ids, cache, 0)
     for parallel in (False, True):
-        dmc = DMCDecoder(model, batch=2, max_len=64)
+        dmc = DMCForward(model, batch=2, max_len=64)
         got = dmc.prefill(ids, parallel=parallel, all_logits=True)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
         assert torch.equal(dmc.cache.lens, torch.full_like(dmc.cache.lens, ids.shape[1]))  # no merge anywhere
@@ -303,13 +304,13 @@ def test_without_merges_dmc_is_plain_attention_without_the_last_dim():
         torch.testing.assert_close(dmc.step(tok)[:, None], plain.forward(tok[:, None], cache, ids.shape[1]),
                                    atol=1e-4, rtol=1e-4)
     # and the plain model really differs from the unmodified one: dim D-1 matters there
-    full = model.forward(ids, model.new_cache(64, batch=2), 0, all_logits=True)
+    full = model.forward_all(ids, model.new_cache(64, batch=2), 0)
     assert not torch.allclose(full, want, atol=1e-3)
 
 
 def test_stats_count_slots_pages_and_the_dense_equivalent(dmc_model):
     ids = prompts()
-    dmc = DMCDecoder(dmc_model, batch=2, max_len=128)
+    dmc = DMCForward(dmc_model, batch=2, max_len=128)
     empty = dmc.stats()
     assert empty["kv_cache_bytes"] == 0 and empty["kv_cache_bytes_allocated"] == 0 and empty["tokens"] == 0
     dmc.prefill(ids, parallel=False)
@@ -332,12 +333,12 @@ def test_stats_count_slots_pages_and_the_dense_equivalent(dmc_model):
     assert dmc.stats()["kv_cache_bytes"] == 0 and dmc.length == 0
     # after a reset the same prompt gives the same logits as a fresh cache
     again = dmc.prefill(ids, parallel=False)
-    fresh = DMCDecoder(dmc_model, batch=2, max_len=128).prefill(ids, parallel=False)
+    fresh = DMCForward(dmc_model, batch=2, max_len=128).prefill(ids, parallel=False)
     torch.testing.assert_close(again, fresh)
 
 
 def test_context_full_is_a_one_line_error(dmc_model):
-    dmc = DMCDecoder(dmc_model, batch=2, max_len=40)
+    dmc = DMCForward(dmc_model, batch=2, max_len=40)
     dmc.prefill(prompts(), parallel=True)
     with pytest.raises(EngineError, match="context full"):
         dmc.step(torch.tensor([1, 2]))
@@ -351,7 +352,7 @@ def test_decoding_with_the_triton_kernels_matches_the_references(dmc_model, monk
     from kernels.dmc import dmc_decode_attention_triton, dmc_update_triton
 
     ids = prompts()[:, 3:23]  # the 20-token merge run of row 0, past the window
-    ref = DMCDecoder(dmc_model, batch=2, max_len=32)
+    ref = DMCForward(dmc_model, batch=2, max_len=32)
     want, want_tokens = greedy(ref, ids, 3, parallel=False)
     longest = []
 
@@ -362,7 +363,7 @@ def test_decoding_with_the_triton_kernels_matches_the_references(dmc_model, monk
 
     monkeypatch.setattr(dmc_module, "dmc_update", update)
     monkeypatch.setattr(dmc_module, "dmc_decode_attention", dmc_decode_attention_triton)
-    tri = DMCDecoder(dmc_model, batch=2, max_len=32)
+    tri = DMCForward(dmc_model, batch=2, max_len=32)
     got, tokens = greedy(tri, ids, 3, parallel=False)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, want_tokens)

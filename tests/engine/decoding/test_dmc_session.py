@@ -1,7 +1,7 @@
 """DMC decoding through the engine: a tiny Hugging Face checkpoint (the embedded model's
 tokenizer) whose DMC retrofit delta wires the decision neurons to token parity (k[D-1] of every
 key head is 50 x a feature that is +1 for odd tokens), so roughly every other token merges.
-`chatapp run --decoding dmc --json` reports the compression and produces DMCDecoder's own greedy
+`chatapp run --decoding dmc --json` reports the compression and produces DMCForward's own greedy
 continuation; Session reuses the DMC state for the next turn of a chat; a model without DMC and
 broken deltas are refused."""
 
@@ -15,11 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.decoding.dmc import DMCDecoder
-from engine.formats.dmc_delta import LOCAL_NAME, delta_metadata, load_retrofitted
+from engine.decoding.dmc import DMCForward
+from engine.formats.dmc_delta import delta_metadata
+from engine.hub.layout import LOCAL_DMC_DELTA as LOCAL_NAME
+from engine.model.weights import load_retrofitted
 from engine.errors import EngineError
 from engine.events import LoadModel, SamplingParams, Step
 from engine.session import Session
+from engine.model.weights import from_megatron
 from fakes.checkpoints import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -55,7 +58,7 @@ def dmc_checkpoint(tmp_path_factory, embedded_session):
 
 def own_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
     model, settings = load_retrofitted(path, path / LOCAL_NAME, "cpu")
-    dmc = DMCDecoder(model, 1, 512, **settings)
+    dmc = DMCForward(model, 1, 512, **settings)
     logits = dmc.prefill(torch.tensor([prompt]))
     out = []
     for _ in range(n):
@@ -65,6 +68,7 @@ def own_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_run_dmc_json_reports_compression_and_matches_the_decoder(dmc_checkpoint):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "chatapp", "run", "--model", str(dmc_checkpoint), "--device", "cpu",
@@ -93,7 +97,7 @@ def test_plain_decoding_reports_the_dense_cache(dmc_checkpoint):
 
 def test_session_dmc_steps_second_turn_and_sampling(dmc_checkpoint):
     session = Session.load(LoadModel(str(dmc_checkpoint), "cpu", decoding="dmc"))
-    assert session.decoding == "dmc" and session.cache is None and session.info().decoding == "dmc"
+    assert session.decoding == "dmc" and not hasattr(session.decoder, "cache") and session.info().decoding == "dmc"
     chat = [{"role": "user", "content": "Say something."}]
     events = list(session.generate(chat, SamplingParams(max_new_tokens=10, ignore_eos=True)))
     steps = [e for e in events if isinstance(e, Step)]
@@ -103,17 +107,17 @@ def test_session_dmc_steps_second_turn_and_sampling(dmc_checkpoint):
     # the next turn starts with the whole first exchange (the held tokens, the reply's last one
     # and new ones): the DMC state is reused and only the new tokens are prefilled
     prompt = session.tokenizer.encode_chat(chat) + first.token_ids + session.tokenizer.encode("\nMore.")
-    assert session.cached_ids == prompt[:len(session.cached_ids)]
+    assert session.decoder.cached_ids == prompt[:len(session.decoder.cached_ids)]
     fed = []
-    prefill = session.dmc.prefill
-    session.dmc.prefill = lambda ids: fed.append(ids.shape[1]) or prefill(ids)
+    prefill = session.decoder.dmc.prefill
+    session.decoder.dmc.prefill = lambda ids: fed.append(ids.shape[1]) or prefill(ids)
     second = list(session.generate_ids(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True)))[-1]
     assert fed == [len(prompt) - len(session.tokenizer.encode_chat(chat)) - 9]
     assert second.stats.token_ids == own_greedy(dmc_checkpoint, prompt, 8)
     # a prompt that is not a continuation starts over
     third = list(session.generate_ids(prompt[:20], SamplingParams(max_new_tokens=4, ignore_eos=True)))[-1]
     assert fed[-1] == 20 and third.stats.token_ids == own_greedy(dmc_checkpoint, prompt[:20], 4)
-    session.dmc.prefill = prefill
+    session.decoder.dmc.prefill = prefill
     # sampling goes through the Sampler: a seed repeats, and tokens differ from greedy somewhere
     sample = SamplingParams(max_new_tokens=12, temperature=1.5, seed=3, ignore_eos=True)
     a = [e for e in session.generate(chat[:1], sample)][-1].stats.token_ids
@@ -176,7 +180,6 @@ def test_megatron_dmc_checkpoint(dmc_checkpoint, tmp_path, fake_megatron):
     settings from its stored args; its tokenizer files are looked for next to it."""
     import shutil
 
-    from engine.formats.megatron import load_megatron_model
     from fakes.checkpoints import TOKENIZER_FILES
 
     root = megatron_dmc(dmc_checkpoint, tmp_path / "meg", fake_megatron)
@@ -191,7 +194,7 @@ def test_megatron_dmc_checkpoint(dmc_checkpoint, tmp_path, fake_megatron):
     chat = [{"role": "user", "content": "Count to ten."}]
     stats = list(session.generate(chat, SamplingParams(max_new_tokens=12, ignore_eos=True)))[-1].stats
     assert stats.decoding == "dmc" and stats.kv_compression > 1.3
-    dmc = DMCDecoder(load_megatron_model(root, "cpu", torch.float32), 1, 512)
+    dmc = DMCForward(from_megatron(root, "cpu", torch.float32), 1, 512)
     logits = dmc.prefill(torch.tensor([session.tokenizer.encode_chat(chat)]))
     own = []
     for _ in range(12):

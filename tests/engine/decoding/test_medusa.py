@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from engine.events import SamplingParams
-from engine.model.llama import Linear
-from engine.decoding.medusa.verify import MedusaHeads, TypicalAcceptance, accepted_lengths, prefill_and_generate
+from engine.model.linear import Linear
+from engine.decoding.medusa.heads import MedusaHeads
+from engine.decoding.medusa.verify import TypicalAcceptance, accepted_lengths, prefill_and_generate
 from engine.decoding.medusa.tree import CARD_CHOICES, build_tree
 
 
@@ -35,7 +36,7 @@ def test_medusa_greedy_equals_plain_greedy(embedded_session, prompt, heads):
     s = embedded_session
     messages = [{"role": "user", "content": prompt}]
     n = 40
-    s.cached_ids = []
+    s.reset()
     plain = list(s.generate(messages, SamplingParams(max_new_tokens=n)))[-1].stats.token_ids
     ids = s.tokenizer.encode_chat(messages)
     model = s.model
@@ -118,7 +119,7 @@ def test_static_tree_step_equals_the_tree_forward(embedded_session):
     with torch.inference_mode():
         for c in (a, b):
             model.forward(torch.tensor([ids]), c, 0)
-        want = model.forward(nodes, a, len(ids), tree=(tree.position_offsets, tree.attn_mask), logits=False)[0]
+        want = model.tree_hidden(nodes, a, len(ids), tree.position_offsets, tree.attn_mask)[0]
         got = model.tree_step(nodes, torch.tensor(len(ids)), b, tree.position_offsets, tree.attn_mask)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     end = len(ids) + tree.num_nodes

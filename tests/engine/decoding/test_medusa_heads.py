@@ -65,7 +65,7 @@ def test_fasterdecoding_safetensors_and_pt(tmp_path):
     torch.save({f"medusa_head.{k}": v for k, v in heads.items()}, tmp_path / "medusa_lm_head.pt")
     x = torch.randn(3, H)
     base_lm_head = torch.randn(V, H) * 0.05
-    from engine.model.llama import Linear
+    from engine.model.linear import Linear
 
     lm = Linear(base_lm_head.t(), None, 2)
     for name in ("medusa_lm_head.safetensors", "medusa_lm_head.pt"):
@@ -105,6 +105,7 @@ def test_missing_and_extra_tensors_are_errors(tmp_path):
         load_fasterdecoding(tmp_path / "medusa_lm_head.safetensors", H, V, "cpu", torch.float32)
 
 
+@pytest.mark.slow
 def test_run_with_medusa_decoding(tiny_checkpoint):
     """`chatapp run --decoding medusa` on a checkpoint with heads: the greedy text of plain
     decoding, with the accepted tokens of each step reported."""

@@ -9,11 +9,12 @@ from safetensors.torch import save_file
 
 from engine.decoding.medusa import plan as medusa_plan
 from engine.errors import EngineError
-from engine.model.llama import LlamaModel
-from engine.decoding.medusa.verify import MedusaHeads
+from engine.decoding.medusa.heads import MedusaHeads
 from engine.decoding.medusa.heads import load_fasterdecoding
-from engine.decoding.medusa.plan import Profile, measure_step_ms, plan
+from engine.decoding.medusa.heads import Profile
+from engine.decoding.medusa.plan import measure_step_ms, plan
 from engine.decoding.medusa.tree import CARD_CHOICES, build_tree
+from engine.model.weights import from_dir
 
 PROFILE = Profile([((0,), 0.6), ((0, 0), 0.4), ((1,), 0.1), ((0, 0, 0), 0.25), ((0, 1), 0.05), ((2,), 0.04)])
 
@@ -30,7 +31,7 @@ def test_profile_trees_are_prefix_closed_and_expected_tokens_add_up():
 
 
 def test_auto_picks_the_most_tokens_per_second(monkeypatch, tiny_checkpoint):
-    model = LlamaModel.from_dir(tiny_checkpoint)
+    model = from_dir(tiny_checkpoint)
     # a CPU-like cost: every node adds a good share of a step
     costs = {n: 10.0 + 3.0 * max(n - 1, 0) for n in range(65)}
     monkeypatch.setattr(medusa_plan, "step_costs", lambda *a: costs)
@@ -46,7 +47,7 @@ def test_auto_picks_the_most_tokens_per_second(monkeypatch, tiny_checkpoint):
 
 
 def test_presets_files_and_errors(tmp_path, tiny_checkpoint):
-    model = LlamaModel.from_dir(tiny_checkpoint)
+    model = from_dir(tiny_checkpoint)
     assert plan(model, FakeHeads(), "tiny", "card", PROFILE).tree.num_nodes == len(CARD_CHOICES) + 1
     assert plan(model, FakeHeads(), "tiny", None, None).choices == "card"  # no profile: the reference tree
     f = tmp_path / "tree.json"
@@ -65,7 +66,7 @@ def test_presets_files_and_errors(tmp_path, tiny_checkpoint):
 def test_heads_on_a_token_subset(tmp_path, tiny_checkpoint):
     """Shipped-style heads: FasterDecoding layout plus ``token_ids``; proposals come from the
     subset, scored with the base lm_head's rows, and the step time is measured for real."""
-    model = LlamaModel.from_dir(tiny_checkpoint)
+    model = from_dir(tiny_checkpoint)
     h = model.cfg.hidden_size
     ids = torch.tensor([3, 17, 250, 4000, 49151])
     g = torch.Generator().manual_seed(0)
@@ -127,7 +128,7 @@ def test_heads_that_take_the_root_token(tmp_path, tiny_checkpoint):
     ``{k}.root.weight`` times the root token's embedding; the proposals follow the root, and
     Medusa greedy output still equals plain greedy output. Root weights for only some heads
     are refused."""
-    model = LlamaModel.from_dir(tiny_checkpoint)
+    model = from_dir(tiny_checkpoint)
     h = model.cfg.hidden_size
     g = torch.Generator().manual_seed(1)
     tensors, heads = write_heads(tmp_path, model, g, 2, path=False)
@@ -153,7 +154,7 @@ def test_heads_that_take_the_path(tmp_path, tiny_checkpoint):
     the path's token at depth j; each parent node's children come from its own path (checked
     against a direct computation), Medusa greedy output equals plain greedy output, and path
     weights that are missing, extra or without root weights are refused."""
-    model = LlamaModel.from_dir(tiny_checkpoint)
+    model = from_dir(tiny_checkpoint)
     h, emb = model.cfg.hidden_size, model.embed
     g = torch.Generator().manual_seed(2)
     tensors, heads = write_heads(tmp_path, model, g, 3, path=True)
@@ -185,7 +186,7 @@ def test_heads_that_take_the_path(tmp_path, tiny_checkpoint):
 
 
 def test_auto_falls_back_to_plain_where_no_tree_pays(monkeypatch, tiny_checkpoint):
-    model = LlamaModel.from_dir(tiny_checkpoint)
+    model = from_dir(tiny_checkpoint)
     costly = {n: 10.0 * (1 + 1.5 * min(n, 1)) + n for n in range(65)}  # any tree costs 2.5x a plain step
     monkeypatch.setattr(medusa_plan, "step_costs", lambda *a: costly)
     p = plan(model, FakeHeads(), "tiny", None, PROFILE)

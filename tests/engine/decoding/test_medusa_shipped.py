@@ -7,6 +7,7 @@ import pytest
 
 from engine.events import LoadModel, SamplingParams
 from engine.decoding.medusa.heads import shipped_heads
+from engine.decoding.medusa.decoder import MedusaDecoder
 from engine.decoding.medusa.plan import Plan
 from engine.decoding.medusa.tree import CARD_CHOICES, build_tree
 from engine.session import Session
@@ -27,14 +28,14 @@ def test_greedy_medusa_equals_plain_greedy_on_chat_prompts(embedded_session, shi
     heads, profile = shipped
     plain = embedded_session
     tree = build_tree(profile.tree_paths(8, heads.num_heads), heads.num_heads)
-    medusa = Session(plain.name, plain.path, plain.model, plain.tokenizer, 1024, heads=heads,
-                     plan=Plan(tree, "test"))
+    medusa = Session(plain.name, plain.path, plain.model, plain.tokenizer,
+                     MedusaDecoder(plain.model, 1024, heads, Plan(tree, "test")))
     params = SamplingParams(max_new_tokens=32)
     tokens = steps = 0
     assert len(PROMPTS) >= 20
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
-        plain.cached_ids = []
+        plain.reset()
         want = list(plain.generate(messages, params))[-1].stats
         got = list(medusa.generate(messages, params))[-1].stats
         assert got.token_ids == want.token_ids, prompt
@@ -47,14 +48,14 @@ def test_greedy_medusa_equals_plain_greedy_on_chat_prompts(embedded_session, shi
 def test_card_tree_and_a_second_turn_reuse_the_cache(embedded_session, shipped):
     heads, _ = shipped
     plain = embedded_session
-    medusa = Session(plain.name, plain.path, plain.model, plain.tokenizer, 1024, heads=heads,
-                     plan=Plan(build_tree(CARD_CHOICES, 3), "card"))
+    medusa = Session(plain.name, plain.path, plain.model, plain.tokenizer,
+                     MedusaDecoder(plain.model, 1024, heads, Plan(build_tree(CARD_CHOICES, 3), "card")))
     params = SamplingParams(max_new_tokens=24)
     chat = [{"role": "user", "content": PROMPTS[0]}]
     first = list(medusa.generate(chat, params))[-1].stats
     chat += [{"role": "assistant", "content": first.text}, {"role": "user", "content": PROMPTS[1]}]
     second = list(medusa.generate(chat, params))[-1].stats
-    plain.cached_ids = []
+    plain.reset()
     assert list(plain.generate(chat, params))[-1].stats.token_ids == second.token_ids
 
 

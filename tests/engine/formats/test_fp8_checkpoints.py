@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.errors import EngineError
-from engine.model.fp8_linear import Fp8Linear
-from engine.model.llama import LlamaModel
+from engine.model.linear import Fp8Linear
+from engine.model.weights import from_dir
 
 FP8 = torch.float8_e4m3fn
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -84,11 +84,11 @@ def ids():
 
 
 def compare(path, reference):
-    ours = LlamaModel.from_dir(path)
+    ours = from_dir(path)
     x = ids()
     with torch.no_grad():
         expected = reference(x).logits
-    got = ours.forward(x, ours.new_cache(64), 0, all_logits=True)
+    got = ours.forward_all(x, ours.new_cache(64), 0)
     torch.testing.assert_close(got, expected, atol=3e-3, rtol=3e-3)
     return ours, got
 
@@ -198,11 +198,11 @@ def test_compressed_tensors_24_bitmask_equals_dense_storage(tmp_path):
     write(tmp_path / "dense", model, dense, compressed_tensors_config("dense"))
     write(tmp_path / "bitmask", model, packed, compressed_tensors_config("sparse-24-bitmask"))
     _, from_dense = compare(tmp_path / "dense", fake_quant_reference(model, weights, scales))
-    ours = LlamaModel.from_dir(tmp_path / "bitmask")
+    ours = from_dir(tmp_path / "bitmask")
     assert torch.equal(ours.layers[0].gate_up.weight.float(),  # (-0 is stored as a zero: equal as values)
                        torch.cat([weights["model.layers.0.mlp.gate_proj"],
                                   weights["model.layers.0.mlp.up_proj"]]).float())
-    got = ours.forward(ids(), ours.new_cache(64), 0, all_logits=True)
+    got = ours.forward_all(ids(), ours.new_cache(64), 0)
     assert torch.equal(got, from_dense)
 
 
@@ -213,7 +213,7 @@ def test_unsupported_and_broken_checkpoints_are_named(tmp_path):
     good = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps({**good, "quantization": {**good["quantization"], "quant_algo": "NVFP4"}}))
     with pytest.raises(EngineError, match=r"hf_quant_config.json: quant_algo 'NVFP4' is not supported"):
-        LlamaModel.from_dir(tmp_path)
+        from_dir(tmp_path)
     cfg_file.write_text(json.dumps(good))
 
     from safetensors.torch import load_file
@@ -221,17 +221,17 @@ def test_unsupported_and_broken_checkpoints_are_named(tmp_path):
     del tensors["model.layers.1.mlp.down_proj.weight_scale"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(EngineError, match=r"tensor 'model.layers.1.mlp.down_proj.weight_scale' is missing"):
-        LlamaModel.from_dir(tmp_path)
+        from_dir(tmp_path)
 
     qc = compressed_tensors_config()
     qc["quantization_config"]["config_groups"]["group_0"]["weights"].update(num_bits=4, type="int")
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, **qc}))
     with pytest.raises(EngineError, match=r"group_0.weights: 4-bit int weights are not supported"):
-        LlamaModel.from_dir(tmp_path)
+        from_dir(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq"}}))
     with pytest.raises(EngineError, match=r"quantization method 'gptq' is not supported"):
-        LlamaModel.from_dir(tmp_path)
+        from_dir(tmp_path)
 
 
 def test_checkpoint_written_by_compressed_tensors(tmp_path):

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from engine.formats.tensor_source import TensorSource
-from engine.decoding.dmc import DMCDecoder
+from engine.decoding.dmc import DMCForward
 from engine.errors import EngineError
-from engine.model.llama import LlamaModel
-from engine.formats.megatron import dmc_settings, load_megatron_model, read_megatron_checkpoint, tokenizer_path
+from engine.decoding.dmc import dmc_settings
+from engine.formats.megatron import read_megatron_checkpoint, tokenizer_path
+from engine.model.weights import from_dir, from_source, from_megatron
 
 from fakes.megatron import FFN, GROUPS, HEAD_DIM, HEADS, HIDDEN, LAYERS, VOCAB, hf_weights, write_hf, write_megatron
 
@@ -24,8 +25,8 @@ from fakes.megatron import FFN, GROUPS, HEAD_DIM, HEADS, HIDDEN, LAYERS, VOCAB, 
 def test_megatron_checkpoint_gives_the_logits_of_the_same_weights_in_hf_layout(tmp_path, fake_megatron):
     weights = hf_weights()
     root = write_megatron(tmp_path / "dmc", weights, fake_megatron)
-    hf = LlamaModel.from_dir(write_hf(tmp_path / "hf", weights), "cpu", torch.float32)
-    meg = load_megatron_model(root, "cpu", torch.float32)
+    hf = from_dir(write_hf(tmp_path / "hf", weights), "cpu", torch.float32)
+    meg = from_megatron(root, "cpu", torch.float32)
     cfg, _, info = read_megatron_checkpoint(root / "mp_rank_00" / "model_optim_rng.pt")
     assert cfg == dataclasses.replace(hf.cfg, bos_token_id=1, eos_token_ids=(2,), torch_dtype="bfloat16")
     assert info["iteration"] == 2000 and info["checkpoint_version"] == 3.0
@@ -35,16 +36,16 @@ def test_megatron_checkpoint_gives_the_logits_of_the_same_weights_in_hf_layout(t
     with pytest.raises(EngineError, match="unbounded"):
         dmc_settings({"dmc_window_size": 0})
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
-    want = hf.forward(ids, hf.new_cache(16, batch=2), 0, all_logits=True)
-    got = meg.forward(ids, meg.new_cache(16, batch=2), 0, all_logits=True)
+    want = hf.forward_all(ids, hf.new_cache(16, batch=2), 0)
+    got = meg.forward_all(ids, meg.new_cache(16, batch=2), 0)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     # a wrong q/k/v split (e.g. all q heads first) would not give these logits
-    assert not torch.allclose(want, LlamaModel.from_source(
-        cfg, _plain_split(root), "cpu", torch.float32).forward(ids, hf.new_cache(16, batch=2), 0, all_logits=True),
+    assert not torch.allclose(want, from_source(
+        cfg, _plain_split(root), "cpu", torch.float32).forward_all(ids, hf.new_cache(16, batch=2), 0),
         atol=1e-3)
     # and DMC runs on it the same way as on the HF copy
-    torch.testing.assert_close(DMCDecoder(meg, batch=2, max_len=16).prefill(ids),
-                               DMCDecoder(hf, batch=2, max_len=16).prefill(ids), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(DMCForward(meg, batch=2, max_len=16).prefill(ids),
+                               DMCForward(hf, batch=2, max_len=16).prefill(ids), atol=1e-6, rtol=1e-6)
 
 
 def _plain_split(root):

@@ -2,7 +2,6 @@
 layout resolve() reads, cancel and resume, Range resumes, gated / absent repos, offline mode."""
 
 import _thread
-import sys
 import threading
 from pathlib import Path
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from engine.model import gptq as fc
-from engine.model.fp8_linear import Fp8Linear
-from engine.model.llama import LlamaModel
+from engine.model.linear import Fp8Linear
+from engine.model.weights import from_dir
 from kernels.fp8_quant import FP8, quantize_rows_ref
 
 
@@ -50,19 +50,27 @@ def test_inputs_that_were_always_zero_do_not_break_the_rounding():
     assert torch.isfinite(q.float()).all() and q.float()[:, 5].abs().sum() == 0
 
 
+def fp8_model(path, progress=lambda msg: None):
+    """``--quantize fp8`` as the loader does it: the model loaded as stored, then the FP8 pass."""
+    model = from_dir(path)
+    fc.quantize_fp8(model, fc.TensorSource(path), progress)
+    return model
+
+
 def test_a_tiny_model_is_calibrated_once_then_read_from_the_cache(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(fc, "SAMPLES", 4)
     monkeypatch.setattr(fc, "LENGTH", 32)
     said = []
-    model = LlamaModel.from_dir(tiny_checkpoint, quantize="fp8", progress=said.append)
+    model = fp8_model(tiny_checkpoint, said.append)
     assert any("FP8 calibration done" in s for s in said)
     layers = ("qkv", "o", "gate_up", "down")
     assert all(isinstance(getattr(ly, n), Fp8Linear) for ly in model.layers for n in layers)
     cached = list((tmp_path / "cache" / "fp8").glob("*.safetensors"))
     assert len(cached) == 1
 
-    rtn = LlamaModel.from_source(model.cfg, fc.TensorSource(tiny_checkpoint), "cpu", None, "fp8")
+    rtn = from_dir(tiny_checkpoint)
+    fc.round_to_nearest(rtn)
     differ = [not torch.equal(getattr(a, n).weight.float(), getattr(b, n).weight.float())
               for a, b in zip(model.layers, rtn.layers) for n in layers]
     assert any(differ)  # not round-to-nearest
@@ -70,7 +78,7 @@ def test_a_tiny_model_is_calibrated_once_then_read_from_the_cache(tiny_checkpoin
                for a, b in zip(model.layers, rtn.layers) for n in layers)
 
     monkeypatch.setattr(fc, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
-    again = LlamaModel.from_dir(tiny_checkpoint, quantize="fp8")
+    again = fp8_model(tiny_checkpoint)
     assert all(torch.equal(getattr(a, n).weight.float(), getattr(b, n).weight.float())
                for a, b in zip(model.layers, again.layers) for n in layers)
     ids = torch.tensor([[1, 5, 9, 13]])
@@ -83,18 +91,18 @@ def test_the_cache_key_follows_the_weights_and_a_bad_cache_file_is_recomputed(ti
     monkeypatch.setattr(fc, "SAMPLES", 2)
     monkeypatch.setattr(fc, "LENGTH", 16)
     src = fc.TensorSource(tiny_checkpoint)
-    cfg = LlamaModel.from_dir(tiny_checkpoint).cfg
+    cfg = from_dir(tiny_checkpoint).cfg
     key = fc.cache_key(cfg, src)
     assert key == fc.cache_key(cfg, fc.TensorSource(tiny_checkpoint))
     weights = tiny_checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # rewritten: a new modification time
     assert fc.cache_key(cfg, fc.TensorSource(tiny_checkpoint)) != key
 
-    LlamaModel.from_dir(tiny_checkpoint, quantize="fp8")
+    fp8_model(tiny_checkpoint)
     (cached,) = (tmp_path / "cache" / "fp8").glob("*.safetensors")
     cached.write_bytes(b"not safetensors")
     calls = []
     real = fc.calibrate
     monkeypatch.setattr(fc, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    LlamaModel.from_dir(tiny_checkpoint, quantize="fp8")
+    fp8_model(tiny_checkpoint)
     assert calls == [1] and cached.stat().st_size > 100

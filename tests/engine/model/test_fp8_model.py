@@ -11,9 +11,11 @@ import torch
 
 from engine.errors import EngineError
 from engine.events import LoadModel, SamplingParams
-from engine.model.fp8_linear import Fp8Linear
-from engine.model.llama import LlamaModel
+from engine.model.linear import Fp8Linear
 from engine.session import Session
+from engine.formats.tensor_source import TensorSource
+from engine.model.gptq import quantize_fp8
+from engine.model.weights import from_dir
 from kernels.fp8_gemm import fp8_gemm_ref
 from kernels.fp8_quant import quantize_rows_ref
 
@@ -46,11 +48,12 @@ def test_static_input_scale():
 
 def test_only_block_linears_are_quantized(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))  # its calibrated weights: not kept
-    m = LlamaModel.from_dir(tiny_checkpoint, quantize="fp8")
+    m = from_dir(tiny_checkpoint)
+    quantize_fp8(m, TensorSource(tiny_checkpoint))
     assert all(isinstance(getattr(layer, n), Fp8Linear) for layer in m.layers for n in ("qkv", "o", "gate_up", "down"))
     assert not isinstance(m.lm_head, Fp8Linear) and m.embed.dtype == torch.float32
     with pytest.raises(EngineError, match="quantize 'int4' is not supported"):
-        LlamaModel.from_dir(tiny_checkpoint, quantize="int4")
+        Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu", quantize="int4"))
 
 
 def test_fp8_embedded_model_still_answers():
@@ -61,6 +64,7 @@ def test_fp8_embedded_model_still_answers():
     assert "Paris" in done.stats.text
 
 
+@pytest.mark.slow
 def test_run_cli_with_quantize_before_or_after_the_subcommand():
     for args in (["--quantize", "fp8", "run"], ["run", "--quantize", "fp8"]):
         r = subprocess.run([sys.executable, "-m", "chatapp", *args, "--prompt", "Hi", "--max-new-tokens", "2",
@@ -69,6 +73,7 @@ def test_run_cli_with_quantize_before_or_after_the_subcommand():
         assert json.loads(r.stdout)["quantization"] == "fp8"
 
 
+@pytest.mark.slow
 def test_perplexity_cli_fp8_close_to_unquantized():
     def run(*extra):
         r = subprocess.run([sys.executable, "-m", "chatapp", "perplexity", "--file", str(SAMPLE), "--json", *extra],

@@ -4,8 +4,7 @@ written to disk as real Hugging Face checkpoints."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from engine.model.llama import LlamaModel
+from engine.model.weights import from_dir
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
             max_position_embeddings=512)
@@ -41,12 +40,12 @@ def test_logits_match_transformers(tmp_path, name):
     ref = write_checkpoint(tmp_path, CONFIGS[name], shard=(name == "llama2_mha"))
     if name == "llama2_mha":
         assert (tmp_path / "model.safetensors.index.json").exists()
-    ours = LlamaModel.from_dir(tmp_path)
+    ours = from_dir(tmp_path)
     ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(ids).logits
     cache = ours.new_cache(256)
-    got = ours.forward(ids, cache, 0, all_logits=True)
+    got = ours.forward_all(ids, cache, 0)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
@@ -54,13 +53,13 @@ def test_logits_match_transformers(tmp_path, name):
 def test_incremental_decode_matches_full_forward(tmp_path, name):
     """Prefill in chunks and then token by token gives the logits of one full pass."""
     ref = write_checkpoint(tmp_path, CONFIGS[name])
-    ours = LlamaModel.from_dir(tmp_path)
+    ours = from_dir(tmp_path)
     ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = ref(ids).logits
     cache = ours.new_cache(128)
-    parts = [ours.forward(ids[:, :40], cache, 0, all_logits=True),
-             ours.forward(ids[:, 40:70], cache, 40, all_logits=True)]
+    parts = [ours.forward_all(ids[:, :40], cache, 0),
+             ours.forward_all(ids[:, 40:70], cache, 40)]
     parts += [ours.forward(ids[:, p:p + 1], cache, p) for p in range(70, 90)]
     torch.testing.assert_close(torch.cat(parts, dim=1), expected, atol=2e-5, rtol=1e-4)
     assert cache.length == 90
@@ -73,12 +72,12 @@ def test_half_precision_checkpoints_load(tmp_path, dtype):
     ref = write_checkpoint(tmp_path / "fp32", CONFIGS["llama31_gqa_rope_scaling"])
     ref.to(dtype).save_pretrained(tmp_path / "half")
     ref = ref.to(dtype).float()
-    ours = LlamaModel.from_dir(tmp_path / "half")
+    ours = from_dir(tmp_path / "half")
     assert ours.dtype == torch.float32
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = ref(ids).logits
-    torch.testing.assert_close(ours.forward(ids, ours.new_cache(64), 0, all_logits=True), expected,
+    torch.testing.assert_close(ours.forward_all(ids, ours.new_cache(64), 0), expected,
                                atol=2e-5, rtol=1e-4)
 
 
@@ -87,7 +86,7 @@ def test_static_decode_step_matches_forward(tmp_path, name):
     """The CUDA-graph-ready step (device-side position, full-cache masked attention) gives the
     logits of the ordinary decode path."""
     write_checkpoint(tmp_path, CONFIGS[name])
-    ours = LlamaModel.from_dir(tmp_path)
+    ours = from_dir(tmp_path)
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(6))
     a, b = ours.new_cache(64), ours.new_cache(64)
     ours.forward(ids[:, :20], a, 0)

@@ -22,7 +22,7 @@ from engine.serving.client import EngineClient
 from engine.errors import EngineError
 from engine.events import Done, Error, Generate, LoadModel, Loaded, SamplingParams, Token
 from engine.serving.remote import RemoteSession, RemoteWorker
-from test_serve import KEY, QUESTION, LiveServer, greedy, metric
+from fakes.serve import KEY, QUESTION, LiveServer, greedy, metric
 
 ROOT = Path(__file__).resolve().parents[3]
 

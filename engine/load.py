@@ -1,0 +1,154 @@
+"""The one loader: a LoadModel request -> the model, its tokenizer and the decoder of the
+decoding asked for. Every branch on what is loaded happens here, in ``load``:
+
+    which checkpoint      resolve(req.model)                  engine/hub/resolve.py (download, embedded)
+    what kind it is       Hugging Face safetensors / Megatron  engine/hub/layout.py
+    its weights           as stored (FP8 formats included),    engine/model/weights.py
+                          a DMC delta applied
+    --quantize fp8        a pass over the loaded model         engine/model/gptq.py
+    the tokenizer         the checkpoint's, or for Megatron    engine/tokenizer.py
+                          the SentencePiece file beside it
+    the decoder           plain / medusa (heads + tree plan)   engine/decoding/
+                          / dmc
+
+The decodings a model offers are the ones engine/hub/layout.py lists for it (the picker's
+choices); asking for another is a one-line error that says what is missing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels import cpu_gemm
+
+from engine.config import load_config
+from engine.decoding.base import Decoder
+from engine.decoding.dmc import DMCDecoder, dmc_settings
+from engine.decoding.medusa.decoder import MedusaDecoder
+from engine.decoding.medusa.heads import load_heads, shipped_heads
+from engine.decoding.medusa.plan import plan
+from engine.decoding.plain import PlainDecoder
+from engine.errors import EngineError
+from engine.events import DECODINGS, DEFAULT_CONTEXT, LoadModel
+from engine.formats.dmc_delta import PatchedSource, read_delta
+from engine.formats.fp8 import detect
+from engine.formats.megatron import read_megatron_checkpoint, tokenizer_path
+from engine.formats.tensor_source import TensorSource
+from engine.hub import layout
+from engine.hub.resolve import resolve
+from engine.model import gptq, weights
+from engine.model.llama import LlamaModel
+from engine.tokenizer import ChatTokenizer, sentencepiece_dir
+
+QUANTIZE = ("fp8",)  # what --quantize accepts
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path  # the checkpoint folder
+    model: LlamaModel
+    tokenizer: ChatTokenizer
+    decoder: Decoder
+    quantization: str | None = None  # "fp8" when quantized on load
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise EngineError(f"device {name!r} is not supported (use cpu or cuda)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here")
+    return torch.device(name)
+
+
+def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
+    if req.decoding not in DECODINGS:
+        raise EngineError(f"decoding {req.decoding!r} is not supported (supported: {', '.join(DECODINGS)})")
+    if req.quantize not in (None, *QUANTIZE):
+        raise EngineError(f"quantize {req.quantize!r} is not supported (supported: {', '.join(QUANTIZE)})")
+    device = pick_device(req.device)
+    name, path = resolve(req.model, progress)
+    progress(f"loading {name} on {device.type}")
+    if device.type == "cpu":  # float32 weights: where Linear uses our CPU kernel
+        progress("preparing the CPU matrix kernel (compiled on first use)")
+        cpu_gemm.available()
+
+    dmc = None  # the DMC settings {"init_val", "window"} when decoding with DMC
+    if layout.is_megatron(path):
+        if req.decoding != "dmc":
+            raise EngineError(f"{path}: a Megatron DMC checkpoint decodes with DMC only (--decoding dmc): its "
+                              "attention was trained with the compressed cache")
+        if req.quantize:
+            raise EngineError(f"--quantize {req.quantize} cannot be combined with DMC decoding")
+        cfg, src, info = read_megatron_checkpoint(path)
+        model, dmc = weights.from_source(cfg, src, device), dmc_settings(info["args"])
+        progress("DMC decoding (weights: megatron checkpoint)")
+        tokenizer_dir = _megatron_tokenizer(path, req.tokenizer)
+    else:
+        cfg = load_config(path)
+        fmt = detect(path, cfg.quantization_config)
+        src = TensorSource(path)
+        if req.decoding == "dmc":
+            if req.quantize:
+                raise EngineError(f"--quantize {req.quantize} cannot be combined with DMC decoding")
+            delta = layout.dmc_delta(name, path)
+            if delta is None:
+                raise EngineError(f"{name}: no DMC for this model: not a Megatron DMC checkpoint, no "
+                                  f"{layout.LOCAL_DMC_DELTA} in {path}, and chatapp ships no DMC retrofit for it "
+                                  f"({layout.SHIPPED_DMC / (name + '.safetensors')})")
+            if fmt is not None:
+                raise EngineError(f"{path}: DMC deltas apply to high-precision checkpoints, this one is quantized")
+            replaced, dmc = read_delta(delta, cfg, src)
+            src = PatchedSource(src, replaced, delta)
+            progress(f"DMC decoding (weights: {delta})")
+        if req.quantize and fmt is not None:
+            raise EngineError(f"--quantize {req.quantize}: the checkpoint is already quantized ({fmt.name} FP8)")
+        model = weights.from_source(cfg, src, device, None, fmt)
+        if req.quantize == "fp8":
+            gptq.quantize_fp8(model, src, progress)
+        tokenizer_dir = path
+
+    tokenizer = ChatTokenizer(tokenizer_dir, model.cfg)
+    context = req.context or min(model.cfg.max_position_embeddings, DEFAULT_CONTEXT)
+    if context < 16:
+        raise EngineError(f"context {context} is too small")
+    if req.decoding == "dmc":
+        decoder = DMCDecoder(model, context, **dmc)
+    elif req.decoding == "medusa":
+        decoder = _medusa(name, path, model, context, req.medusa_choices, progress)
+    else:
+        decoder = PlainDecoder(model, context)
+    return LoadedModel(name, path, model, tokenizer, decoder, req.quantize)
+
+
+def _medusa(name: str, path: Path, model: LlamaModel, context: int, choices: str | None, progress) -> MedusaDecoder:
+    """The checkpoint's own Medusa heads, else the ones chatapp ships for it, and the tree to verify."""
+    cfg = model.cfg
+    heads = load_heads(path, cfg.medusa, TensorSource(path), cfg.hidden_size, cfg.vocab_size, model.device,
+                       model.dtype, detect(path, cfg.quantization_config))
+    profile = None
+    if heads is None:
+        heads, profile = shipped_heads(name, cfg, model.device, model.dtype)
+    if heads is None:
+        raise EngineError(f"{name}: the checkpoint has no Medusa heads (config.json 'medusa' entry or "
+                          "medusa_lm_head.safetensors) and chatapp ships none for it")
+    progress("choosing the Medusa tree for this device")
+    return MedusaDecoder(model, context, heads, plan(model, heads, name, choices, profile))
+
+
+def _megatron_tokenizer(path: Path, tokenizer: Path | None = None) -> Path:
+    """Where a Megatron checkpoint's tokenizer files are (it does not include them): ``tokenizer``
+    when given (a tokenizer.model or a folder with tokenizer.json), else its root folder's
+    tokenizer.json or SentencePiece tokenizer.model (converted once and cached)."""
+    if tokenizer is not None and Path(tokenizer).is_dir():
+        if not (Path(tokenizer) / "tokenizer.json").is_file():
+            raise EngineError(f"{tokenizer}: no tokenizer.json in this folder")
+        return Path(tokenizer)
+    root = layout.checkpoint_root(layout.checkpoint_file(path))
+    if tokenizer is None and (root / "tokenizer.json").is_file():
+        return root
+    return sentencepiece_dir(tokenizer_path(path, tokenizer))

@@ -1,0 +1,117 @@
+"""The linear layer kinds, the one place a weight format plugs in: ``Linear`` (float weights, our
+CPU kernel or a batched GEMM) and ``Fp8Linear`` (e4m3 weights with per-tensor or per-channel
+scales, activations quantized per token or per tensor, fp32 accumulation: our Triton kernels on
+CUDA, their PyTorch references elsewhere). Both are called as ``lin(x, residual=None)``."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import cpu_gemm
+from kernels.fp8_gemm import fp8_gemm
+from kernels.fp8_quant import quantize_rows, quantize_static
+
+
+class Linear:
+    """y = x @ W (+ b) (+ residual). The one place a weight format plugs in.
+
+    On an x86 CPU with AVX2, float32 weights are packed in 16-column panels for our small-M
+    GEMM (kernels/cpu_gemm): at 1…16 rows it reads W once per call, where the GEMM library's
+    cost doubles or triples from one row to a few (a Medusa tree's verify pass). Elsewhere W is
+    stored as ``splits`` column blocks, [splits, in, out / splits], and multiplied with one
+    batched GEMM: on a CPU without our kernel, a batch of two blocks runs on both cores and
+    reads the weights ~25 % faster than one matrix product; each output is the same dot
+    product as with one block."""
+
+    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None = None, splits: int = 1):
+        k, n = weight_t.shape
+        self.in_features, self.out_features, self.bias = k, n, bias
+        self.packed = None
+        if weight_t.device.type == "cpu" and weight_t.dtype == torch.float32 and cpu_gemm.available():
+            self.packed, self.weight, self.splits = cpu_gemm.pack(weight_t), None, 1
+            return
+        if n % splits:
+            splits = 1
+        self.splits = splits
+        self.weight = weight_t.view(k, splits, n // splits).transpose(0, 1).contiguous()
+
+    @property
+    def device(self) -> torch.device:
+        return (self.weight if self.packed is None else self.packed).device
+
+    def dense(self) -> torch.Tensor:
+        """W as [in, out] (a copy when the storage is blocked or packed)."""
+        if self.packed is not None:
+            return cpu_gemm.unpack(self.packed, self.out_features)
+        return self.weight.transpose(0, 1).reshape(self.in_features, self.out_features)
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The product as [splits, tokens, out / splits] (no bias): for a fused weight whose
+        blocks are its parts (gate | up), the parts come out separate, with no copy."""
+        x2 = x.reshape(1, -1, self.in_features)
+        return torch.bmm(x2.expand(self.splits, -1, -1), self.weight)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None:
+            x2 = x.reshape(-1, self.in_features).contiguous()
+            r2 = None if residual is None else residual.reshape(x2.shape[0], self.out_features).contiguous()
+            out = cpu_gemm.gemm(x2, self.packed, self.out_features, self.bias, r2)
+            return out.view(*x.shape[:-1], self.out_features)
+        if self.splits == 1:
+            x2 = x.reshape(-1, self.in_features)
+            if residual is not None and self.bias is None:
+                return torch.addmm(residual.reshape(x2.shape[0], -1), x2, self.weight[0]).view(residual.shape)
+            out = x2 @ self.weight[0]
+        else:
+            out = self.blocks(x).transpose(0, 1).reshape(-1, self.out_features)
+        out = out.view(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            out = out + self.bias
+        return out if residual is None else out + residual
+
+    def nbytes(self) -> int:
+        w = self.weight if self.packed is None else self.packed
+        n = w.numel() * w.element_size()
+        return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+
+def default_splits(device) -> int:
+    """Column blocks per weight (see Linear): two on a CPU, one on a GPU."""
+    return 2 if torch.device(device).type == "cpu" else 1
+
+
+class Fp8Linear:
+    """y = dequant(quant(x) @ W_fp8^T) (+ b) (+ residual); W kept [out, in] as checkpoints store it."""
+
+    splits = 1  # one block: see Linear
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None):
+        assert weight.dtype == torch.float8_e4m3fn and weight.dim() == 2
+        self.weight = weight  # [N, K] fp8
+        self.weight_scale = weight_scale.float().reshape(-1, 1) if weight_scale.numel() > 1 \
+            else weight_scale.float().reshape(())
+        self.input_scale = None if input_scale is None else input_scale.float().reshape(())
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Fp8Linear":
+        """From a high-precision weight [N, K]: per-output-channel scales, dynamic per-token
+        activations (the scheme of compressed-tensors' FP8-dynamic checkpoints)."""
+        q, scale = quantize_rows(weight)
+        return cls(q, scale, None, bias)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.input_scale is None:
+            xq, xs = quantize_rows(x2)
+        else:
+            xq, xs = quantize_static(x2, self.input_scale), self.input_scale
+        out = fp8_gemm(xq, self.weight, xs, self.weight_scale, self.bias, out_dtype=x.dtype)
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if residual is None else out + residual
+
+    def nbytes(self) -> int:
+        n = self.weight.numel() + self.weight_scale.numel() * 4
+        return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())

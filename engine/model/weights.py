@@ -1,0 +1,114 @@
+"""Assembling a LlamaModel from checkpoint tensors: Hugging Face names, fused q|k|v and gate|up,
+each linear layer of the kind its stored format calls for (engine/model/linear.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kernels import cpu_gemm
+
+from engine.config import ModelConfig, load_config
+from engine.errors import EngineError
+from engine.formats.dmc_delta import PatchedSource, read_delta
+from engine.formats.fp8 import Fp8Format, ModelOptFp8, detect
+from engine.formats.megatron import read_megatron_checkpoint
+from engine.formats.tensor_source import TensorSource
+from engine.model.linear import Fp8Linear, Linear, default_splits
+from engine.model.llama import Layer, LlamaModel
+
+
+def block_linears(cfg: ModelConfig, li: int) -> dict[str, tuple[list[tuple[str, tuple[int, int]]], bool]]:
+    """Layer ``li``'s linear layers as chatapp fuses them: name -> ([(checkpoint name, [out, in])
+    of each part, in order], has a bias). The names end in the Layer field (qkv, o, gate_up, down)."""
+    p, h, i = f"model.layers.{li}.", cfg.hidden_size, cfg.intermediate_size
+    return {
+        p + "qkv": ([(p + "self_attn.q_proj", (cfg.q_size, h)), (p + "self_attn.k_proj", (cfg.kv_size, h)),
+                     (p + "self_attn.v_proj", (cfg.kv_size, h))], cfg.attention_bias),
+        p + "o": ([(p + "self_attn.o_proj", (h, cfg.q_size))], cfg.attention_bias),
+        p + "gate_up": ([(p + "mlp.gate_proj", (i, h)), (p + "mlp.up_proj", (i, h))], cfg.mlp_bias),
+        p + "down": ([(p + "mlp.down_proj", (h, i))], cfg.mlp_bias),
+    }
+
+
+def fused_weight(src: TensorSource, names_shapes, get=None) -> torch.Tensor:
+    """The parts' weights [out, in] stacked along out (``get(name, shape)``: how to read one)."""
+    get = get or src.get_shaped
+    return torch.cat([get(n + ".weight", s) for n, s in names_shapes], dim=0)
+
+
+def from_dir(model_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             progress=lambda msg: None) -> LlamaModel:
+    """The model of a Hugging Face checkpoint folder, its layers as stored (FP8 formats included)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise EngineError(f"{model_dir}: model folder not found")
+    cfg = load_config(model_dir)
+    if torch.device(device).type == "cpu" and dtype in (None, torch.float32):  # where Linear will use it
+        progress("preparing the CPU matrix kernel (compiled on first use)")
+        cpu_gemm.available()
+    return from_source(cfg, TensorSource(model_dir), device, dtype, detect(model_dir, cfg.quantization_config))
+
+
+def from_source(cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.dtype | None = None,
+                fmt: Fp8Format | None = None) -> LlamaModel:
+    """``fmt``: the checkpoint's FP8 format (see engine/formats/fp8.py), whose quantized layers
+    are read as they are stored; everything else is read in ``dtype`` (float32 on a CPU, bfloat16
+    on a GPU by default). Quantizing on load is a pass over the result (engine/model/gptq.py)."""
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    h = cfg.hidden_size
+
+    def get(name, shape):
+        t = src.get_shaped(name, shape)
+        if not t.is_floating_point():
+            raise EngineError(f"{src.file_of(name)}: tensor {name!r} has dtype {t.dtype}, expected a float type")
+        return t.to(device=device, dtype=dtype)
+
+    splits = default_splits(device)
+
+    def fused(names_shapes, bias: bool) -> Linear | Fp8Linear:
+        b = torch.cat([get(n + ".bias", (s[0],)) for n, s in names_shapes]) if bias else None
+        if fmt is not None:
+            stored = {fmt.quantized(n) for n, _ in names_shapes}
+            if len(stored) > 1:
+                raise EngineError(f"{fmt.source}: {', '.join(n for n, _ in names_shapes)} are fused but only "
+                                  "some of them are quantized")
+            if stored.pop():
+                return Fp8Linear(*fmt.read(src, names_shapes, device), b)
+        return Linear(fused_weight(src, names_shapes, get).t(), b, splits)
+
+    layers = []
+    for li in range(cfg.num_layers):
+        p = f"model.layers.{li}."
+        lin = {key.rsplit(".", 1)[1]: fused(parts, bias) for key, (parts, bias) in block_linears(cfg, li).items()}
+        layers.append(Layer(attn_norm=get(p + "input_layernorm.weight", (h,)),
+                            mlp_norm=get(p + "post_attention_layernorm.weight", (h,)), **lin))
+    embed = get("model.embed_tokens.weight", (cfg.vocab_size, h))
+    if cfg.tie_word_embeddings or "lm_head.weight" not in src:
+        lm_head = Linear(embed.t(), None, splits)
+    else:
+        lm_head = fused([("lm_head", (cfg.vocab_size, h))], False)
+    norm = get("model.norm.weight", (h,))
+    if isinstance(fmt, ModelOptFp8):
+        fmt.check_kv_scales(src, cfg.num_layers)
+    return LlamaModel(cfg, embed, layers, norm, lm_head, device, dtype)
+
+
+def from_megatron(path: Path, device="cpu", dtype: torch.dtype | None = None) -> LlamaModel:
+    """The model of a legacy Megatron checkpoint (file, mp_rank_00 folder or root)."""
+    cfg, src, _ = read_megatron_checkpoint(path)
+    return from_source(cfg, src, device, dtype)
+
+
+def load_retrofitted(path: Path, delta: Path, device, dtype=None) -> tuple[LlamaModel, dict]:
+    """The model of a Hugging Face checkpoint with a DMC delta applied (engine/formats/dmc_delta.py),
+    and its DMC settings {"init_val", "window"}."""
+    cfg = load_config(path)
+    if detect(path, cfg.quantization_config) is not None:
+        raise EngineError(f"{path}: DMC deltas apply to high-precision checkpoints, this one is quantized")
+    base = TensorSource(path)
+    replaced, settings = read_delta(delta, cfg, base)
+    return from_source(cfg, PatchedSource(base, replaced, Path(delta)), device, dtype), settings
