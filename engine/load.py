@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu_gemm
-
 from engine.config import load_config
 from engine.decoding.base import Decoder
 from engine.decoding.dmc import DMCDecoder, dmc_settings
@@ -32,8 +30,7 @@ from engine.decoding.medusa.plan import plan
 from engine.decoding.plain import PlainDecoder
 from engine.errors import EngineError
 from engine.events import DECODINGS, DEFAULT_CONTEXT, LoadModel
-from engine.formats.dmc_delta import PatchedSource, read_delta
-from engine.formats.fp8 import detect
+from engine.formats.fp8 import Fp8Format, detect
 from engine.formats.megatron import read_megatron_checkpoint, tokenizer_path
 from engine.formats.tensor_source import TensorSource
 from engine.hub import layout
@@ -70,47 +67,41 @@ def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
         raise EngineError(f"decoding {req.decoding!r} is not supported (supported: {', '.join(DECODINGS)})")
     if req.quantize not in (None, *QUANTIZE):
         raise EngineError(f"quantize {req.quantize!r} is not supported (supported: {', '.join(QUANTIZE)})")
+    if req.decoding == "dmc" and req.quantize:
+        raise EngineError(f"--quantize {req.quantize} cannot be combined with DMC decoding")
     device = pick_device(req.device)
     name, path = resolve(req.model, progress)
     progress(f"loading {name} on {device.type}")
-    if device.type == "cpu":  # float32 weights: where Linear uses our CPU kernel
-        progress("preparing the CPU matrix kernel (compiled on first use)")
-        cpu_gemm.available()
+    weights.prepare_cpu_kernel(device, None, progress)
 
     dmc = None  # the DMC settings {"init_val", "window"} when decoding with DMC
+    src = fmt = None  # the weights' source and stored FP8 format (Medusa heads are read beside them)
+    tokenizer_dir = path
     if layout.is_megatron(path):
         if req.decoding != "dmc":
             raise EngineError(f"{path}: a Megatron DMC checkpoint decodes with DMC only (--decoding dmc): its "
                               "attention was trained with the compressed cache")
-        if req.quantize:
-            raise EngineError(f"--quantize {req.quantize} cannot be combined with DMC decoding")
         cfg, src, info = read_megatron_checkpoint(path)
         model, dmc = weights.from_source(cfg, src, device), dmc_settings(info["args"])
         progress("DMC decoding (weights: megatron checkpoint)")
         tokenizer_dir = _megatron_tokenizer(path, req.tokenizer)
+    elif req.decoding == "dmc":
+        delta = layout.dmc_delta(name, path)
+        if delta is None:
+            raise EngineError(f"{name}: no DMC for this model: not a Megatron DMC checkpoint, no "
+                              f"{layout.LOCAL_DMC_DELTA} in {path}, and chatapp ships no DMC retrofit for it "
+                              f"({layout.SHIPPED_DMC / (name + '.safetensors')})")
+        model, dmc = weights.load_retrofitted(path, delta, device)
+        progress(f"DMC decoding (weights: {delta})")
     else:
         cfg = load_config(path)
         fmt = detect(path, cfg.quantization_config)
-        src = TensorSource(path)
-        if req.decoding == "dmc":
-            if req.quantize:
-                raise EngineError(f"--quantize {req.quantize} cannot be combined with DMC decoding")
-            delta = layout.dmc_delta(name, path)
-            if delta is None:
-                raise EngineError(f"{name}: no DMC for this model: not a Megatron DMC checkpoint, no "
-                                  f"{layout.LOCAL_DMC_DELTA} in {path}, and chatapp ships no DMC retrofit for it "
-                                  f"({layout.SHIPPED_DMC / (name + '.safetensors')})")
-            if fmt is not None:
-                raise EngineError(f"{path}: DMC deltas apply to high-precision checkpoints, this one is quantized")
-            replaced, dmc = read_delta(delta, cfg, src)
-            src = PatchedSource(src, replaced, delta)
-            progress(f"DMC decoding (weights: {delta})")
         if req.quantize and fmt is not None:
             raise EngineError(f"--quantize {req.quantize}: the checkpoint is already quantized ({fmt.name} FP8)")
+        src = TensorSource(path)
         model = weights.from_source(cfg, src, device, None, fmt)
         if req.quantize == "fp8":
             gptq.quantize_fp8(model, src, progress)
-        tokenizer_dir = path
 
     tokenizer = ChatTokenizer(tokenizer_dir, model.cfg)
     context = req.context or min(model.cfg.max_position_embeddings, DEFAULT_CONTEXT)
@@ -119,17 +110,18 @@ def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
     if req.decoding == "dmc":
         decoder = DMCDecoder(model, context, **dmc)
     elif req.decoding == "medusa":
-        decoder = _medusa(name, path, model, context, req.medusa_choices, progress)
+        decoder = _medusa(name, path, model, src, fmt, context, req.medusa_choices, progress)
     else:
         decoder = PlainDecoder(model, context)
     return LoadedModel(name, path, model, tokenizer, decoder, req.quantize)
 
 
-def _medusa(name: str, path: Path, model: LlamaModel, context: int, choices: str | None, progress) -> MedusaDecoder:
-    """The checkpoint's own Medusa heads, else the ones chatapp ships for it, and the tree to verify."""
+def _medusa(name: str, path: Path, model: LlamaModel, src: TensorSource, fmt: Fp8Format | None, context: int,
+            choices: str | None, progress) -> MedusaDecoder:
+    """The checkpoint's own Medusa heads (in ``src``, FP8 like its layers when ``fmt`` says so), else
+    the ones chatapp ships for it, and the tree to verify."""
     cfg = model.cfg
-    heads = load_heads(path, cfg.medusa, TensorSource(path), cfg.hidden_size, cfg.vocab_size, model.device,
-                       model.dtype, detect(path, cfg.quantization_config))
+    heads = load_heads(path, cfg.medusa, src, cfg.hidden_size, cfg.vocab_size, model.device, model.dtype, fmt)
     profile = None
     if heads is None:
         heads, profile = shipped_heads(name, cfg, model.device, model.dtype)

@@ -91,7 +91,7 @@ def medusa_config(path: Path) -> dict | None:
         entry = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("medusa")
     except (OSError, ValueError, AttributeError):
         return None
-    return entry if entry is not None else None
+    return entry
 
 
 def has_own_heads(path: Path) -> bool:

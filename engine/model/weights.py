@@ -45,10 +45,16 @@ def from_dir(model_dir: Path, device: str | torch.device = "cpu", dtype: torch.d
     if not model_dir.is_dir():
         raise EngineError(f"{model_dir}: model folder not found")
     cfg = load_config(model_dir)
-    if torch.device(device).type == "cpu" and dtype in (None, torch.float32):  # where Linear will use it
+    prepare_cpu_kernel(device, dtype, progress)
+    return from_source(cfg, TensorSource(model_dir), device, dtype, detect(model_dir, cfg.quantization_config))
+
+
+def prepare_cpu_kernel(device, dtype: torch.dtype | None, progress=lambda msg: None) -> None:
+    """Build our CPU GEMM kernel (on first use) before the weights that Linear packs for it:
+    float32 weights on a CPU."""
+    if torch.device(device).type == "cpu" and dtype in (None, torch.float32):
         progress("preparing the CPU matrix kernel (compiled on first use)")
         cpu_gemm.available()
-    return from_source(cfg, TensorSource(model_dir), device, dtype, detect(model_dir, cfg.quantization_config))
 
 
 def from_source(cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.dtype | None = None,
