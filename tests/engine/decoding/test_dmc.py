@@ -82,8 +82,7 @@ def tiny_tensors(decisions: bool = True, seed: int = 0) -> dict[str, torch.Tenso
 
 
 def build(tensors) -> LlamaModel:
-    return from_source(tiny_config(), TensorSource.from_tensors(tensors, Path("tiny.pt")), "cpu",
-                                  torch.float32)
+    return from_source(tiny_config(), TensorSource.from_tensors(tensors, Path("tiny.pt")), "cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")
