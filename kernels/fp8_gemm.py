@@ -25,7 +25,7 @@ from ._triton import tl, triton, use_triton
 
 
 # ---- reference -----------------------------------------------------------------------------
-def fp8_gemm_ref(a: torch.Tensor, w: torch.Tensor, scale_a: torch.Tensor, scale_w: torch.Tensor,
+def fp8_gemm_reference(a: torch.Tensor, w: torch.Tensor, scale_a: torch.Tensor, scale_w: torch.Tensor,
                  bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     acc = a.float() @ w.float().t()
     acc = acc * scale_a.float().reshape(-1, 1) * scale_w.float().reshape(1, -1)
@@ -190,7 +190,9 @@ def tuned_config(a, w, scale_a, scale_w, bias, out_dtype, timer=None) -> dict:
     and shape (M rounded up to a power of two); the heuristic pick in Triton's interpreter, with
     ``CHATAPP_FP8_AUTOTUNE=0``, or while a CUDA graph is being captured (a capture cannot time;
     the engine's captures run their warm-up calls first, so those shapes are tuned already).
-    ``timer(fn) -> ms``: how to time a launch (default triton.testing.do_bench)."""
+    ``timer(fn) -> ms``: how to time a launch (default triton.testing.do_bench). Tuned here rather
+    than with ``@triton.autotune``: that would time inside a CUDA-graph capture and under the
+    interpreter, and a split-K choice also picks the partial-sum buffer and the reduce launch."""
     m, k = a.shape
     n = w.shape[0]
     key = (a.device, triton.next_power_of_2(m), n, k, out_dtype, bias is not None, scale_a.numel() > 1,
@@ -228,4 +230,4 @@ def _num_sms(device: torch.device) -> int:
 def fp8_gemm(a, w, scale_a, scale_w, bias=None, out_dtype=torch.bfloat16):
     if use_triton(a):
         return fp8_gemm_triton(a, w, scale_a, scale_w, bias, out_dtype)
-    return fp8_gemm_ref(a, w, scale_a, scale_w, bias, out_dtype)
+    return fp8_gemm_reference(a, w, scale_a, scale_w, bias, out_dtype)

@@ -20,11 +20,11 @@ EPS = 1e-12
 
 
 # ---- references ---------------------------------------------------------------------------
-def quantize_static_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def quantize_static_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
-def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, C] -> (q [R, C] fp8, scale [R, 1] fp32)."""
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / FP8_MAX
@@ -96,9 +96,9 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- dispatch ------------------------------------------------------------------------------
 def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Static per-tensor quantization with a given (dequantization) scale."""
-    return quantize_static_triton(x, scale) if use_triton(x) else quantize_static_ref(x, scale)
+    return quantize_static_triton(x, scale) if use_triton(x) else quantize_static_reference(x, scale)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-row quantization of x [R, C]: per-token activations, per-channel weights."""
-    return quantize_rows_triton(x) if use_triton(x) else quantize_rows_ref(x)
+    return quantize_rows_triton(x) if use_triton(x) else quantize_rows_reference(x)

@@ -4,8 +4,8 @@ at small and odd shapes, including saturation at +-448."""
 import pytest
 import torch
 
-from kernels.fp8_gemm import fp8_gemm_ref, fp8_gemm_triton, pick_config
-from kernels.fp8_quant import FP8, quantize_rows_ref, quantize_rows_triton, quantize_static_ref, \
+from kernels.fp8_gemm import fp8_gemm_reference, fp8_gemm_triton, pick_config
+from kernels.fp8_quant import FP8, quantize_rows_reference, quantize_rows_triton, quantize_static_reference, \
     quantize_static_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,7 +24,7 @@ def test_e4m3_rounding_covers_every_value():
     x = torch.cat([grid, mids, mids * (1 + 1e-6), mids * (1 - 1e-6), torch.tensor([448.0, 460.0, 1e9, 1e-12])])
     x = torch.cat([x, -x]).to(DEV)
     one = torch.ones((), device=DEV)
-    exact(quantize_static_triton(x, one), quantize_static_ref(x, one))
+    exact(quantize_static_triton(x, one), quantize_static_reference(x, one))
 
 
 @pytest.mark.parametrize("shape", [(1, 7), (3, 100), (17, 1030), (5, 4096)])
@@ -35,7 +35,7 @@ def test_quantize_rows(shape, dtype):
     if shape[0] > 2:
         x[2] = 0  # an all-zero row: scale falls back to EPS / 448, values stay 0
     q, s = quantize_rows_triton(x)
-    q_ref, s_ref = quantize_rows_ref(x)
+    q_ref, s_ref = quantize_rows_reference(x)
     exact(s, s_ref)
     exact(q, q_ref)
     assert q.float().abs().max() <= 448
@@ -45,14 +45,14 @@ def test_quantize_static_saturates():
     x = torch.tensor([1000.0, -1000.0, 447.0, -449.0, 0.3, 0.0], device=DEV)
     scale = torch.tensor(0.5, device=DEV)
     q = quantize_static_triton(x, scale)
-    exact(q, quantize_static_ref(x, scale))
+    exact(q, quantize_static_reference(x, scale))
     assert q.float().tolist()[:4] == [448.0, -448.0, 448.0, -448.0]
 
 
 def _operands(m, n, k, seed=0):
     g = torch.Generator().manual_seed(seed)
-    a, sa = quantize_rows_ref(torch.randn(m, k, generator=g))
-    w, sw = quantize_rows_ref(torch.randn(n, k, generator=g) * 0.05)
+    a, sa = quantize_rows_reference(torch.randn(m, k, generator=g))
+    w, sw = quantize_rows_reference(torch.randn(n, k, generator=g) * 0.05)
     return a.to(DEV), w.to(DEV), sa.to(DEV), sw.to(DEV)
 
 
@@ -64,7 +64,7 @@ def test_gemm_matches_reference(m, n, k, scales, bias):
     if scales == "tensor":
         sa, sw = sa.max(), sw.max()
     b = torch.randn(n, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16).to(DEV) if bias else None
-    expected = fp8_gemm_ref(a, w, sa, sw, b)
+    expected = fp8_gemm_reference(a, w, sa, sw, b)
     # the decode and the prefill launch shapes, with and without split-K, small tiles for the interpreter
     configs = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=s, GROUP_M=1) for s in (1, 3)]
     configs.append(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=2))
@@ -80,7 +80,7 @@ def test_gemm_with_default_configs():
     cfg = pick_config(2, 96, 512)
     assert cfg["BLOCK_M"] == 16 and cfg["SPLIT_K"] > 1  # decode: split-K to fill the SMs
     got = fp8_gemm_triton(a, w, sa, sw)
-    torch.testing.assert_close(got.float(), fp8_gemm_ref(a, w, sa, sw).float(), atol=1e-2, rtol=1.6e-2)
+    torch.testing.assert_close(got.float(), fp8_gemm_reference(a, w, sa, sw).float(), atol=1e-2, rtol=1.6e-2)
 
 
 def test_autotuning_times_the_candidates_once_per_shape_and_keeps_the_fastest(monkeypatch):
@@ -88,8 +88,8 @@ def test_autotuning_times_the_candidates_once_per_shape_and_keeps_the_fastest(mo
 
     monkeypatch.setattr(mod, "_tuned", {})
     g = torch.Generator().manual_seed(5)
-    a, sa = quantize_rows_ref(torch.randn(3, 512, generator=g))
-    w, sw = quantize_rows_ref(torch.randn(40, 512, generator=g) * 0.05)
+    a, sa = quantize_rows_reference(torch.randn(3, 512, generator=g))
+    w, sw = quantize_rows_reference(torch.randn(40, 512, generator=g) * 0.05)
     cands = mod.candidate_configs(3, 40, 512)
     assert cands[0] == pick_config(3, 40, 512) and len(cands) > 3
     assert len({c["SPLIT_K"] for c in cands}) > 1 and len({c["BLOCK_N"] for c in cands}) > 1
@@ -102,7 +102,7 @@ def test_autotuning_times_the_candidates_once_per_shape_and_keeps_the_fastest(mo
             timed.append("failed")
             raise RuntimeError("out of resources")  # a configuration the GPU cannot run is skipped
         out = fn()
-        torch.testing.assert_close(out.float(), fp8_gemm_ref(a, w, sa, sw, out_dtype=torch.float32),
+        torch.testing.assert_close(out.float(), fp8_gemm_reference(a, w, sa, sw, out_dtype=torch.float32),
                                    atol=2e-2, rtol=2e-2)
         timed.append(out)
         return times[len(timed) - 1]

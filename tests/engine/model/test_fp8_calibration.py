@@ -7,7 +7,7 @@ import torch
 from engine.model import gptq as fc
 from engine.model.linear import Fp8Linear
 from engine.model.weights import from_dir
-from kernels.fp8_quant import FP8, quantize_rows_ref
+from kernels.fp8_quant import FP8, quantize_rows_reference
 
 
 def correlated_inputs(n, k, g):
@@ -22,7 +22,7 @@ def test_gptq_rounds_to_e4m3_with_the_row_scales_and_lowers_the_output_error():
     x = correlated_inputs(512, 96, g)
     q, scale = fc.gptq_fp8(w, x.t() @ x)
     assert q.dtype == FP8 and q.shape == w.shape and scale.shape == (48, 1)
-    rtn, rtn_scale = quantize_rows_ref(w)
+    rtn, rtn_scale = quantize_rows_reference(w)
     torch.testing.assert_close(scale, rtn_scale)  # the same scales: max of each row / 448
     assert (q.float() != rtn.float()).float().mean() > 0.05  # some weights round the other way
     exact = x @ w.t()
@@ -37,7 +37,7 @@ def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
     w = torch.randn(16, 40, generator=g)
     h = torch.diag(torch.rand(40, generator=g) + 0.5)
     q, scale = fc.gptq_fp8(w, h, block=16)
-    rtn, rtn_scale = quantize_rows_ref(w)
+    rtn, rtn_scale = quantize_rows_reference(w)
     assert torch.equal(q.float(), rtn.float()) and torch.equal(scale, rtn_scale)
 
 

@@ -16,8 +16,8 @@ from engine.session import Session
 from engine.formats.tensor_source import TensorSource
 from engine.model.gptq import quantize_fp8
 from engine.model.weights import from_dir
-from kernels.fp8_gemm import fp8_gemm_ref
-from kernels.fp8_quant import quantize_rows_ref
+from kernels.fp8_gemm import fp8_gemm_reference
+from kernels.fp8_quant import quantize_rows_reference
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "tests" / "data" / "sample.txt"
@@ -30,20 +30,20 @@ def test_fp8_linear_is_quantize_then_scaled_gemm():
     b = torch.randn(96, generator=g)
     lin = Fp8Linear.quantize(w, b)
     assert lin.weight.dtype == torch.float8_e4m3fn and lin.weight_scale.shape == (96, 1)
-    xq, xs = quantize_rows_ref(x)
-    wq, ws = quantize_rows_ref(w)
-    torch.testing.assert_close(lin(x), fp8_gemm_ref(xq, wq, xs, ws, b, out_dtype=torch.float32))
+    xq, xs = quantize_rows_reference(x)
+    wq, ws = quantize_rows_reference(w)
+    torch.testing.assert_close(lin(x), fp8_gemm_reference(xq, wq, xs, ws, b, out_dtype=torch.float32))
     exact = x @ w.t() + b
     assert (lin(x) - exact).norm() / exact.norm() < 0.05  # e4m3 keeps ~3 significant bits per value
 
 
 def test_static_input_scale():
     w = torch.randn(32, 64) * 0.1
-    wq, ws = quantize_rows_ref(w)
+    wq, ws = quantize_rows_reference(w)
     lin = Fp8Linear(wq, ws.max(), input_scale=torch.tensor(0.01))
     x = torch.randn(2, 64)
     xq = (x / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn)
-    torch.testing.assert_close(lin(x), fp8_gemm_ref(xq, wq, torch.tensor(0.01), ws.max(), out_dtype=torch.float32))
+    torch.testing.assert_close(lin(x), fp8_gemm_reference(xq, wq, torch.tensor(0.01), ws.max(), out_dtype=torch.float32))
 
 
 def test_only_block_linears_are_quantized(tiny_checkpoint, tmp_path, monkeypatch):
