@@ -251,8 +251,8 @@ def _compare(args) -> int:
 
 
 def _models(args) -> int:
-    from engine.hub.catalog import device_memory, gib, model_rows
-    from engine.units import decimal_size
+    from engine.hub.catalog import device_memory, model_rows
+    from engine.units import decimal_size, gib
 
     device = device_memory()
     rows = model_rows(args.context, device, online=args.online)

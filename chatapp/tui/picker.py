@@ -16,23 +16,16 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, Select, Static
 
 from engine.hub import layout
-from engine.hub.catalog import (DeviceMemory, ModelEntry, ModelRow, device_memory, estimate_for_device, gib,
+from engine.hub.catalog import (DeviceMemory, ModelEntry, ModelRow, device_memory, estimate_for_device,
                                 model_rows)
 from engine.hub.hf_cache import hub_offline
 from engine.errors import EngineError
 from engine.events import DEFAULT_CONTEXT, LoadModel
+from engine.units import download_size, eta, gib, speed
 
 from chatapp.store.settings import RemoteServer, Settings
 
 FIT_MARK = {"fits": "✓ fits", "tight": "~ tight", "won't fit": "✗ won't fit"}
-
-
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    if n == 0:
-        return "—"
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
 def model_spec(entry: ModelEntry) -> str | None:
@@ -44,17 +37,6 @@ def decodings(entry: ModelEntry) -> list[str]:
     """The decodings the loader accepts for a row's model (engine.hub.layout.decodings): from its
     folder when it is on this machine, else from its catalog format and what chatapp ships for it."""
     return layout.decodings(entry.id, entry.local_path if entry.downloaded else None, entry.format)
-
-
-def speed_text(bytes_per_s: float) -> str:
-    return f"{bytes_per_s / 1e6:.1f} MB/s"
-
-
-def eta_text(eta_s: float | None) -> str:
-    if eta_s is None:
-        return "ETA ?"
-    m, s = divmod(int(eta_s), 60)
-    return f"ETA {m}:{s:02d}"
 
 
 class PickerScreen(Screen):
@@ -151,7 +133,7 @@ class PickerScreen(Screen):
             where = "embedded" if e.source == "embedded" else (
                 "downloaded" if e.downloaded else ("partly downloaded" if e.partial else "—"))
             params = f"{e.params_b:g}B" if e.params_b else "?"
-            t.add_row(e.id, e.format, params, human_size(row.download_bytes), gib(row.estimate.total_bytes),
+            t.add_row(e.id, e.format, params, download_size(row.download_bytes), gib(row.estimate.total_bytes),
                       FIT_MARK.get(row.estimate.verdict, row.estimate.verdict), where, key=e.id)
             self.rows[e.id] = row
         for key, r in self.remotes.items():
@@ -276,8 +258,8 @@ class PickerScreen(Screen):
         bar = self.query_one("#download-bar", ProgressBar)
         bar.update(total=max(p.total_bytes, 1), progress=p.done_bytes)
         self.query_one("#download-label", Label).update(
-            f"downloading {repo}: {human_size(p.done_bytes)} of {human_size(p.total_bytes)} · "
-            f"{speed_text(p.bytes_per_s)} · {eta_text(p.eta_s)} · file {p.files_done}/{p.files_total}")
+            f"downloading {repo}: {download_size(p.done_bytes)} of {download_size(p.total_bytes)} · "
+            f"{speed(p.bytes_per_s)} · {eta(p.eta_s)} · file {p.files_done}/{p.files_total}")
 
     def _download_ended(self, message: str, load: LoadModel | None, ok: bool = False) -> None:
         self.query_one("#download").remove_class("active")

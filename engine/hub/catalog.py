@@ -31,6 +31,7 @@ from engine.errors import EngineError
 from engine.events import DEFAULT_CONTEXT
 from engine.hub import embedded, hf_cache
 from engine.paths import ASSETS
+from engine.units import gb, gib
 
 CATALOG = ASSETS / "catalog.json"
 
@@ -245,14 +246,6 @@ class MemoryEstimate:
         return asdict(self)
 
 
-def gib(n: float | None) -> str:
-    return "?" if n is None else f"{n / GiB:.1f} GiB"
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.0f} GB" if n >= 10e9 else f"{n / 1e9:.1f} GB"
-
-
 def _weights_bytes(entry: ModelEntry, on_cpu: bool) -> int:
     bpw = entry.bytes_per_weight or 2
     if on_cpu and bpw >= 2:  # the engine computes in fp32 on the CPU
@@ -301,7 +294,7 @@ def estimate_memory(entry: ModelEntry, context: int | None = None, free_bytes: i
 
     if entry.multi_gpu:
         return result("won't fit", f"won't fit: needs {entry.num_gpus} GPUs ({entry.params_b:g}B "
-                                   f"{entry.format.split('-')[0].upper()} is {_gb(weights)}); {_remote_hint(entry)}")
+                                   f"{entry.format.split('-')[0].upper()} is {gb(weights)}); {_remote_hint(entry)}")
     if not entry.params_b and not entry.weights_gb:
         return result("tight", "size unknown: no parameter count or weight files to go by")
     avail = free_bytes if free_bytes is not None else total_bytes
