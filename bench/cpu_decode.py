@@ -66,11 +66,11 @@ def main() -> None:
     warm = [{"role": "user", "content": "Hello"}]  # first calls pay one-off costs (allocations, thread pools)
     list(session.generate(warm, SamplingParams(max_new_tokens=4, ignore_eos=True)))
     with torch.inference_mode():
-        _hf_decode_rate(ref, torch.tensor([session.tokenizer.encode_chat(warm)]), 4)
+        _hf_decode_rate(ref, torch.tensor([session.encode_chat(warm)]), 4)
     ours_rates, hf_rates = [], []
     for prompt in prompts:
         messages = [{"role": "user", "content": prompt}]
-        ids = torch.tensor([session.tokenizer.encode_chat(messages)])
+        ids = torch.tensor([session.encode_chat(messages)])
         for _ in range(repeats):
             session.reset()  # no prefix reuse between repeats
             stats = list(session.generate(messages, params))[-1].stats

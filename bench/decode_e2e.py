@@ -79,13 +79,12 @@ def run(cfg_dict, quantize, device, context, steps, graphs) -> dict:
     from engine.model.weights import from_source
     from engine.config import config_from_dict
     from engine.model.cuda_graph import capture
-    from engine.model.gptq import round_to_nearest
+    from engine.model.gptq import RoundToNearest
 
     cfg = config_from_dict({"model_type": "llama", **cfg_dict})
     torch.manual_seed(0)
-    model = from_source(cfg, RandomSource(device), device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if quantize == "fp8":
-        round_to_nearest(model)
+    model = from_source(cfg, RandomSource(device), device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                        quantize=RoundToNearest() if quantize == "fp8" else None)
     cache = model.new_cache(context)
     prompt = 16
     with torch.inference_mode():

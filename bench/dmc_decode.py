@@ -2,7 +2,7 @@
 
 For each (context, batch): a random prompt of ``context`` tokens per batch row is prefilled, then
 ``--steps`` tokens are decoded, once with the plain cache (LlamaModel's dense cache) and once with
-the DMC cache (engine/dmc.DMCForward). Records the KV bytes each holds after the prompt (and
+the DMC cache (engine/decoding/dmc.py). Records the KV bytes each holds after the prompt (and
 per token), the compression, the decode tokens/s (batch x steps / time) of each and the speed-up.
 
 Decisions: with ``--cr X`` (the default at the Llama-2-7B shape, whose weights are random), the
@@ -70,11 +70,13 @@ def load(args, device):
         from engine.hub.resolve import resolve
         from engine.load import load as load_model
 
-        name, path = resolve(None, lambda m: print(m, file=sys.stderr))
         if args.cr is None:  # the model's own decisions: the shipped retrofit, as the engine loads it
-            loaded = load_model(LoadModel(device=str(device), decoding="dmc"))
+            # (its decoder is not used: the runs below make their own caches)
+            loaded = load_model(LoadModel(device=str(device), decoding="dmc", context=16))
             dmc = loaded.decoder.dmc
-            return loaded.model, name, str(dmc_delta(name, path)), {"init_val": dmc.init_val, "window": dmc.window}
+            return loaded.model, loaded.name, str(dmc_delta(loaded.name, loaded.path)), {"init_val": dmc.init_val,
+                                                                                       "window": dmc.window}
+        name, path = resolve(None, lambda m: print(m, file=sys.stderr))
         return from_dir(path, device), name, "base weights, synthetic decisions", {}
     cfg = config_from_dict({"model_type": "llama", **(TINY if args.shape == "tiny" else LLAMA2_7B)})
     torch.manual_seed(0)

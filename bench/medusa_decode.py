@@ -82,7 +82,7 @@ def shape_8b(args) -> dict:
     from engine.decoding.medusa.heads import MedusaHeads, Profile
     from engine.decoding.medusa.plan import TREE_SIZES, measure_step_ms
     from engine.hub.layout import SHIPPED_MEDUSA
-    from engine.model.gptq import round_to_nearest
+    from engine.model.gptq import RoundToNearest
     from engine.model.linear import Linear
     from engine.model.weights import from_source
 
@@ -91,9 +91,8 @@ def shape_8b(args) -> dict:
     cfg = config_from_dict({"model_type": "llama", **(TINY if args.smoke else LLAMA31_8B)})
     torch.manual_seed(0)
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = from_source(cfg, RandomSource(device), device, dtype)
-    if args.quantize == "fp8":
-        round_to_nearest(model)
+    model = from_source(cfg, RandomSource(device), device, dtype,
+                        quantize=RoundToNearest() if args.quantize == "fp8" else None)
     h = cfg.hidden_size
     heads = MedusaHeads([[Linear(torch.randn(h, h, device=device, dtype=dtype) * 0.02,
                                  torch.zeros(h, device=device, dtype=dtype))] for _ in range(3)], None)

@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 
-from engine.events import DECODINGS
+from engine.events import DECODINGS, QUANTIZE
 
 from chatapp.options import load_request
 from chatapp.server import DEFAULT_API_KEY_ENV
-from chatapp.store.settings import DEVICES, QUANTIZE
+from chatapp.store.settings import DEVICES
 
 DEFAULT_REMOTE_KEY_ENV = "CHATAPP_REMOTE_API_KEY"  # --remote: where the server's key is read from
 DESCRIPTION = "Terminal chat with a local inference engine (Llama-family models, CPU or NVIDIA GPU)."

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 
 DECODINGS = ("plain", "medusa", "dmc")  # the decodings, named once for every front end
+QUANTIZE = ("fp8",)  # what --quantize accepts: FP8 weights rounded on load
 DEFAULT_CONTEXT = 8192  # KV cache length when none is asked for: min(the model's context, this)
 
 

@@ -29,9 +29,9 @@ from engine.decoding.medusa.heads import load_heads, shipped_heads
 from engine.decoding.medusa.plan import plan
 from engine.decoding.plain import PlainDecoder
 from engine.errors import EngineError
-from engine.events import DECODINGS, DEFAULT_CONTEXT, LoadModel
+from engine.events import DECODINGS, DEFAULT_CONTEXT, QUANTIZE, LoadModel
 from engine.formats.fp8 import Fp8Format, detect
-from engine.formats.megatron import read_megatron_checkpoint, tokenizer_path
+from engine.formats.megatron import read_megatron_checkpoint
 from engine.formats.tensor_source import TensorSource
 from engine.hub import layout
 from engine.hub.resolve import resolve
@@ -39,7 +39,6 @@ from engine.model import gptq, weights
 from engine.model.llama import LlamaModel
 from engine.tokenizer import ChatTokenizer, sentencepiece_dir
 
-QUANTIZE = ("fp8",)  # what --quantize accepts
 
 
 @dataclass
@@ -63,16 +62,15 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
-    if req.decoding not in DECODINGS:
-        raise EngineError(f"decoding {req.decoding!r} is not supported (supported: {', '.join(DECODINGS)})")
-    if req.quantize not in (None, *QUANTIZE):
-        raise EngineError(f"quantize {req.quantize!r} is not supported (supported: {', '.join(QUANTIZE)})")
-    if req.decoding == "dmc" and req.quantize:
-        raise EngineError(f"--quantize {req.quantize} cannot be combined with DMC decoding")
     device = pick_device(req.device)
     name, path = resolve(req.model, progress)
     progress(f"loading {name} on {device.type}")
-    weights.prepare_cpu_kernel(device, None, progress)
+    if req.decoding not in DECODINGS:
+        raise EngineError(f"decoding {req.decoding!r} is not supported (supported: {', '.join(DECODINGS)})")
+    if req.decoding == "dmc" and req.quantize:
+        raise EngineError(f"--quantize {req.quantize} cannot be combined with DMC decoding")
+    if req.quantize not in (None, *QUANTIZE):
+        raise EngineError(f"quantize {req.quantize!r} is not supported (supported: {', '.join(QUANTIZE)})")
 
     dmc = None  # the DMC settings {"init_val", "window"} when decoding with DMC
     src = fmt = None  # the weights' source and stored FP8 format (Medusa heads are read beside them)
@@ -96,12 +94,14 @@ def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
     else:
         cfg = load_config(path)
         fmt = detect(path, cfg.quantization_config)
+        weights.prepare_cpu_kernel(device, None, progress)
+        src = TensorSource(path)
         if req.quantize and fmt is not None:
             raise EngineError(f"--quantize {req.quantize}: the checkpoint is already quantized ({fmt.name} FP8)")
-        src = TensorSource(path)
-        model = weights.from_source(cfg, src, device, None, fmt)
-        if req.quantize == "fp8":
-            gptq.quantize_fp8(model, src, progress)
+        method = gptq.Fp8OnLoad(cfg, src) if req.quantize == "fp8" else None
+        model = weights.from_source(cfg, src, device, None, fmt, method)
+        if method is not None:
+            method.after_loading(model, progress)
 
     tokenizer = ChatTokenizer(tokenizer_dir, model.cfg)
     context = req.context or min(model.cfg.max_position_embeddings, DEFAULT_CONTEXT)
@@ -143,4 +143,4 @@ def _megatron_tokenizer(path: Path, tokenizer: Path | None = None) -> Path:
     root = layout.checkpoint_root(layout.checkpoint_file(path))
     if tokenizer is None and (root / "tokenizer.json").is_file():
         return root
-    return sentencepiece_dir(tokenizer_path(path, tokenizer))
+    return sentencepiece_dir(layout.tokenizer_path(path, tokenizer))

@@ -82,7 +82,7 @@ class Session:
 
     def close(self) -> None:
         self.decoder.free()
-        self.model = None
+        self.decoder = self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -5,7 +5,7 @@ Scales are dequantization multipliers, as in both checkpoint formats (modelopt a
 compressed-tensors): real = fp8 * scale, so q = saturate(x / scale). A dynamic row scale is
 max(|row|, EPS) / 448.
 
-Each function has a PyTorch reference (``*_ref``) of the same signature; the public function
+Each function has a PyTorch reference (``*_reference``) of the same signature; the public function
 runs the Triton kernel on CUDA (or under TRITON_INTERPRET=1) and the reference elsewhere."""
 
 from __future__ import annotations

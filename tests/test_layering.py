@@ -1,5 +1,6 @@
-"""The packages' layering: no import circle among chatapp's and engine's modules (function-local
-imports included), engine imports nothing of chatapp, kernels nothing of either."""
+"""The packages' layering: no import circle among chatapp's and engine's modules, nor among their
+subpackages (function-local imports included); engine imports nothing of chatapp, kernels nothing
+of either."""
 
 import ast
 from pathlib import Path
@@ -40,8 +41,8 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def test_no_import_circle():
-    graph = import_graph()
+def _circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of ``graph`` (as a path that ends where it starts), or None."""
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -50,16 +51,45 @@ def test_no_import_circle():
         stack.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == 1:
-                cycle = stack[stack.index(d):] + [d]
-                raise AssertionError("import circle: " + " -> ".join(cycle))
+                return stack[stack.index(d):] + [d]
             if d not in state:
-                visit(d)
+                found = visit(d)
+                if found:
+                    return found
         stack.pop()
         state[m] = 2
+        return None
 
     for m in sorted(graph):
         if m not in state:
-            visit(m)
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def _unit(module: str) -> str:
+    """The subpackage a module belongs to (engine.model, chatapp.tui, kernels), or the module
+    itself when it sits at a package's top (engine.session, chatapp.cli)."""
+    parts = module.split(".")
+    if parts[0] == "kernels" or len(parts) == 1:
+        return parts[0]
+    return ".".join(parts[:2]) if len(parts) > 2 or (ROOT / parts[0] / parts[1]).is_dir() else module
+
+
+def test_no_import_circle():
+    circle = _circle(import_graph())
+    assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+def test_no_circle_between_subpackages():
+    units: dict[str, set[str]] = {}
+    for module, deps in import_graph().items():
+        units.setdefault(_unit(module), set()).update(_unit(d) for d in deps)
+    for unit, deps in units.items():
+        deps.discard(unit)
+    circle = _circle(units)
+    assert circle is None, "import circle between subpackages: " + " -> ".join(circle)
 
 
 def test_imports_point_down():

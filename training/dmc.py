@@ -28,7 +28,7 @@ Data: the model's own greedy chat replies cached by training/medusa.py (``--repl
 its cache file for this model if present) and/or text files (``--text``, cut into ``--seq-len``
 token pieces); a share (``--holdout``) of each is held out.
 
-Outputs (``--out``, default assets/dmc/): ``<model>.safetensors``, the delta engine/dmc_retrofit.py
+Outputs (``--out``, default assets/dmc/): ``<model>.safetensors``, the delta engine/formats/dmc_delta.py
 loads; ``<model>.json``: data, steps, times, and on the held-out data with the engine's
 DMCForward: the KV compression of held-out chat replies (prompt + reply prefilled), and
 perplexity of held-out sequences for the original model (dense cache) and the DMC model.

@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import EngineError
-from engine.events import DECODINGS, LoadModel, SamplingParams
+from engine.events import DECODINGS, QUANTIZE, LoadModel, SamplingParams
 
-WEIGHT_FORMATS = ("fp8", "bf16")
+WEIGHT_FORMATS = (*QUANTIZE, "bf16")  # quantized on load, or as stored
 KEYS = ("model", "medusa-choices", "temperature", "top_p", "top_k", "seed", "max_new_tokens")
 _ALIASES = {"medusa_choices": "medusa-choices", "top-p": "top_p", "top-k": "top_k",
             "max-new-tokens": "max_new_tokens"}
-_EXPECTED = (f"expected {', '.join(DECODINGS)}, fp8, bf16 or key=value with model, medusa-choices, temperature, "
+_EXPECTED = (f"expected {', '.join(DECODINGS + WEIGHT_FORMATS)} or key=value with model, medusa-choices, temperature, "
              "top_p, top_k, seed, max_new_tokens")
 
 

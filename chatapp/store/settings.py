@@ -49,12 +49,11 @@ from typing import Any, Callable
 
 import tomli_w
 
-from engine.events import DECODINGS
+from engine.events import DECODINGS, QUANTIZE
 from engine.paths import config_dir
 
 FILENAME = "settings.toml"
 DEVICES = ("cpu", "cuda")
-QUANTIZE = ("fp8",)
 
 
 class SettingsError(Exception):

@@ -15,17 +15,19 @@ from textual.reactive import reactive
 from textual.widgets import Footer, Input, OptionList
 from textual.widgets.option_list import Option
 
-from engine.serving.client import EngineClient
-from engine.hub.embedded import EMBEDDED_ID
 from engine.events import (Done, Error, Generate, Loaded, LoadModel, ModelInfo, Progress, SamplingParams, Step,
                            Token)
-from engine.units import binary_size
+from engine.hub.embedded import EMBEDDED_ID
+from engine.serving.client import EngineClient
 from engine.serving.worker import ProcessWorker
+from engine.units import binary_size
 
+from chatapp.compare.spec import parse_setup
 from chatapp.options import load_request
-from chatapp.tui.chat_settings import ChatSettingsScreen
 from chatapp.store.history import Chat, History, HistoryError
 from chatapp.store.settings import Settings, SettingsError, load_settings, save_settings
+from chatapp.tui.chat_settings import ChatSettingsScreen
+from chatapp.tui.compare import CompareScreen
 from chatapp.tui.stats import StatsPanel
 from chatapp.tui.widgets import AssistantMessage, ErrorMessage, Note, ReplyStream, StatusBar, UserMessage
 
@@ -480,8 +482,6 @@ class ChatApp(App):
             self.switch_model(request, client, remote)
 
     def action_compare(self) -> None:
-        from chatapp.compare.spec import parse_setup
-
         model = None if self.remote else self.load_request.model
         a = parse_setup("plain", model=model, device=self.load_request.device)
         b = parse_setup("medusa", model=model, device=self.load_request.device)
@@ -489,8 +489,6 @@ class ChatApp(App):
         self.open_compare(a, b, last_prompt)
 
     def open_compare(self, a, b, prompt: str | None, autorun: bool = False) -> None:
-        from chatapp.compare.screen import CompareScreen
-
         def back(loaded_any) -> None:
             if loaded_any or self.info is None:
                 self.load_model()  # compare mode loaded its own models: the chat's comes back

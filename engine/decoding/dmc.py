@@ -427,7 +427,7 @@ class DMCDecoder(Decoder):
 
     name = "dmc"
 
-    def __init__(self, model, context: int, init_val: float = INIT_VAL, window: int = WINDOW):
+    def __init__(self, model, context: int, *, init_val: float = INIT_VAL, window: int = WINDOW):
         super().__init__(model, context)
         self.dmc = DMCForward(model, 1, context, init_val=init_val, window=window)
 

@@ -25,14 +25,13 @@ class PlainDecoder(Decoder):
             if a != b:
                 break
             reuse += 1
-        pos, hidden = reuse, None
+        pos, last = reuse, None
         self.cached_ids = self.cached_ids[:reuse]
         while pos < len(prompt):
             chunk = prompt[pos:pos + PREFILL_CHUNK]
-            hidden = self.model.hidden(self._ids(chunk), self.cache, pos)
+            last = self.model.last_hidden(self._ids(chunk), self.cache, pos)[0]
             pos += len(chunk)
         self.cached_ids = list(prompt)
-        last = hidden[0, -1]
         return self.model.logits(last), last
 
     def generate(self, prompt, params, sampler, eos):

@@ -26,7 +26,7 @@ Hugging Face names engine/model/weights.py reads:
 
 (Layer norms as separate modules, ``input_layernorm.weight`` / ``pre_mlp_layernorm.weight``, are
 accepted too.) The tokenizer is not in the checkpoint: the Llama 2 SentencePiece
-``tokenizer.model`` is looked for next to it or given by path (see tokenizer_path)."""
+``tokenizer.model`` is looked for next to it or given by path (engine/hub/layout.py tokenizer_path)."""
 
 from __future__ import annotations
 
@@ -40,9 +40,8 @@ import torch
 from engine.formats.tensor_source import TensorSource
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import EngineError
-from engine.hub.layout import checkpoint_file, checkpoint_root
+from engine.hub.layout import checkpoint_file
 
-TOKENIZER_FILE = "tokenizer.model"
 
 
 # ---- what the pickle may build ----------------------------------------------------------------
@@ -109,23 +108,6 @@ def _load_pickle(path: Path) -> dict:
 
 
 # ---- where things are ------------------------------------------------------------------------
-def tokenizer_path(checkpoint: Path, tokenizer: Path | None = None) -> Path:
-    """The Llama 2 SentencePiece tokenizer.model for a Megatron checkpoint: ``tokenizer`` when
-    given, else tokenizer.model in the checkpoint's root folder."""
-    if tokenizer is not None:
-        tokenizer = Path(tokenizer)
-        if not tokenizer.is_file():
-            raise EngineError(f"{tokenizer}: tokenizer file not found")
-        return tokenizer
-    root = checkpoint_root(checkpoint_file(checkpoint))
-    found = root / TOKENIZER_FILE
-    if found.is_file():
-        return found
-    raise EngineError(f"{root}: no {TOKENIZER_FILE}: Megatron checkpoints do not include their tokenizer; put the "
-                      f"Llama 2 SentencePiece {TOKENIZER_FILE} (from meta-llama/Llama-2-7b) at {found}, or give "
-                      "its path with --tokenizer PATH")
-
-
 # ---- config ----------------------------------------------------------------------------------
 def config_from_args(args, source: str, state: dict) -> ModelConfig:
     """ModelConfig from the stored training arguments (and the embedding's shape)."""

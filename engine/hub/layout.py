@@ -8,8 +8,9 @@ these places, so the decodings offered here are the ones it accepts.
   for the model's name (``assets/medusa/<name>.safetensors``).
 - DMC: a legacy Megatron DMC checkpoint (``mp_rank_00/model_optim_rng.pt``), or a Hugging Face
   checkpoint with a retrofit delta: ``dmc/delta.safetensors`` in its folder or the one chatapp
-  ships for its name (``assets/dmc/<name>.safetensors``). A Megatron DMC checkpoint decodes with
-  DMC only: its attention was trained with the compressed cache."""
+  ships for its name (``assets/dmc/<name>.safetensors``), when its weights are stored in high
+  precision. A Megatron DMC checkpoint decodes with DMC only: its attention was trained with the
+  compressed cache."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ LOCAL_DMC_DELTA = "dmc/delta.safetensors"  # a delta inside the checkpoint folde
 MEDUSA_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")  # FasterDecoding's heads file
 MEGATRON_FILE = "model_optim_rng.pt"
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
+MEGATRON_TOKENIZER = "tokenizer.model"  # Llama 2's SentencePiece model, which Megatron checkpoints lack
 
 
 # ---- Megatron ---------------------------------------------------------------------------------
@@ -62,6 +64,23 @@ def checkpoint_root(file: Path) -> Path:
     return root
 
 
+def tokenizer_path(checkpoint: Path, tokenizer: Path | None = None) -> Path:
+    """The Llama 2 SentencePiece tokenizer.model for a Megatron checkpoint: ``tokenizer`` when
+    given, else tokenizer.model in the checkpoint's root folder."""
+    if tokenizer is not None:
+        tokenizer = Path(tokenizer)
+        if not tokenizer.is_file():
+            raise EngineError(f"{tokenizer}: tokenizer file not found")
+        return tokenizer
+    root = checkpoint_root(checkpoint_file(checkpoint))
+    found = root / MEGATRON_TOKENIZER
+    if found.is_file():
+        return found
+    raise EngineError(f"{root}: no {MEGATRON_TOKENIZER}: Megatron checkpoints do not include their tokenizer; put the "
+                      f"Llama 2 SentencePiece {MEGATRON_TOKENIZER} (from meta-llama/Llama-2-7b) at {found}, or give "
+                      "its path with --tokenizer PATH")
+
+
 def is_megatron(path: Path) -> bool:
     """A legacy Megatron checkpoint (no config.json, a rank-0 file where Megatron puts it)."""
     path = Path(path)
@@ -85,13 +104,23 @@ def shipped_dmc(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def _config(path: Path) -> dict:
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def medusa_config(path: Path) -> dict | None:
     """config.json's ``"medusa"`` entry (the modelopt / TensorRT-LLM export), or None."""
-    try:
-        entry = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("medusa")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return entry
+    return _config(path).get("medusa")
+
+
+def is_quantized(path: Path) -> bool:
+    """Stored quantized (config.json's quantization_config, or modelopt's hf_quant_config.json):
+    a DMC delta applies to high-precision weights only."""
+    return "quantization_config" in _config(path) or (Path(path) / "hf_quant_config.json").is_file()
 
 
 def has_own_heads(path: Path) -> bool:
@@ -115,13 +144,13 @@ def decodings(name: str, path: Path | None, catalog_format: str = "") -> list[st
             offered = {"plain"}
             if has_own_heads(path) or shipped_medusa(name):
                 offered.add("medusa")
-            if dmc_delta(name, path):
+            if dmc_delta(name, path) and not is_quantized(path):
                 offered.add("dmc")
     else:
         fmt = catalog_format.lower()
         offered = {"dmc"} if "megatron" in fmt else {"plain"}
         if "medusa" in fmt or shipped_medusa(name):
             offered.add("medusa")
-        if "dmc" in fmt or shipped_dmc(name):
+        if "dmc" in fmt or (shipped_dmc(name) and "fp8" not in fmt):
             offered.add("dmc")
     return [d for d in DECODINGS if d in offered]

@@ -12,9 +12,10 @@ Calibration data: the model's own text. A checkpoint ships no data and a fixed t
 its own domain, so ``SAMPLES`` sequences of ``LENGTH`` tokens are sampled (temperature 1, seeded)
 from the BOS token by the round-to-nearest FP8 model.
 
-It is a pass over a model already loaded in high precision (``quantize_fp8``). Layers are
-calibrated in order, each on the outputs of the layers already quantized before it, and each
-layer's high-precision weights are dropped once it is rounded. The result
+The model loads with its block linears rounded to nearest (``Fp8OnLoad`` as the quantization
+method of engine/model/weights.py); calibration is then a pass over the loaded model. Layers are
+calibrated in order, each on the outputs of the layers already quantized before it, with only
+that layer's high-precision weights in memory (the model stays FP8-sized). The result
 is cached as ``<cache>/fp8/<key>.safetensors``; the key names the checkpoint's files (the blob
 names of the Hugging Face cache, which are content hashes, or else path, size and modification
 time), its config and the calibration settings, so a later load reads the rounded weights."""
@@ -38,7 +39,7 @@ from engine.config import ModelConfig
 from engine.errors import EngineError
 from engine.model.linear import Fp8Linear, Linear
 from engine.model.llama import LINEARS
-from engine.model.weights import block_linears
+from engine.model.weights import block_linears, fused_weight
 from engine.paths import cache_dir
 
 METHOD = "gptq-e4m3-channel v1"
@@ -147,41 +148,76 @@ def _sample(model, n: int, length: int, seed: int) -> torch.Tensor:
     return ids
 
 
-def round_to_nearest(model) -> None:
-    """Replace ``model``'s high-precision block linears by FP8 ones rounded to nearest
-    (per-channel weight scales, dynamic per-token activations); embeddings, norms and lm_head
-    stay as they are, as in the published FP8 checkpoints."""
-    for li, layer in enumerate(model.layers):
-        model.layers[li] = replace(layer, **{name: _rtn(getattr(layer, name)) for name in LINEARS})
+class RoundToNearest:
+    """FP8 block linears rounded to nearest as they are read (per-channel weight scales, dynamic
+    per-token activations); embeddings, norms and lm_head stay as they are, as in the published
+    FP8 checkpoints. A quantization method of ``weights.from_source``: ``linear`` makes each block
+    linear from its high-precision weight, ``after_loading`` finishes the loaded model."""
+
+    def linear(self, key: str, weight, bias: torch.Tensor | None, device) -> Fp8Linear:
+        """``key``: the linear's name (block_linears); ``weight()`` reads its weight [out, in] on
+        ``device`` in the model's dtype."""
+        return Fp8Linear.quantize(weight(), bias)
+
+    def after_loading(self, model, progress=lambda msg: None) -> None:
+        pass
 
 
-def _rtn(lin):
-    if isinstance(lin, Fp8Linear):
-        raise EngineError("--quantize fp8: the checkpoint is already quantized")
-    return Fp8Linear.quantize(lin.dense().t().contiguous(), lin.bias)
+class Fp8OnLoad(RoundToNearest):
+    """``--quantize fp8``: GPTQ-rounded FP8 block linears. With this checkpoint's rounded weights in
+    the cache they are read from there (and the high-precision ones are never read); otherwise the
+    model loads rounded to nearest and ``after_loading`` calibrates it (a pass over the loaded
+    model, one layer's high-precision weights in memory at a time) and caches the result."""
+
+    def __init__(self, cfg: ModelConfig, src: TensorSource):
+        self.cfg, self.src = cfg, src
+        self.path = cache_dir() / "fp8" / f"{cache_key(cfg, src)}.safetensors"
+        self.cached = _read_cached(self.path, cfg) if self.path.is_file() else None
+
+    def linear(self, key, weight, bias, device):
+        if self.cached is None:
+            return super().linear(key, weight, bias, device)
+        return Fp8Linear(self.cached[key + ".weight"].to(device), self.cached[key + ".weight_scale"].to(device),
+                         None, bias)
+
+    def after_loading(self, model, progress=lambda msg: None) -> None:
+        if self.cached is not None:
+            return
+        progress("FP8 calibration: rounding the weights with error compensation (once for this checkpoint)")
+        t0 = time.time()
+        tensors = calibrate(model, self.src, progress)
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({n: t.cpu().contiguous() for n, t in tensors.items()}, str(tmp),
+                  metadata={"method": METHOD, "samples": str(SAMPLES), "length": str(LENGTH), "seed": str(SEED),
+                            "source": str(self.src.model_dir), "seconds": f"{time.time() - t0:.1f}"})
+        tmp.replace(path)
+        progress(f"FP8 calibration done in {time.time() - t0:.0f} s; cached in {path}")
 
 
-def calibrate(model, high: list[dict], progress=lambda msg: None) -> dict[str, torch.Tensor]:
-    """Round ``model``'s block linears (FP8, rounded to nearest) again with GPTQ, from their
-    high-precision originals ``high[layer][name]`` (Linear); replaces them in the model and
-    returns them as ``{<linear>.weight, <linear>.weight_scale}`` (names of ``block_linears``).
-    Each original is dropped once its layer is done."""
-    cfg = model.cfg
+def calibrate(model, src: TensorSource, progress=lambda msg: None) -> dict[str, torch.Tensor]:
+    """Round ``model``'s block linears (FP8, rounded to nearest) again with GPTQ, from the
+    high-precision weights in ``src``; replaces them in the model and returns them as
+    ``{<linear>.weight, <linear>.weight_scale}``."""
+    cfg, dev = model.cfg, model.device
     ids = sample_ids(model, SAMPLES, LENGTH, SEED)
     out: dict[str, torch.Tensor] = {}
     cache = model.new_cache(ids.shape[1], batch=ids.shape[0])
     with torch.inference_mode():
         x = torch.nn.functional.embedding(ids, model.embed)
         for li, layer in enumerate(model.layers):
-            rec = {name: _Recorder(lin) for name, lin in high[li].items()}
-            model.layer_pass(li, replace(layer, **rec), x, cache)
+            linears = block_linears(cfg, li)
+            weights = {key: fused_weight(src, parts).to(dev, torch.float32) for key, (parts, _) in linears.items()}
+            field = {key: key.rsplit(".", 1)[1] for key in linears}  # model.layers.N.qkv -> qkv
+            bias = {key: getattr(layer, field[key]).bias for key in linears}
+            rec = {key: _Recorder(Linear(w.to(model.dtype).t(), bias[key])) for key, w in weights.items()}
+            model.layer_pass(li, replace(layer, **{field[key]: r for key, r in rec.items()}), x, cache)
             new = {}
-            for name, r in rec.items():
-                q, scale = gptq_fp8(r.lin.dense().t().float(), r.h)
-                key = f"model.layers.{li}.{name}"
+            for key, w in weights.items():
+                q, scale = gptq_fp8(w, rec[key].h)
                 out[key + ".weight"], out[key + ".weight_scale"] = q, scale
-                new[name] = Fp8Linear(q, scale, None, r.bias)
-            high[li] = None
+                new[field[key]] = Fp8Linear(q, scale, None, bias[key])
             model.layers[li] = layer = replace(layer, **new)
             x = model.layer_pass(li, layer, x, cache)
             progress(f"FP8 calibration: layer {li + 1}/{cfg.num_layers}")
@@ -217,33 +253,3 @@ def _read_cached(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor] | None
             if w is None or s is None or w.dtype != FP8 or tuple(w.shape) != shape or tuple(s.shape) != (shape[0], 1):
                 return None
     return tensors
-
-
-def quantize_fp8(model, src: TensorSource, progress=lambda msg: None) -> None:
-    """``--quantize fp8``, a pass over a model loaded in high precision from ``src``: its block
-    linears become FP8 with GPTQ-rounded weights, read from the cache or calibrated now (and
-    cached). The whole high-precision model is in memory when the pass starts, as in any
-    quantize-after-load scheme; each layer's originals are dropped as it is rounded."""
-    cfg = model.cfg
-    path = cache_dir() / "fp8" / f"{cache_key(cfg, src)}.safetensors"
-    cached = _read_cached(path, cfg) if path.is_file() else None
-    if cached is not None:
-        for li, layer in enumerate(model.layers):
-            key = f"model.layers.{li}."
-            model.layers[li] = replace(layer, **{
-                name: Fp8Linear(cached[key + name + ".weight"].to(model.device),
-                                cached[key + name + ".weight_scale"].to(model.device), None, getattr(layer, name).bias)
-                for name in LINEARS})
-        return
-    high = [{name: getattr(layer, name) for name in LINEARS} for layer in model.layers]
-    round_to_nearest(model)
-    progress("FP8 calibration: rounding the weights with error compensation (once for this checkpoint)")
-    t0 = time.time()
-    tensors = calibrate(model, high, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({n: t.cpu().contiguous() for n, t in tensors.items()}, str(tmp),
-              metadata={"method": METHOD, "samples": str(SAMPLES), "length": str(LENGTH), "seed": str(SEED),
-                        "source": str(src.model_dir), "seconds": f"{time.time() - t0:.1f}"})
-    tmp.replace(path)
-    progress(f"FP8 calibration done in {time.time() - t0:.0f} s; cached in {path}")

@@ -11,7 +11,7 @@ dominated by per-op overhead that module dispatch would add to. The layer body i
 CUDA-graph step, the tree verify pass and the DMC decoder (engine/decoding/dmc.py).
 
 Entry points: ``forward`` (logits of the last token), ``forward_all`` (logits of every token),
-``hidden`` (final-normed hidden states), ``tree_hidden`` (a Medusa tree's nodes), the static
+``hidden`` / ``last_hidden`` (final-normed hidden states), ``tree_hidden`` (a Medusa tree's nodes), the static
 ``decode_step`` / ``tree_step`` for CUDA graphs, ``layer_pass`` (one layer, for calibration) and
 ``logits`` (of chosen hidden rows). Weights are assembled by engine/model/weights.py."""
 
@@ -107,7 +107,7 @@ class LlamaModel:
     def forward(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """Logits [B, 1, vocab] (float32) of the last of tokens ``ids`` [B, T], run at positions
         start..start+T-1 (see ``hidden``)."""
-        return self.logits(self.hidden(ids, cache, start)[:, -1:])
+        return self.logits(self.final_norm(self._dense(ids, cache, start)[:, -1:]))
 
     def forward_all(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """Logits [B, T, vocab] (float32) of every token of ``ids`` (see ``hidden``)."""
@@ -120,6 +120,14 @@ class LlamaModel:
 
         Written for few dispatched ops per layer: at batch 1 on a CPU, per-op overhead is a
         large part of a decode step."""
+        return self.final_norm(self._dense(ids, cache, start))
+
+    def last_hidden(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """``hidden(...)[:, -1]`` [B, H], the final norm applied to the last token only (a prefill:
+        the heads' input and, through ``logits``, the next token's logits)."""
+        return self.final_norm(self._dense(ids, cache, start)[:, -1])
+
+    def _dense(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         t = ids.shape[1]
         cos, sin = self.rope(self._check(cache, start, t))
         mask = self._mask(start, t, self.cfg.num_heads // self.cfg.num_kv_heads)
@@ -134,7 +142,7 @@ class LlamaModel:
         cos, sin = self.rope(self._check(cache, start, ids.shape[1]))
         positions = offsets + start
         cos, sin = cos.index_select(0, positions)[:, None], sin.index_select(0, positions)[:, None]
-        return self._layers(ids, cache, start, cos, sin, None, tree_mask)
+        return self.final_norm(self._layers(ids, cache, start, cos, sin, None, tree_mask))
 
     def layer_pass(self, li: int, layer: Layer, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Hidden states ``x`` [B, T, H] of tokens at positions 0..T-1 through ``layer`` in the place
@@ -155,7 +163,7 @@ class LlamaModel:
         for li, layer in enumerate(self.layers):
             x = self._layer(li, layer, x, cache, start, cos, sin, mask, tree_mask)
         cache.length = start + ids.shape[1]
-        return self.final_norm(x)
+        return x
 
     def _layer(self, li: int, layer: Layer, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor,
                sin: torch.Tensor, mask: torch.Tensor | None, tree_mask: torch.Tensor | None) -> torch.Tensor:

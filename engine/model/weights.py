@@ -58,10 +58,12 @@ def prepare_cpu_kernel(device, dtype: torch.dtype | None, progress=lambda msg: N
 
 
 def from_source(cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.dtype | None = None,
-                fmt: Fp8Format | None = None) -> LlamaModel:
+                fmt: Fp8Format | None = None, quantize=None) -> LlamaModel:
     """``fmt``: the checkpoint's FP8 format (see engine/formats/fp8.py), whose quantized layers
     are read as they are stored; everything else is read in ``dtype`` (float32 on a CPU, bfloat16
-    on a GPU by default). Quantizing on load is a pass over the result (engine/model/gptq.py)."""
+    on a GPU by default). ``quantize``: a quantization method for a high-precision checkpoint's
+    block linears (engine/model/gptq.py: ``quantize.linear(name, read_weight, bias, device)``
+    makes each one; the caller runs ``quantize.after_loading(model)`` on the result)."""
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -75,7 +77,7 @@ def from_source(cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.
 
     splits = default_splits(device)
 
-    def fused(names_shapes, bias: bool) -> Linear | Fp8Linear:
+    def fused(names_shapes, bias: bool, key: str | None = None) -> Linear | Fp8Linear:
         b = torch.cat([get(n + ".bias", (s[0],)) for n, s in names_shapes]) if bias else None
         if fmt is not None:
             stored = {fmt.quantized(n) for n, _ in names_shapes}
@@ -84,12 +86,14 @@ def from_source(cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.
                                   "some of them are quantized")
             if stored.pop():
                 return Fp8Linear(*fmt.read(src, names_shapes, device), b)
+        if quantize is not None and key is not None:
+            return quantize.linear(key, lambda: fused_weight(src, names_shapes, get), b, device)
         return Linear(fused_weight(src, names_shapes, get).t(), b, splits)
 
     layers = []
     for li in range(cfg.num_layers):
         p = f"model.layers.{li}."
-        lin = {key.rsplit(".", 1)[1]: fused(parts, bias) for key, (parts, bias) in block_linears(cfg, li).items()}
+        lin = {key.rsplit(".", 1)[1]: fused(parts, bias, key) for key, (parts, bias) in block_linears(cfg, li).items()}
         layers.append(Layer(attn_norm=get(p + "input_layernorm.weight", (h,)),
                             mlp_norm=get(p + "post_attention_layernorm.weight", (h,)), **lin))
     embed = get("model.embed_tokens.weight", (cfg.vocab_size, h))

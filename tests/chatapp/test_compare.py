@@ -9,7 +9,7 @@ import threading
 import pytest
 from textual.app import App
 
-from chatapp.compare.screen import CompareScreen, ComparePane
+from chatapp.tui.compare import CompareScreen, ComparePane
 from engine.serving.client import EngineClient
 from chatapp.compare.figures import compare_figures, first_difference, identical_text, speedup, summary
 from engine.errors import EngineError

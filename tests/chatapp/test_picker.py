@@ -147,11 +147,35 @@ def _in_hf_cache(checkpoint: Path, cache: Path, repo_id: str) -> None:
     (repo / "refs" / "main").write_text("abc123")
 
 
+def _with_heads_and_delta(checkpoint: Path, out: Path) -> Path:
+    """A copy of ``checkpoint`` with FasterDecoding Medusa heads (medusa_lm_head.safetensors, on the
+    base lm_head) and a DMC retrofit delta of its own (dmc/delta.safetensors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.config import load_config
+    from engine.formats.dmc_delta import delta_metadata
+    from engine.hub.layout import LOCAL_DMC_DELTA
+
+    shutil.copytree(checkpoint, out)
+    cfg = load_config(out)
+    h = cfg.hidden_size
+    save_file({f"{k}.0.linear.{p}": torch.zeros(h, h) if p == "weight" else torch.zeros(h)
+               for k in range(2) for p in ("weight", "bias")}, str(out / "medusa_lm_head.safetensors"))
+    delta = {}
+    for li in range(cfg.num_layers):
+        delta[f"model.layers.{li}.self_attn.q_proj.decision_rows"] = torch.zeros(cfg.num_heads, h)
+        delta[f"model.layers.{li}.self_attn.k_proj.decision_rows"] = torch.zeros(cfg.num_kv_heads, h)
+    (out / LOCAL_DMC_DELTA).parent.mkdir()
+    save_file(delta, str(out / LOCAL_DMC_DELTA), metadata=delta_metadata(cfg, out.name, 5.0, 12))
+    return out
+
+
 def test_the_decodings_offered_are_the_ones_the_loader_accepts(embedded_session, tiny_checkpoint, tmp_path,
                                                                monkeypatch):
-    """For the embedded model (shipped Medusa heads and DMC retrofit) and a checkpoint in the
-    Hugging Face cache (no heads, no delta: plain only), a decoding is offered exactly when
-    Session.load accepts the picker's request for it."""
+    """For the embedded model (shipped Medusa heads and DMC retrofit) and checkpoints in the
+    Hugging Face cache (no heads, no delta: plain only; heads and a delta of their own: all), a
+    decoding is offered exactly when Session.load accepts the picker's request for it."""
     from huggingface_hub import constants
 
     from engine.errors import EngineError
@@ -162,8 +186,11 @@ def test_the_decodings_offered_are_the_ones_the_loader_accepts(embedded_session,
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     _in_hf_cache(tiny_checkpoint, tmp_path / "hub", "someone/tiny-llama")
+    _in_hf_cache(_with_heads_and_delta(tiny_checkpoint, tmp_path / "speculating"), tmp_path / "hub",
+                 "someone/tiny-speculating")
     entries = {e.id: e for e in list_models()}
-    for model_id, expected in (("SmolLM2-135M-Instruct", list(DECODINGS)), ("someone/tiny-llama", ["plain"])):
+    for model_id, expected in (("SmolLM2-135M-Instruct", list(DECODINGS)), ("someone/tiny-llama", ["plain"]),
+                               ("someone/tiny-speculating", list(DECODINGS))):
         entry = entries[model_id]
         assert entry.downloaded
         choices = decodings(entry)

@@ -30,9 +30,17 @@ async def steady(pilot) -> None:
     await wait_for(pilot, lambda: app.focused is not None and app.focused.screen is app.screen, 5,
                    "the focus to settle on the screen shown")
     await pilot.pause(0.2)
-    for widget in pilot.app.screen.query("Input, TextArea"):
+    widgets = list(pilot.app.screen.query("Input, TextArea"))
+    for widget in widgets:
         widget.cursor_blink = False
     await pilot.pause(0.2)
+    # a blink tick queued before the blinking stopped may still have hidden a focused cursor:
+    # with blinking off nothing toggles it any more, so showing it now is final
+    for widget in widgets:
+        if widget.has_focus and not widget._cursor_visible:
+            widget._cursor_visible = True
+    await pilot.pause(0.1)
+    assert all(w._cursor_visible for w in widgets if w.has_focus), "a focused cursor is hidden"
 
 
 def chat_app() -> ChatApp:

@@ -27,12 +27,11 @@ from engine.formats.fp8 import Fp8Format
 from engine.formats.tensor_source import TensorSource
 from engine.model.linear import Fp8Linear, Linear, default_splits
 from engine.model.llama import LlamaModel
-from engine.paths import ASSETS
+from engine.hub import layout
 
 TOKEN_IDS = "token_ids"  # heads on the shared lm_head that score only these tokens (ours)
 _ROOT = re.compile(r"^(\d+)\.root\.weight$")  # a head's input from the root token's embedding (ours)
 _PATH = re.compile(r"^(\d+)\.path\.(\d+)\.weight$")  # ... and from its path's tokens (ours)
-SHIPPED = ASSETS / "medusa"
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight|weight_scale|input_scale|linear\.weight_scale|"
                   r"linear\.input_scale)$")
 
@@ -213,8 +212,8 @@ def output_rows(lm_head: Linear, token_ids: torch.Tensor) -> torch.Tensor:
 def shipped_heads(name: str, cfg, device, dtype):
     """The heads chatapp ships for a model (assets/medusa/<name>.safetensors, trained by
     training/medusa.py) and their acceptance profile, or (None, None)."""
-    path = SHIPPED / f"{name}.safetensors"
-    if not path.exists():
+    path = layout.shipped_medusa(name)
+    if path is None:
         return None, None
     heads = load_fasterdecoding(path, cfg.hidden_size, cfg.vocab_size, device, dtype)
     profile_path = path.with_suffix(".json")
@@ -236,7 +235,7 @@ def load_heads(model_dir: Path, medusa: dict | None, src: TensorSource, hidden: 
             raise EngineError(f"{model_dir}: config.json says {n_heads} Medusa heads of {n_layers} layers, the "
                               f"checkpoint holds {found[0]} heads of {found[1]} layers")
         return _build(src, "medusa_heads.", n_heads, n_layers, found[2], hidden, vocab, device, dtype, fmt)
-    for name in ("medusa_lm_head.safetensors", "medusa_lm_head.pt"):
+    for name in layout.MEDUSA_FILES:
         path = model_dir / name
         if path.exists():
             return load_fasterdecoding(path, hidden, vocab, device, dtype)

@@ -73,7 +73,7 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
     cache = model.new_cache(context + max(sizes) + 1)
     out = {}
     with torch.inference_mode():
-        model.hidden(torch.zeros(1, context, dtype=torch.long, device=model.device), cache, 0)
+        model.last_hidden(torch.zeros(1, context, dtype=torch.long, device=model.device), cache, 0)
         for n in (0, *sizes):
             if n == 0:
                 def step():

@@ -162,6 +162,6 @@ def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVC
 def prefill_and_generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, prompt: list[int],
                          max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy):
     """``generate`` after one prefill pass of ``prompt`` from an empty cache (tests, benchmarks)."""
-    hidden = model.hidden(torch.tensor([prompt], device=model.device), cache, 0)[0, -1]
+    hidden = model.last_hidden(torch.tensor([prompt], device=model.device), cache, 0)[0]
     yield from generate(model, heads, tree, cache, model.logits(hidden), hidden, max_new_tokens, eos_ids, sampler,
                         accept, TreeGraph.for_device(model, tree, cache))

@@ -115,7 +115,7 @@ def rope(x, cos, sin):
 
 def oracle(model: LlamaModel, ids: torch.Tensor, init_val=5.0, window=12):
     """Full-sequence DMC forward with hard decisions: logits [B, T, V] and each layer's merge
-    bits [B, T, Hkv]. Written independently of engine/dmc.py: token i's key/value row is the
+    bits [B, T, Hkv]. Written independently of engine/decoding/dmc.py: token i's key/value row is the
     weighted mean over a pooling matrix row (the last <= window tokens of i's merge run), and
     attention uses the additive mask MASK_CONST * alpha_{j+1} over keys j < i, own row unmasked."""
     cfg = model.cfg

@@ -16,7 +16,8 @@ from engine.formats.tensor_source import TensorSource
 from engine.decoding.dmc import DMCForward
 from engine.errors import EngineError
 from engine.decoding.dmc import dmc_settings
-from engine.formats.megatron import read_megatron_checkpoint, tokenizer_path
+from engine.formats.megatron import read_megatron_checkpoint
+from engine.hub.layout import tokenizer_path
 from engine.model.weights import from_dir, from_source, from_megatron
 
 from fakes.megatron import FFN, GROUPS, HEAD_DIM, HEADS, HIDDEN, LAYERS, VOCAB, hf_weights, write_hf, write_megatron

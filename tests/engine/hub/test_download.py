@@ -2,6 +2,7 @@
 layout resolve() reads, cancel and resume, Range resumes, gated / absent repos, offline mode."""
 
 import _thread
+import signal
 import threading
 from pathlib import Path
 
@@ -206,6 +207,15 @@ def test_megatron_patterns_fetch_the_pt_checkpoint(hub):
 
 
 # ---- `chatapp pull` ----------------------------------------------------------------------------
+@pytest.fixture
+def sigint_raises():
+    """Python's own Ctrl+C handler (KeyboardInterrupt) for the test, also where SIGINT is ignored
+    (tests run as a background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_chatapp_pull_draws_progress_and_prints_the_path(hub, capsys):
     from chatapp.cli import main
 
@@ -218,7 +228,7 @@ def test_chatapp_pull_draws_progress_and_prints_the_path(hub, capsys):
     assert "100%" in final and "ETA" in final and "/s" in final and f"{len(WANTED)}/{len(WANTED)} files" in final
 
 
-def test_chatapp_pull_ctrl_c_cancels_cleanly(hub, capsys):
+def test_chatapp_pull_ctrl_c_cancels_cleanly(hub, capsys, sigint_raises):
     from chatapp.cli import main
 
     def on_file(name, rng):

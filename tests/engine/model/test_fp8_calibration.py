@@ -1,4 +1,4 @@
-"""FP8 quantization on load with GPTQ rounding (engine/fp8_calibration.py): the rounding itself,
+"""FP8 quantization on load with GPTQ rounding (engine/model/gptq.py): the rounding itself,
 the calibration of a whole model, and the cache of rounded weights."""
 
 import pytest
@@ -6,7 +6,9 @@ import torch
 
 from engine.model import gptq as fc
 from engine.model.linear import Fp8Linear
-from engine.model.weights import from_dir
+from engine.events import LoadModel
+from engine.load import load
+from engine.model.weights import from_dir, from_source
 from kernels.fp8_quant import FP8, quantize_rows_reference
 
 
@@ -51,10 +53,8 @@ def test_inputs_that_were_always_zero_do_not_break_the_rounding():
 
 
 def fp8_model(path, progress=lambda msg: None):
-    """``--quantize fp8`` as the loader does it: the model loaded as stored, then the FP8 pass."""
-    model = from_dir(path)
-    fc.quantize_fp8(model, fc.TensorSource(path), progress)
-    return model
+    """The model ``--quantize fp8`` loads (engine/load.py)."""
+    return load(LoadModel(model=str(path), device="cpu", quantize="fp8"), progress).model
 
 
 def test_a_tiny_model_is_calibrated_once_then_read_from_the_cache(tiny_checkpoint, tmp_path, monkeypatch):
@@ -69,8 +69,7 @@ def test_a_tiny_model_is_calibrated_once_then_read_from_the_cache(tiny_checkpoin
     cached = list((tmp_path / "cache" / "fp8").glob("*.safetensors"))
     assert len(cached) == 1
 
-    rtn = from_dir(tiny_checkpoint)
-    fc.round_to_nearest(rtn)
+    rtn = from_source(model.cfg, fc.TensorSource(tiny_checkpoint), "cpu", quantize=fc.RoundToNearest())
     differ = [not torch.equal(getattr(a, n).weight.float(), getattr(b, n).weight.float())
               for a, b in zip(model.layers, rtn.layers) for n in layers]
     assert any(differ)  # not round-to-nearest

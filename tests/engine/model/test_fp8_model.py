@@ -13,9 +13,6 @@ from engine.errors import EngineError
 from engine.events import LoadModel, SamplingParams
 from engine.model.linear import Fp8Linear
 from engine.session import Session
-from engine.formats.tensor_source import TensorSource
-from engine.model.gptq import quantize_fp8
-from engine.model.weights import from_dir
 from kernels.fp8_gemm import fp8_gemm_reference
 from kernels.fp8_quant import quantize_rows_reference
 
@@ -48,8 +45,7 @@ def test_static_input_scale():
 
 def test_only_block_linears_are_quantized(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))  # its calibrated weights: not kept
-    m = from_dir(tiny_checkpoint)
-    quantize_fp8(m, TensorSource(tiny_checkpoint))
+    m = Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu", quantize="fp8")).model
     assert all(isinstance(getattr(layer, n), Fp8Linear) for layer in m.layers for n in ("qkv", "o", "gate_up", "down"))
     assert not isinstance(m.lm_head, Fp8Linear) and m.embed.dtype == torch.float32
     with pytest.raises(EngineError, match="quantize 'int4' is not supported"):

@@ -1,4 +1,4 @@
-"""chatapp as a client of a remote OpenAI-compatible server (engine/remote.py): against our own
+"""chatapp as a client of a remote OpenAI-compatible server (engine/serving/remote.py): against our own
 `chatapp serve` app in this process (same text as the local engine), and a fake server for the
 failures (refused key, busy, errors, an error mid-stream, nothing listening)."""
 

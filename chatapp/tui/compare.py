@@ -13,9 +13,10 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Markdown, Static
 from textual.worker import Worker, WorkerCancelled, WorkerError, WorkerFailed
 
-from engine.serving.client import EngineClient
-from chatapp.compare.figures import compare_figures, summary
 from engine.events import Done, Error, Generate, GenerationStats, Loaded, ModelInfo, Progress, Step, Token
+from engine.serving.client import EngineClient
+
+from chatapp.compare.figures import compare_figures, summary
 from chatapp.compare.spec import Setup
 
 from chatapp.tui.widgets import ErrorMessage, ReplyStream
