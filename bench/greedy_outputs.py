@@ -3,6 +3,7 @@ for each decoding: a fingerprint of the engine's behaviour to compare before and
 
     .venv/bin/python bench/greedy_outputs.py --out before.json
     .venv/bin/python bench/greedy_outputs.py --out after.json --against before.json   # exit 1 on a difference
+    .venv/bin/python bench/greedy_outputs.py --decodings plain,medusa --quantize fp8 --out fp8.json
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quantize", choices=["fp8"], help="weights quantized on load")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--against", type=Path, help="an earlier output: report prompts whose tokens differ")
     args = ap.parse_args()
@@ -33,7 +35,7 @@ def main() -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     out: dict[str, list[list[int]]] = {}
     for decoding in args.decodings.split(","):
-        session = Session.load(LoadModel(device=args.device, context=2048, decoding=decoding))
+        session = Session.load(LoadModel(device=args.device, context=2048, decoding=decoding, quantize=args.quantize))
         out[decoding] = []
         for prompt in prompts:
             *_, done = session.generate([{"role": "user", "content": prompt}], params)

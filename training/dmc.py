@@ -51,21 +51,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from kernels.dmc import WEIGHT_EPS
 
-
-from engine.formats.tensor_source import TensorSource
 from engine.config import load_config
 from engine.decoding.dmc import DMCForward, INIT_VAL, WINDOW
-from engine.formats.dmc_delta import ROWS, decision_row_index, delta_metadata
-from engine.model.weights import load_retrofitted
 from engine.errors import EngineError
-from engine.model.llama import LlamaModel
+from engine.formats.dmc_delta import ROWS, decision_row_index, delta_metadata
+from engine.formats.tensor_source import TensorSource
 from engine.hub.resolve import resolve
-from engine.paths import ASSETS, cache_dir
+from engine.model.llama import LlamaModel
 from engine.model.rope import cos_sin_table
+from engine.model.weights import from_dir, load_retrofitted
+from engine.paths import ASSETS, cache_dir
 from engine.tokenizer import ChatTokenizer
-from engine.model.weights import from_dir
-from kernels.dmc import WEIGHT_EPS
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -40,14 +40,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-
-
-from engine.model.llama import LlamaModel
 from engine.decoding.medusa.heads import output_rows
 from engine.hub.resolve import resolve
+from engine.model.llama import LlamaModel
+from engine.model.weights import from_dir
 from engine.paths import ASSETS, cache_dir
 from engine.tokenizer import ChatTokenizer
-from engine.model.weights import from_dir
 from training.prompts import subjects, training_prompts
 
 MAX_RANK = 10  # ranks per head kept in the acceptance profile

@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.decoding.dmc import DMCForward
 from engine.formats.dmc_delta import ROWS
-from engine.model.weights import load_retrofitted
-from engine.model.weights import from_dir
+from engine.model.weights import from_dir, load_retrofitted
 from fakes.checkpoints import write_tiny_checkpoint
 from training import dmc as train_dmc
 
