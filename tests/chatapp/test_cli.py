@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each runs the chatapp command in a subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -406,6 +406,7 @@ def test_empty_file_is_a_fresh_store(db_path):
 
 # --- a real crash -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill_9_keeps_the_partial_reply(db_path):
     script = textwrap.dedent(f"""
         import os, signal

@@ -339,6 +339,7 @@ def _wait_for(proc, log, needle: str, timeout=120) -> str:
     raise AssertionError(f"{needle!r} did not appear:\n{log.read_text()}")
 
 
+@pytest.mark.slow
 def test_serve_command(tmp_path, embedded_session):
     import re
     import signal
@@ -361,6 +362,7 @@ def test_serve_command(tmp_path, embedded_session):
     assert "cmd-key" not in log.read_text()  # the key is never logged
 
 
+@pytest.mark.slow
 def test_serve_command_errors(tmp_path):
     proc, log = _start(tmp_path, "--model", str(tmp_path / "absent"), "--device", "cpu")
     assert proc.wait(timeout=120) == 1

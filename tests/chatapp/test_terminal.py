@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/run installs it)")
+pytestmark = [pytest.mark.slow,  # each drives chatapp in a real terminal (tmux)
+              pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/run installs it)")]
 
 CHATAPP = str(Path(sys.executable).parent / "chatapp")
 WIDTH, HEIGHT = 150, 42

@@ -132,6 +132,7 @@ def test_device_memory_falls_back_to_ram(monkeypatch):
     assert d.name and (d.total_bytes or 0) > 0
 
 
+@pytest.mark.slow
 def test_catalog_imports_no_torch():
     import subprocess
 

@@ -85,6 +85,7 @@ async def test_remote_worker_through_the_engine_client(server, embedded_session)
         client.close()
 
 
+@pytest.mark.slow
 def test_cli_run_remote(server, embedded_session):
     _, local = greedy(embedded_session, QUESTION, 6)
 
