@@ -32,7 +32,9 @@
 A missing file means the defaults. TOML has no null, so a setting whose default is "none" is
 written by leaving its key out. Any error (bad TOML, an unknown section or key, a value of the
 wrong type or out of range) is a :class:`SettingsError` whose message is one line naming the file
-and the key.
+and the key; ``read_settings`` keeps every valid value and lists the problems instead. A save
+never loses what the file held: the file it replaces is kept as ``settings.toml.bak``, and a file
+with errors is moved aside whole (``settings.toml.bad``) rather than written over.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import dataclasses
 import math
 import os
 import re
+import shutil
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
@@ -258,47 +261,66 @@ _REMOTE_KEYS: dict[str, Callable[[Any], Any]] = {
 _REMOTE_REQUIRED = ("name", "url")
 
 
-def _from_dict(data: dict, where: str) -> Settings:
-    """Settings from parsed TOML; errors name ``where`` (the file) and the key."""
+def _from_dict(data: dict, where: str, problems: list[str] | None = None) -> Settings:
+    """Settings from parsed TOML; errors name ``where`` (the file) and the key. The first error is
+    raised, or with ``problems`` each is appended there and what it names is left at its default
+    (a [[remote]] entry with an error is left out whole)."""
     def fail(section: str, key: str | None, message: str):
         place = f"{section} {key}" if key else section
         raise SettingsError(f"{where}: {place}: {message}")
 
-    def fields(section: str, table: Any, checks: dict) -> dict:
+    def report(e: SettingsError) -> None:
+        if problems is None:
+            raise e
+        problems.append(str(e))
+
+    def fields(section: str, table: Any, checks: dict, lenient: bool) -> dict:
         if not isinstance(table, dict):
             fail(section, None, f"expected a table, got {_show(table)}")
         out = {}
         for key, value in table.items():
-            if key not in checks:
-                fail(section, key, f"unknown key (known: {', '.join(checks)})")
             try:
-                out[key] = checks[key](value)
-            except _Bad as e:
-                fail(section, key, f"expected {e}, got {_show(value)}")
+                if key not in checks:
+                    fail(section, key, f"unknown key (known: {', '.join(checks)})")
+                try:
+                    out[key] = checks[key](value)
+                except _Bad as e:
+                    fail(section, key, f"expected {e}, got {_show(value)}")
+            except SettingsError as e:
+                if not lenient:
+                    raise
+                report(e)
         return out
 
     settings = Settings()
     known = [*_SECTIONS, "remote"]
     for name, table in data.items():
-        if name == "remote":
-            if not isinstance(table, list):
-                fail("[[remote]]", None, f"expected an array of tables ([[remote]]), got {_show(table)}")
-            names: set[str] = set()
-            for i, entry in enumerate(table, start=1):
-                section = f"[[remote]] #{i}"
-                values = fields(section, entry, _REMOTE_KEYS)
-                for key in _REMOTE_REQUIRED:
-                    if key not in values:
-                        fail(section, key, "missing (every [[remote]] needs a name and a url)")
-                if values["name"] in names:
-                    fail(section, "name", f"{values['name']!r} is used by an earlier [[remote]]")
-                names.add(values["name"])
-                settings.remote.append(RemoteServer(**values))
-        elif name in _SECTIONS:
-            cls, checks = _SECTIONS[name]
-            setattr(settings, name, cls(**fields(f"[{name}]", table, checks)))
-        else:
-            fail(f"[{name}]", None, f"unknown section (known: {', '.join(f'[{k}]' for k in known)})")
+        try:
+            if name == "remote":
+                if not isinstance(table, list):
+                    fail("[[remote]]", None, f"expected an array of tables ([[remote]]), got {_show(table)}")
+                names: set[str] = set()
+                for i, entry in enumerate(table, start=1):
+                    section = f"[[remote]] #{i}"
+                    try:
+                        values = fields(section, entry, _REMOTE_KEYS, lenient=False)
+                        for key in _REMOTE_REQUIRED:
+                            if key not in values:
+                                fail(section, key, "missing (every [[remote]] needs a name and a url)")
+                        if values["name"] in names:
+                            fail(section, "name", f"{values['name']!r} is used by an earlier [[remote]]")
+                    except SettingsError as e:
+                        report(e)
+                        continue
+                    names.add(values["name"])
+                    settings.remote.append(RemoteServer(**values))
+            elif name in _SECTIONS:
+                cls, checks = _SECTIONS[name]
+                setattr(settings, name, cls(**fields(f"[{name}]", table, checks, lenient=True)))
+            else:
+                fail(f"[{name}]", None, f"unknown section (known: {', '.join(f'[{k}]' for k in known)})")
+        except SettingsError as e:
+            report(e)
     return settings
 
 
@@ -317,29 +339,60 @@ def _to_dict(settings: Settings) -> dict:
 
 # --- files -------------------------------------------------------------------------------------
 
-def load_settings(path: str | os.PathLike | None = None) -> Settings:
-    """The settings in ``path`` (default ``config_dir()/settings.toml``); the defaults when there
-    is no such file. Raises :class:`SettingsError` naming the file and the key."""
+def read_settings(path: str | os.PathLike | None = None) -> tuple[Settings, list[str]]:
+    """The settings in ``path`` (default ``config_dir()/settings.toml``) keeping every valid value,
+    and the problems found: one line each, naming the file and the key, whose value is left at its
+    default. A file that cannot be read or parsed gives the defaults and one problem; no file, the
+    defaults and none."""
     path = Path(path) if path is not None else default_path()
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return Settings()
+        return Settings(), []
     except OSError as e:
-        raise SettingsError(f"{path}: cannot read it: {e.strerror or e}") from e
+        return Settings(), [f"{path}: cannot read it: {e.strerror or e}"]
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise SettingsError(f"{path}: not UTF-8 text (byte {e.start})") from e
+        return Settings(), [f"{path}: not UTF-8 text (byte {e.start})"]
     except tomllib.TOMLDecodeError as e:
-        raise SettingsError(f"{path}: invalid TOML: {e}") from e
-    return _from_dict(data, str(path))
+        return Settings(), [f"{path}: invalid TOML: {e}"]
+    problems: list[str] = []
+    return _from_dict(data, str(path), problems), problems
+
+
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    """The settings in ``path`` (default ``config_dir()/settings.toml``); the defaults when there
+    is no such file. Raises :class:`SettingsError` naming the file and the key of the first problem."""
+    settings, problems = read_settings(path)
+    if problems:
+        raise SettingsError(problems[0])
+    return settings
+
+
+def keep_invalid(path: str | os.PathLike | None = None) -> Path | None:
+    """A settings file that does not load is moved aside whole (to ``settings.toml.bad``, or
+    ``.bad.1``, ``.bad.2``... when taken) so that no save writes over it; returns where it went,
+    None when the file loads or is not there."""
+    path = Path(path) if path is not None else default_path()
+    if not path.exists() and not path.is_symlink():
+        return None
+    if not read_settings(path)[1]:
+        return None
+    for n in range(1000):
+        aside = path.with_name(path.name + (".bad" if n == 0 else f".bad.{n}"))
+        if not aside.exists() and not aside.is_symlink():
+            os.replace(path, aside)
+            return aside
+    raise SettingsError(f"{path}: has errors, and {path.name}.bad … .bad.999 are all taken: not overwriting it")
 
 
 def save_settings(settings: Settings, path: str | os.PathLike | None = None) -> Path:
     """Write ``settings`` to ``path`` (default ``config_dir()/settings.toml``) atomically: a reader,
     or a crash, sees the old file or the new one, never part of one. Values are checked first, as
-    load_settings checks them, so what is written always loads back equal. Returns the path."""
+    load_settings checks them, so what is written always loads back equal. Nothing is lost: the
+    file written over is kept as ``settings.toml.bak``, and one that does not load is never written
+    over (``keep_invalid`` moves it aside first). Returns the path."""
     path = Path(path) if path is not None else default_path()
     doc = _to_dict(settings)
     _from_dict(doc, str(path))  # refuse to write what could not be read back
@@ -354,8 +407,11 @@ def save_settings(settings: Settings, path: str | os.PathLike | None = None) -> 
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():  # keep the mode of the file it replaces (mkstemp's is 0600)
+        keep_invalid(path)
+        if path.is_file():  # keep the mode of the file it replaces (mkstemp's is 0600), and the file
             os.chmod(tmp, path.stat().st_mode & 0o777)
+            backup = path.with_name(path.name + ".bak")
+            shutil.copy2(path, backup)
         os.replace(tmp, path)
     except BaseException:
         try:

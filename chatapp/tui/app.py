@@ -25,7 +25,7 @@ from engine.units import binary_size
 from chatapp.compare.spec import parse_setup
 from chatapp.options import load_request
 from chatapp.store.history import Chat, History, HistoryError
-from chatapp.store.settings import Settings, SettingsError, load_settings, save_settings
+from chatapp.store.settings import Settings, SettingsError, keep_invalid, read_settings, save_settings
 from chatapp.tui.chat_settings import ChatSettingsScreen
 from chatapp.tui.compare import CompareScreen
 from chatapp.tui.stats import StatsPanel
@@ -84,11 +84,11 @@ class ChatApp(App):
         super().__init__()
         self.settings_error = ""
         if settings is None:
-            try:
-                settings = load_settings()
-            except SettingsError as e:
-                self.settings_error = f"{e} (using the defaults)"
-                settings = Settings()
+            settings, problems = read_settings()
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                self.settings_error = (f"{problems[0]}{more}: left at the default; the other settings are used, "
+                                       "and the file is kept whole when settings are next saved")
         self.settings = settings
         self.load_request = load_request(options, settings.model)
         self.remote = remote
@@ -167,9 +167,14 @@ class ChatApp(App):
 
     def save_settings(self) -> None:
         try:
+            kept = keep_invalid()
             save_settings(self.settings)
         except (OSError, SettingsError) as e:
             self.notify(f"settings not saved: {e}", severity="warning")
+            return
+        if kept is not None:
+            self.notify(f"the settings file had errors: kept as {kept}; the settings are saved without them",
+                        severity="warning", timeout=10)
 
     def watch_state(self, state: str) -> None:
         label = f"error: {self.error}" if state == "error" else STATE_LABELS[state]

@@ -188,3 +188,32 @@ async def test_new_chat_and_the_command_palette():
         await pilot.press(*"export")
         await wait_for(pilot, lambda: any("Export to Markdown" in str(o.prompt)
                                           for o in app.screen.query_one(CommandList).options), 3, "the command")
+
+
+async def test_a_bad_setting_loses_nothing_when_settings_are_saved():
+    """One bad value in settings.toml: the chat uses the others (the system prompt, the remote
+    servers), says which value it left out, and a save (Ctrl+G) keeps every other key in the file
+    and the user's file whole beside it."""
+    from engine.paths import config_dir
+
+    from chatapp.store.settings import load_settings
+
+    path = config_dir() / "settings.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = ('[model]\ncontext = "big"\n\n[chat]\nsystem_prompt = "Answer like a pirate."\n\n'
+            '[[remote]]\nname = "lab"\nurl = "http://gpu-box:8000/v1"\n')
+    path.write_text(text)
+    app, _ = new_app(max_tokens=2, interval=0.01)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        assert app.settings.chat.system_prompt == "Answer like a pirate." and app.settings.remote[0].name == "lab"
+        said = [n.message for n in app._notifications]
+        assert any("[model] context" in m and "left at the default" in m for m in said), said
+        await pilot.press("ctrl+g")  # hide the stats panel: a save
+        await wait_for(pilot, lambda: not load_settings(path).ui.show_stats, 5, "the save")
+        said = [n.message for n in app._notifications]
+        assert any("kept as" in m and "settings.toml.bad" in m for m in said), said
+    saved = load_settings(path)
+    assert saved.chat.system_prompt == "Answer like a pirate." and [r.name for r in saved.remote] == ["lab"]
+    assert saved.ui.show_stats is False and saved.model.context is None
+    assert path.with_name("settings.toml.bad").read_text() == text

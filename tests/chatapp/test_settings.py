@@ -5,7 +5,8 @@ import os
 import pytest
 
 from chatapp.store.settings import (ChatSettings, ModelSettings, RemoteServer, SamplingSettings, Settings,
-                              SettingsError, UISettings, load_settings, save_settings)
+                                    SettingsError, UISettings, keep_invalid, load_settings, read_settings,
+                                    save_settings)
 from engine.events import SamplingParams
 from engine.paths import config_dir
 
@@ -74,12 +75,67 @@ def test_partial_file_fills_in_defaults(path):
     assert s.sampling.top_p is None and s.ui.show_stats is False and s.ui.theme == "textual-dark"
 
 
-def test_save_is_atomic_and_keeps_mode(path):
+def test_save_is_atomic_keeps_mode_and_a_backup(path):
     save_settings(Settings(), path)
+    assert [p.name for p in path.parent.iterdir()] == ["settings.toml"]  # no temp file left, nothing to back up
     os.chmod(path, 0o640)
+    before = path.read_bytes()
     save_settings(full_settings(), path)
     assert path.stat().st_mode & 0o777 == 0o640
-    assert [p.name for p in path.parent.iterdir()] == ["settings.toml"]  # no temp file left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["settings.toml", "settings.toml.bak"]
+    backup = path.with_name("settings.toml.bak")
+    assert backup.read_bytes() == before and backup.stat().st_mode & 0o777 == 0o640
+
+
+BAD_CONTEXT = """# mine
+[model]
+context = "big"
+decoding = "medusa"
+
+[chat]
+system_prompt = "Answer like a pirate."
+
+[[remote]]
+name = "lab"
+url = "http://gpu-box:8000/v1"
+
+[[remote]]
+name = "broken"
+url = "ftp://nowhere"
+"""
+
+
+def test_read_settings_keeps_every_valid_value(path):
+    path.write_text(BAD_CONTEXT)
+    s, problems = read_settings(path)
+    assert s.model.context is None and s.model.decoding == "medusa"
+    assert s.chat.system_prompt == "Answer like a pirate."
+    assert s.remote == [RemoteServer(name="lab", url="http://gpu-box:8000/v1")]
+    assert problems == [f"{path}: [model] context: expected an integer ≥ 1, got 'big'",
+                        f"{path}: [[remote]] #2 url: expected an http:// or https:// URL, got 'ftp://nowhere'"]
+    with pytest.raises(SettingsError, match=r"\[model\] context"):
+        load_settings(path)  # the strict reading still names the first problem
+
+
+@pytest.mark.parametrize("text", [BAD_CONTEXT, "[sampling\nnot toml", "[colours]\nbg = 1\n"])
+def test_a_file_with_errors_is_never_written_over(path, text):
+    path.write_text(text)
+    s, _ = read_settings(path)
+    s.ui.theme = "nord"
+    save_settings(s, path)
+    assert path.with_name("settings.toml.bad").read_text() == text  # the user's file, whole
+    again = load_settings(path)
+    assert again == s and again.ui.theme == "nord"
+    path.write_text(text)
+    save_settings(s, path)  # a second broken file does not replace the first one kept
+    assert path.with_name("settings.toml.bad.1").read_text() == text
+    assert keep_invalid(path) is None  # the file now loads
+
+
+def test_keep_invalid_leaves_a_good_file_and_no_file_alone(path):
+    assert keep_invalid(path) is None and not path.exists()
+    save_settings(full_settings(), path)
+    assert keep_invalid(path) is None and load_settings(path) == full_settings()
 
 
 def test_save_refuses_bad_values_and_keeps_the_old_file(path):
