@@ -129,7 +129,13 @@ class History:
         self.recovered_from: Path | None = None  # where an unusable file was moved, if one was
         self.recovery_reason: str | None = None  # why, in words
         self._lock = threading.RLock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where the folder goes, no permission...
+            raise HistoryError(f"{self.path.parent}: cannot make the history folder here "
+                               f"({e.strerror or e})") from None
+        if self.path.is_dir():
+            raise HistoryError(f"{self.path}: a folder is where the history database goes")
         try:
             self._conn = self._open()
         except _Unusable as e:
@@ -140,10 +146,13 @@ class History:
     # opening
 
     def _open(self) -> sqlite3.Connection:
-        if not self.path.exists():
-            # private to the user; SQLite gives the -wal and -shm files the same mode
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        try:
+            if not self.path.exists():
+                # private to the user; SQLite gives the -wal and -shm files the same mode
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as e:
+            raise HistoryError(f"{self.path}: cannot open it ({getattr(e, 'strerror', None) or e})") from None
         try:
             self._prepare(conn)
         except BaseException:

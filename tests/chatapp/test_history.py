@@ -432,3 +432,41 @@ def test_kill_9_keeps_the_partial_reply(db_path):
         assert (reply.role, reply.content) == ("assistant", "Once upon a time there was")
         assert reply.complete == 0
         assert "(incomplete)" in h.export_markdown(chat.id)
+
+
+@pytest.mark.parametrize("in_the_way", ["a file where the data folder goes", "a folder where the database goes"])
+def test_something_in_the_way_is_a_one_line_error_and_is_left_alone(tmp_path, monkeypatch, in_the_way):
+    if in_the_way.startswith("a file"):
+        blocker = tmp_path / "data"
+        blocker.write_text("mine")
+        monkeypatch.setenv("CHATAPP_DATA_DIR", str(blocker))
+        match = "cannot make the history folder"
+    else:
+        monkeypatch.setenv("CHATAPP_DATA_DIR", str(tmp_path / "data"))
+        blocker = tmp_path / "data" / "history.sqlite3"
+        blocker.mkdir(parents=True)
+        (blocker / "keep.txt").write_text("mine")
+        match = "a folder is where the history database goes"
+    with pytest.raises(HistoryError, match=match) as info:
+        History()
+    assert "\n" not in str(info.value) and str(blocker) in str(info.value)
+    assert (blocker.read_text() if blocker.is_file() else (blocker / "keep.txt").read_text()) == "mine"
+
+
+async def test_the_chat_starts_without_history_and_says_why(tmp_path, monkeypatch):
+    from chatapp.tui.app import ChatApp
+    from engine.serving.client import EngineClient
+    from fakes.engine import FakeWorker, send, wait_for
+
+    (tmp_path / "data").write_text("mine")
+    monkeypatch.setenv("CHATAPP_DATA_DIR", str(tmp_path / "data"))
+    app = ChatApp(client=EngineClient(worker=FakeWorker(max_tokens=2, interval=0.01)))
+    async with app.run_test(size=(140, 36)) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        assert app.history is None
+        said = [n.message for n in app._notifications]
+        assert any("cannot make the history folder" in m and "not saved" in m for m in said), said
+        await send(pilot, "Hello")
+        await wait_for(pilot, lambda: app.state == "ready" and app.conversation[-1]["role"] == "assistant", 5,
+                       "the reply")
+    assert (tmp_path / "data").read_text() == "mine"
