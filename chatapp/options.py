@@ -15,10 +15,11 @@ def load_request(options, defaults: ModelSettings | None = None) -> LoadModel:
     unset is taken from ``defaults`` (none: the engine's own defaults)."""
     d = defaults or ModelSettings()
 
-    def given(name: str):
-        return getattr(options, name, None)
+    def given(name: str, default=None):
+        value = getattr(options, name, None)
+        return default if value is None else value  # 0 or "" is a value given (and checked by the engine)
 
-    return LoadModel(model=given("model") or d.default, device=given("device") or d.device,
-                     context=given("context") or d.context, quantize=given("quantize") or d.quantize,
-                     decoding=given("decoding") or d.decoding, medusa_choices=given("medusa_choices"),
+    return LoadModel(model=given("model", d.default), device=given("device", d.device),
+                     context=given("context", d.context), quantize=given("quantize", d.quantize),
+                     decoding=given("decoding", d.decoding), medusa_choices=given("medusa_choices"),
                      tokenizer=given("tokenizer"))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from engine import memory
 from engine.config import load_config
 from engine.decoding.base import Decoder
 from engine.decoding.dmc import DMCDecoder, dmc_settings
@@ -36,8 +37,10 @@ from engine.formats.tensor_source import TensorSource
 from engine.hub import layout
 from engine.hub.resolve import resolve
 from engine.model import gptq, weights
+from engine.model.kv_cache import kv_cache_bytes
 from engine.model.llama import LlamaModel
 from engine.tokenizer import ChatTokenizer, sentencepiece_dir
+from engine.units import binary_size
 
 
 
@@ -104,9 +107,7 @@ def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
             method.after_loading(model, progress)
 
     tokenizer = ChatTokenizer(tokenizer_dir, model.cfg)
-    context = req.context or min(model.cfg.max_position_embeddings, DEFAULT_CONTEXT)
-    if context < 16:
-        raise EngineError(f"context {context} is too small")
+    context = _context(req.context, name, model)
     if req.decoding == "dmc":
         decoder = DMCDecoder(model, context, **dmc)
     elif req.decoding == "medusa":
@@ -114,6 +115,24 @@ def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
     else:
         decoder = PlainDecoder(model, context)
     return LoadedModel(name, path, model, tokenizer, decoder, req.quantize)
+
+
+def _context(asked: int | None, name: str, model: LlamaModel) -> int:
+    """The KV cache length: as asked (at least 16, at most the model's positions, and a cache that
+    fits the device's free memory), or min(the model's positions, DEFAULT_CONTEXT)."""
+    most = model.cfg.max_position_embeddings
+    if asked is None:
+        return min(most, DEFAULT_CONTEXT)
+    if asked < 16:
+        raise EngineError(f"context {asked} is too small (at least 16 tokens)")
+    if asked > most:
+        raise EngineError(f"context {asked} is more than the {most} positions {name} was made for "
+                          "(max_position_embeddings)")
+    need, free = kv_cache_bytes(model.cfg, asked, 1, model.dtype), memory.free(model.device)
+    if need > free:
+        raise EngineError(f"context {asked}: its KV cache needs {binary_size(need)}, more than the "
+                          f"{binary_size(free)} free on the {model.device.type}; ask for a smaller --context")
+    return asked
 
 
 def _medusa(name: str, path: Path, model: LlamaModel, src: TensorSource, fmt: Fp8Format | None, context: int,

@@ -23,6 +23,21 @@ def in_use(device: torch.device) -> tuple[int, int]:
     return rss_pages * _page_size(), os.sysconf("SC_PHYS_PAGES") * _page_size()
 
 
+def free(device: torch.device) -> int:
+    """Bytes that can still be allocated: free GPU memory on CUDA, the machine's available memory
+    (MemAvailable) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * _page_size()
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

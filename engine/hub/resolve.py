@@ -19,6 +19,8 @@ def resolve(spec: str | None, progress=lambda msg: None) -> tuple[str, Path]:
     """(display name, checkpoint folder) for an id or a path."""
     if is_embedded(spec):
         return embedded.EMBEDDED_ID, embedded.ensure_converted(progress)
+    if not spec.strip():
+        raise EngineError("model '': give a model id or a checkpoint folder (left out: the embedded model)")
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -7,6 +7,11 @@ import torch
 from engine.config import ModelConfig
 
 
+def kv_cache_bytes(cfg: ModelConfig, max_len: int, batch: int, dtype: torch.dtype) -> int:
+    """What a KVCache of ``max_len`` positions holds, K and V of every layer."""
+    return 2 * cfg.num_layers * batch * cfg.num_kv_heads * max_len * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, max_len: int, batch: int, device, dtype):
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
@@ -28,4 +33,4 @@ class KVCache:
         return per_pos * self.length
 
     def nbytes_allocated(self) -> int:
-        return (self.k.numel() + self.v.numel()) * self.k.element_size()
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()  # = kv_cache_bytes(...)

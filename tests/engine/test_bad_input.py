@@ -103,3 +103,34 @@ def test_tiny_checkpoint_runs(tiny_checkpoint):
     session = load(tiny_checkpoint)
     done = list(session.generate([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=8)))[-1]
     assert done.stats.n_prompt_tokens > 0
+
+
+@pytest.mark.parametrize("context, message", [
+    (0, "context 0 is too small"),
+    (-5, "context -5 is too small"),
+    (1_000_000_000, "context 1000000000 is more than the 512 positions"),
+])
+def test_context_out_of_bounds_is_refused_before_allocating(tiny_checkpoint, context, message):
+    with pytest.raises(EngineError, match=message):
+        Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu", context=context))
+
+
+def test_a_context_whose_cache_does_not_fit_free_memory_is_refused(tiny_checkpoint, monkeypatch):
+    from engine import memory
+
+    monkeypatch.setattr(memory, "free", lambda device: 1000)
+    with pytest.raises(EngineError, match=r"context 512: its KV cache needs 256.0 KiB, more than the 1000 B free"):
+        Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu", context=512))
+
+
+def test_cli_context_zero_is_not_the_default(tiny_checkpoint):
+    from chatapp.cli import _parser
+    from chatapp.options import load_request
+
+    assert load_request(_parser().parse_args(["run", "--context", "0", "--prompt", "hi"])).context == 0
+    assert load_request(_parser().parse_args(["run", "--prompt", "hi"])).context is None
+
+
+def test_an_empty_model_name_is_a_clear_error():
+    with pytest.raises(EngineError, match="model '': give a model id"):
+        Session.load(LoadModel(model="", device="cpu"))
