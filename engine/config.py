@@ -4,12 +4,12 @@ onto the one set of fields our Llama implementation needs."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import EngineError
 
-_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
 
 
@@ -42,6 +42,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
     generation: dict = field(default_factory=dict, hash=False, compare=False)  # generation_config.json
+    sampling: dict = field(default_factory=dict, hash=False, compare=False)  # its checked sampling (recommended_sampling)
     quantization_config: dict | None = field(default=None, hash=False, compare=False)  # as in config.json
     medusa: dict | None = field(default=None, hash=False, compare=False)  # config.json "medusa" (modelopt export)
 
@@ -83,34 +84,80 @@ def _rope(raw: dict, source: str) -> tuple[float, RopeScaling]:
         )
     except (TypeError, ValueError) as e:
         raise EngineError(f"{source}: bad rope scaling parameters: {e}") from None
+    for name, value in (("rope_theta", theta), ("rope factor", rs.factor), ("rope low_freq_factor", rs.low_freq_factor),
+                        ("rope high_freq_factor", rs.high_freq_factor),
+                        ("rope original_max_position_embeddings", rs.original_max_position_embeddings)):
+        if not math.isfinite(value) or value <= 0:
+            raise EngineError(f"{source}: {name} is {value}; it must be a positive number")
+    if kind == "llama3" and rs.high_freq_factor <= rs.low_freq_factor:
+        raise EngineError(f"{source}: rope high_freq_factor ({rs.high_freq_factor}) must be above low_freq_factor "
+                          f"({rs.low_freq_factor})")
     return theta, rs
 
 
-def config_from_dict(raw: dict, source: str = "config.json", generation: dict | None = None) -> ModelConfig:
-    """Map a Hugging Face Llama config (plus its generation_config, if any) to ModelConfig."""
+def _size(raw: dict, key: str, source: str, default=None) -> int:
+    """A size field of config.json: a positive integer (``default`` when left out or null)."""
+    value = raw.get(key)
+    if value is None:
+        if default is None:
+            raise EngineError(f"{source}: missing required field {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EngineError(f"{source}: {key} is {json.dumps(value)}; it must be a positive integer")
+    return value
+
+
+def recommended_sampling(generation: dict, source: str) -> dict:
+    """The sampling that generation_config.json recommends, checked once as the model loads:
+    {} (greedy) without ``do_sample``, else SamplingParams' temperature / top_p / top_k (a null
+    or missing value: no change from plain sampling). A bad value is an EngineError naming it."""
+    if not generation.get("do_sample"):
+        return {}
+    checks = {"temperature": (1.0, lambda v: v >= 0, "a number ≥ 0"),
+              "top_p": (1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+              "top_k": (0, lambda v: v >= 0 and float(v).is_integer(), "an integer ≥ 0")}
+    out = {}
+    for key, (default, ok, what) in checks.items():
+        value = generation.get(key)
+        if value is None:
+            out[key] = default
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise EngineError(f"{source}: {key} is {json.dumps(value)}; expected {what}")
+        out[key] = int(value) if key == "top_k" else float(value)
+    return out
+
+
+def config_from_dict(raw: dict, source: str = "config.json", generation: dict | None = None,
+                     generation_source: str = "generation_config.json") -> ModelConfig:
+    """Map a Hugging Face Llama config (plus its generation_config, if any) to ModelConfig. Every
+    size is checked to be a positive integer and every float to be finite, once, here."""
     model_type = raw.get("model_type", "llama")
     if model_type != "llama":
         raise EngineError(f"{source}: model_type {model_type!r} is not supported (chatapp runs Llama-family models)")
-    for name in _REQUIRED:
-        if name not in raw:
-            raise EngineError(f"{source}: missing required field {name!r}")
+    hidden = _size(raw, "hidden_size", source)
+    heads = _size(raw, "num_attention_heads", source)
+    kv_heads = _size(raw, "num_key_value_heads", source, heads)
+    if hidden % heads and raw.get("head_dim") is None:
+        raise EngineError(f"{source}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads})")
+    head_dim = _size(raw, "head_dim", source, hidden // heads)
+    eps = raw.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise EngineError(f"{source}: rms_norm_eps is {json.dumps(eps)}; it must be a positive number")
+    sampling = recommended_sampling(generation or {}, generation_source)
     try:
-        hidden = int(raw["hidden_size"])
-        heads = int(raw["num_attention_heads"])
-        kv_heads = int(raw.get("num_key_value_heads") or heads)
-        head_dim = int(raw.get("head_dim") or hidden // heads)
         theta, scaling = _rope(raw, source)
         eos = _ids((generation or {}).get("eos_token_id")) or _ids(raw.get("eos_token_id"))
         cfg = ModelConfig(
             hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
+            intermediate_size=_size(raw, "intermediate_size", source),
+            num_layers=_size(raw, "num_hidden_layers", source),
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            vocab_size=int(raw["vocab_size"]),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            vocab_size=_size(raw, "vocab_size", source),
+            max_position_embeddings=_size(raw, "max_position_embeddings", source, 2048),
+            rms_norm_eps=float(eps),
             rope_theta=theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -120,6 +167,7 @@ def config_from_dict(raw: dict, source: str = "config.json", generation: dict | 
             eos_token_ids=eos,
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             generation=dict(generation or {}),
+            sampling=sampling,
             quantization_config=raw.get("quantization_config"),
             medusa=raw.get("medusa"),
         )
@@ -148,4 +196,4 @@ def load_config(model_dir: Path) -> ModelConfig:
     raw = _read_json(path)
     gen_path = Path(model_dir) / "generation_config.json"
     generation = _read_json(gen_path) if gen_path.exists() else None
-    return config_from_dict(raw, str(path), generation)
+    return config_from_dict(raw, str(path), generation, str(gen_path))

@@ -66,15 +66,9 @@ class Session:
                          quantization=self.quantization, medusa_tree=self.decoder.setup)
 
     def recommended_params(self) -> SamplingParams:
-        """Sampling settings from the checkpoint's generation_config.json (greedy when it has none)."""
-        gen = self.model.cfg.generation
-        if not gen.get("do_sample"):
-            return SamplingParams()
-        try:
-            return SamplingParams(temperature=float(gen.get("temperature", 1.0)), top_p=float(gen.get("top_p", 1.0)),
-                                  top_k=int(gen.get("top_k") or 0))
-        except (TypeError, ValueError) as e:
-            raise EngineError(f"{self.path / 'generation_config.json'}: bad sampling setting ({e})") from None
+        """Sampling settings from the checkpoint's generation_config.json (greedy when it has none),
+        checked when the model loaded (engine/config.py recommended_sampling)."""
+        return SamplingParams(**self.model.cfg.sampling)
 
     def reset(self) -> None:
         """Forget the cached conversation: the next prompt is prefilled whole."""

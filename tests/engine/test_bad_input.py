@@ -134,3 +134,11 @@ def test_cli_context_zero_is_not_the_default(tiny_checkpoint):
 def test_an_empty_model_name_is_a_clear_error():
     with pytest.raises(EngineError, match="model '': give a model id"):
         Session.load(LoadModel(model="", device="cpu"))
+
+
+def test_a_bad_recommended_sampling_value_is_refused_at_load(tiny_checkpoint):
+    """Not at every request (the server would answer 500 to each): once, naming the file."""
+    (tiny_checkpoint / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": "warm"}))
+    with pytest.raises(EngineError) as info:
+        load(tiny_checkpoint)
+    assert str(info.value) == f"{tiny_checkpoint / 'generation_config.json'}: temperature is \"warm\"; expected a number ≥ 0"

@@ -77,3 +77,40 @@ def test_unknown_rope_type_and_model_type():
         config_from_dict({**LLAMA31_8B, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(EngineError, match="model_type 'gpt2'"):
         config_from_dict({**LLAMA2_7B, "model_type": "gpt2"})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_attention_heads": 0}, "num_attention_heads is 0; it must be a positive integer"),
+    ({"num_hidden_layers": -2}, "num_hidden_layers is -2; it must be a positive integer"),
+    ({"hidden_size": 4096.5}, "hidden_size is 4096.5; it must be a positive integer"),
+    ({"vocab_size": "big"}, 'vocab_size is "big"; it must be a positive integer'),
+    ({"num_key_value_heads": True}, "num_key_value_heads is true"),
+    ({"hidden_size": 4100}, "hidden_size (4100) is not a multiple of num_attention_heads (32)"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps is NaN; it must be a positive number"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps is 0; it must be a positive number"),
+    ({"rope_scaling": {**LLAMA31_8B["rope_scaling"], "factor": 0}}, "rope factor is 0.0; it must be a positive"),
+    ({"rope_theta": float("inf"), "rope_scaling": None}, "rope_theta is inf; it must be a positive number"),
+    ({"rope_scaling": {**LLAMA31_8B["rope_scaling"], "high_freq_factor": 1.0}}, "must be above low_freq_factor"),
+])
+def test_sizes_and_numbers_are_checked_once(change, message):
+    with pytest.raises(EngineError) as info:
+        config_from_dict({**LLAMA31_8B, **change}, "/m/config.json")
+    assert str(info.value).startswith("/m/config.json: ") and message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"temperature": "hot"}, 'temperature is "hot"; expected a number ≥ 0'),
+    ({"temperature": -1}, "temperature is -1; expected a number ≥ 0"),
+    ({"top_p": 0}, "top_p is 0; expected a number in (0, 1]"),
+    ({"top_k": 2.5}, "top_k is 2.5; expected an integer ≥ 0"),
+])
+def test_recommended_sampling_is_checked_when_the_model_loads(change, message):
+    with pytest.raises(EngineError) as info:
+        config_from_dict(LLAMA31_8B, "/m/config.json", {**LLAMA31_GENERATION, **change}, "/m/generation_config.json")
+    assert str(info.value) == f"/m/generation_config.json: {message}"
+
+
+def test_recommended_sampling_with_nulls_and_without_do_sample():
+    cfg = config_from_dict(LLAMA31_8B, "c", {**LLAMA31_GENERATION, "top_p": None, "top_k": 20})
+    assert cfg.sampling == {"temperature": 0.6, "top_p": 1.0, "top_k": 20}
+    assert config_from_dict(LLAMA31_8B, "c", {"do_sample": False, "temperature": "ignored"}).sampling == {}
