@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
+from engine.errors import EngineError
 
 DECODINGS = ("plain", "medusa", "dmc")  # the decodings, named once for every front end
 QUANTIZE = ("fp8",)  # what --quantize accepts: FP8 weights rounded on load
+SEED_LIMIT = 2**63  # seeds are in [0, 2**63): what torch.Generator.manual_seed takes on every device
 DEFAULT_CONTEXT = 8192  # KV cache length when none is asked for: min(the model's context, this)
 
 
@@ -19,6 +22,19 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+
+    def check(self) -> None:
+        """Every setting in range (NaN and infinities included), or a one-line EngineError."""
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise EngineError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise EngineError(f"seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass

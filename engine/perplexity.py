@@ -17,6 +17,8 @@ from engine.model.llama import LlamaModel
 def perplexity(model: LlamaModel, ids: list[int], window: int = 512, stride: int = 256) -> dict:
     if len(ids) < 2:
         raise EngineError("the text is too short: it needs at least 2 tokens")
+    if window < 2:
+        raise EngineError(f"window must be at least 2 tokens (one predicts the next), got {window}")
     if not 0 < stride <= window:
         raise EngineError(f"stride must be in 1..window ({window}), got {stride}")
     window = min(window, model.cfg.max_position_embeddings)
@@ -36,4 +38,6 @@ def perplexity(model: LlamaModel, ids: list[int], window: int = 512, stride: int
             prev_end = end
             if end == len(ids):
                 break
+    if not math.isfinite(nll):
+        raise EngineError("the model's log-probabilities are not finite (NaN or infinite weights?)")
     return {"perplexity": math.exp(nll / scored), "tokens": scored}

@@ -16,6 +16,17 @@ from engine.config import ModelConfig
 from engine.errors import EngineError
 
 
+def _unicode(text: str) -> str:
+    """``text`` when it is valid Unicode; an EngineError where it holds a lone surrogate (bytes
+    that were not UTF-8, read with surrogateescape, or an escaped "\\ud800" in JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EngineError(f"the text is not valid Unicode: {e.object[e.start:e.end]!a} at character {e.start} "
+                          "(bytes that are not UTF-8?)") from None
+    return text
+
+
 def _token_text(value) -> str | None:
     if isinstance(value, dict):  # serialized AddedToken
         return value.get("content")
@@ -136,12 +147,12 @@ class ChatTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, with no special tokens added (templates write their own)."""
-        return self.raw.encode(text, add_special_tokens=False).ids
+        return self.raw.encode(_unicode(text), add_special_tokens=False).ids
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a raw-text prompt (a completion, no chat template), with the special tokens
         the tokenizer itself adds to a sequence (a Llama BOS; none for SmolLM2)."""
-        return self.raw.encode(text, add_special_tokens=True).ids
+        return self.raw.encode(_unicode(text), add_special_tokens=True).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.raw.decode(ids, skip_special_tokens=True)

@@ -235,10 +235,15 @@ class Server:
         room = context - n_prompt
         base = self.runner_defaults
         top_k = base.top_k if req.top_k is None else max(0, req.top_k)
-        return SamplingParams(max_new_tokens=min(max_tokens or limit, room, limit),
-                              temperature=base.temperature if req.temperature is None else req.temperature,
-                              top_k=top_k, top_p=base.top_p if req.top_p is None else req.top_p,
-                              seed=req.seed, ignore_eos=req.ignore_eos)
+        params = SamplingParams(max_new_tokens=min(max_tokens or limit, room, limit),
+                                temperature=base.temperature if req.temperature is None else req.temperature,
+                                top_k=top_k, top_p=base.top_p if req.top_p is None else req.top_p,
+                                seed=req.seed, ignore_eos=req.ignore_eos)
+        try:
+            params.check()  # the engine's own check, here where it is the client's error
+        except EngineError as e:
+            raise ApiError(400, str(e), param=str(e).split()[0]) from None
+        return params
 
     @property
     def runner_defaults(self) -> SamplingParams:
@@ -320,7 +325,10 @@ class Server:
                 raise ApiError(400, "prompt: one prompt per request is supported", param="prompt")
             req.prompt = req.prompt[0]
         if isinstance(req.prompt, str):
-            prompt = self.session.encode_prompt(req.prompt)
+            try:
+                prompt = self.session.encode_prompt(req.prompt)
+            except EngineError as e:
+                raise ApiError(400, f"prompt: {e}", param="prompt") from None
         else:
             vocab = self.session.vocab_size
             if any(not 0 <= t < vocab for t in req.prompt):

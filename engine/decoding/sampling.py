@@ -4,19 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import EngineError
 from engine.events import SamplingParams
-
-
-def check_params(p: SamplingParams) -> None:
-    if p.temperature < 0:
-        raise EngineError(f"temperature must be >= 0, got {p.temperature}")
-    if not 0 < p.top_p <= 1:
-        raise EngineError(f"top_p must be in (0, 1], got {p.top_p}")
-    if p.top_k < 0:
-        raise EngineError(f"top_k must be >= 0, got {p.top_k}")
-    if p.max_new_tokens < 1:
-        raise EngineError(f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
 
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -37,7 +25,7 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 class Sampler:
     def __init__(self, params: SamplingParams, device: torch.device):
-        check_params(params)
+        params.check()
         self.params = params
         self.greedy = params.temperature == 0
         self.generator = None

@@ -44,7 +44,8 @@ def checkpoint_file(path: Path) -> Path:
     tracker = path / MEGATRON_TRACKER
     if tracker.exists():
         tag = tracker.read_text(encoding="utf-8", errors="replace").strip()
-        sub = "release" if tag == "release" else (f"iter_{int(tag):07d}" if tag.isdigit() else None)
+        digits = tag.isascii() and tag.isdigit()  # "²" is a digit to str.isdigit, not to int()
+        sub = "release" if tag == "release" else (f"iter_{int(tag):07d}" if digits else None)
         if sub:
             candidates.append(path / sub / "mp_rank_00" / MEGATRON_FILE)
     for c in candidates:

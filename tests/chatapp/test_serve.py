@@ -155,9 +155,15 @@ def test_bad_requests_are_400_in_openai_shape(server, embedded_session):
         (json.dumps({"model": name, "messages": QUESTION, "max_tokens": 100000}).encode(), "allows (256)"),
         (json.dumps({"model": name, "messages": QUESTION, "n": 2}).encode(), "only n=1"),
         (json.dumps({"model": name, "messages": QUESTION, "stream": "sometimes"}).encode(), "stream"),
+        (json.dumps({"model": name, "messages": QUESTION, "seed": 2**70}).encode(), "seed must be in [0, 2**63)"),
+        (json.dumps({"model": name, "messages": [{"role": "user", "content": "\ud800"}]}).encode(),
+         "messages: the text is not valid Unicode"),
+        (json.dumps({"model": name, "prompt": "a \udcff b", "max_tokens": 2}).encode(),
+         "prompt: the text is not valid Unicode"),
     ]
     for body, needle in cases:
-        status, _, out = server.post("/v1/chat/completions", body, auth)
+        path = "/v1/completions" if b'"prompt"' in body else "/v1/chat/completions"
+        status, _, out = server.post(path, body, auth)
         assert status == 400, (body, out)
         err = out["error"]
         assert set(err) >= {"message", "type", "code"} and err["type"] == "invalid_request_error"

@@ -142,3 +142,25 @@ def test_a_bad_recommended_sampling_value_is_refused_at_load(tiny_checkpoint):
     with pytest.raises(EngineError) as info:
         load(tiny_checkpoint)
     assert str(info.value) == f"{tiny_checkpoint / 'generation_config.json'}: temperature is \"warm\"; expected a number ≥ 0"
+
+
+@pytest.mark.parametrize("text", ["caf\udce9", "\ud800 alone"])
+def test_text_that_is_not_unicode_is_a_clear_error(embedded_session, text):
+    """Bytes that were not UTF-8 (read with surrogateescape) or a lone surrogate from JSON."""
+    for encode in (embedded_session.encode_prompt, lambda t: embedded_session.encode_chat([{"role": "user",
+                                                                                           "content": t}])):
+        with pytest.raises(EngineError, match="the text is not valid Unicode"):
+            encode(text)
+
+
+def test_perplexity_window_of_one_is_refused(embedded_session):
+    with pytest.raises(EngineError, match="window must be at least 2 tokens"):
+        embedded_session.perplexity("Hello there, how are you?", window=1, stride=1)
+
+
+def test_a_megatron_tracker_with_a_non_ascii_digit_is_a_clear_error(tmp_path):
+    from engine.hub.layout import checkpoint_file
+
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("²")
+    with pytest.raises(EngineError, match="no Megatron checkpoint file"):
+        checkpoint_file(tmp_path)

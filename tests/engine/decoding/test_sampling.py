@@ -48,3 +48,15 @@ def test_sampler_draws_follow_the_distribution():
 def test_bad_settings_are_named(params, field):
     with pytest.raises(EngineError, match=field):
         Sampler(params, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"temperature": float("nan")}, "temperature must be >= 0, got nan"),
+    ({"temperature": float("inf")}, "temperature must be >= 0, got inf"),
+    ({"seed": 2**64}, "seed must be in [0, 2**63), got 18446744073709551616"),
+    ({"seed": -1}, "seed must be in [0, 2**63)"),
+])
+def test_out_of_range_settings_are_one_line_errors(change, message):
+    with pytest.raises(EngineError) as info:
+        Sampler(SamplingParams(**change), torch.device("cpu"))
+    assert message in str(info.value)
