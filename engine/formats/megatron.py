@@ -30,8 +30,6 @@ accepted too.) The tokenizer is not in the checkpoint: the Llama 2 SentencePiece
 
 from __future__ import annotations
 
-import pickle
-import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import torch
 from engine.formats.tensor_source import TensorSource
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import EngineError
+from engine.formats.torch_pickle import load_weights_only
 from engine.hub.layout import checkpoint_file
 
 
@@ -78,29 +77,7 @@ SAFE_GLOBALS = [(StoredArgs, "argparse.Namespace"), (StoredModelType, "megatron.
 
 
 def _load_pickle(path: Path) -> dict:
-    def load(mmap: bool):
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-
-    try:
-        try:
-            obj = load(mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = load(mmap=False)  # a file in the pre-zip format: read into memory
-    except pickle.UnpicklingError as e:
-        what = re.search(r"GLOBAL ([\w.]+)|function ([\w.<>]+)|got (<class [^>]+>)", str(e))
-        if what:
-            culprit = next(g for g in what.groups() if g)
-            raise EngineError(f"{path}: refused to load this checkpoint: it asks for {culprit}, which is not on the "
-                              "allow-list of a Megatron checkpoint (tensors, args, ModelType, extra-state blobs); "
-                              "nothing in it was run") from None
-        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
-        raise EngineError(f"{path}: not a PyTorch checkpoint this loader can read safely ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, TypeError) as e:
-        raise EngineError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else e})") \
-            from None
+    obj = load_weights_only(path, SAFE_GLOBALS, "tensors, args, ModelType, extra-state blobs")
     if not isinstance(obj, dict):
         raise EngineError(f"{path}: expected a Megatron checkpoint (a dict with 'args' and 'model'), "
                           f"found {type(obj).__name__}")

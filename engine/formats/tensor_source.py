@@ -31,9 +31,17 @@ class TensorSource:
         elif index.exists():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise EngineError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in weight_map.items()):
+                raise EngineError(f"{index}: not a valid safetensors index (weight_map must map tensor names "
+                                  "to file names)")
             files = sorted(set(weight_map.values()))
+            inside = self.model_dir.resolve()
+            for f in files:
+                if not (self.model_dir / f).resolve().is_relative_to(inside):
+                    raise EngineError(f"{index}: {f!r} is outside the checkpoint folder; refused")
             for f in files:
                 self._open(self.model_dir / f)
             for name, f in weight_map.items():
@@ -44,6 +52,13 @@ class TensorSource:
         else:
             files = sorted(self.model_dir.glob("*.safetensors"))
             if not files:
+                pickles = sorted(p.name for p in self.model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+                if pickles:
+                    raise EngineError(
+                        f"{self.model_dir}: no *.safetensors files, only {pickles[0]}, a PyTorch pickle, which chatapp "
+                        "does not load; convert it once with transformers (weights-only unpickling): python -c "
+                        "\"from transformers import AutoModelForCausalLM as M; "
+                        f"M.from_pretrained('{self.model_dir}').save_pretrained('{self.model_dir}-safetensors')\"")
                 raise EngineError(f"{self.model_dir}: no *.safetensors files found")
             for path in files:
                 for name in self._keys(self._open(path)):
@@ -59,8 +74,11 @@ class TensorSource:
         return src
 
     def _open(self, path: Path) -> Path:
-        if not path.exists():
-            raise EngineError(f"{path}: file not found")
+        try:
+            with open(path, "rb"):  # the OS's own reason: no such file, permission denied, a symlink loop
+                pass
+        except OSError as e:
+            raise EngineError(f"{path}: cannot read it ({e.strerror or e})") from None
         try:
             self._handles[path] = safe_open(str(path), framework="pt")
         except Exception as e:  # safetensors raises its own error type for bad headers and sizes

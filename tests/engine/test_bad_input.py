@@ -164,3 +164,43 @@ def test_a_megatron_tracker_with_a_non_ascii_digit_is_a_clear_error(tmp_path):
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("²")
     with pytest.raises(EngineError, match="no Megatron checkpoint file"):
         checkpoint_file(tmp_path)
+
+
+def _safetensors_index(folder, weight_map) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("weight_map, message", [
+    (["model.safetensors"], "weight_map must map tensor names to file names"),
+    ({"model.embed_tokens.weight": 3}, "weight_map must map tensor names to file names"),
+    ({"model.embed_tokens.weight": "../elsewhere/model.safetensors"}, "is outside the checkpoint folder"),
+    ({"model.embed_tokens.weight": "/etc/model.safetensors"}, "is outside the checkpoint folder"),
+])
+def test_a_bad_or_escaping_safetensors_index_is_refused(tiny_checkpoint, weight_map, message):
+    _safetensors_index(tiny_checkpoint, weight_map)
+    with pytest.raises(EngineError) as info:
+        load(tiny_checkpoint)
+    assert "model.safetensors.index.json" in str(info.value) and message in str(info.value)
+
+
+def test_file_errors_say_what_the_os_says(tiny_checkpoint):
+    weights = tiny_checkpoint / "model.safetensors"
+    weights.rename(tiny_checkpoint / "real.safetensors")
+    weights.symlink_to(weights)  # a loop
+    with pytest.raises(EngineError, match="Too many levels of symbolic links"):
+        load(tiny_checkpoint)
+
+
+def test_a_pytorch_bin_only_checkpoint_says_how_to_convert_it(tiny_checkpoint):
+    (tiny_checkpoint / "model.safetensors").rename(tiny_checkpoint / "pytorch_model.bin")
+    with pytest.raises(EngineError) as info:
+        load(tiny_checkpoint)
+    assert "only pytorch_model.bin, a PyTorch pickle" in str(info.value) and "save_pretrained" in str(info.value)
+
+
+def test_an_empty_pt_file_says_so(tmp_path):
+    from engine.decoding.medusa.heads import load_fasterdecoding
+
+    (tmp_path / "medusa_lm_head.pt").write_bytes(b"")
+    with pytest.raises(EngineError, match="medusa_lm_head.pt: the file is empty"):
+        load_fasterdecoding(tmp_path / "medusa_lm_head.pt", 64, 100, "cpu", None)

@@ -25,6 +25,7 @@ from engine.decoding.medusa.tree import MedusaTree
 from engine.errors import EngineError
 from engine.formats.fp8 import Fp8Format
 from engine.formats.tensor_source import TensorSource
+from engine.formats.torch_pickle import load_weights_only
 from engine.model.linear import Fp8Linear, Linear, default_splits
 from engine.model.llama import LlamaModel
 from engine.hub import layout
@@ -245,11 +246,7 @@ def load_heads(model_dir: Path, medusa: dict | None, src: TensorSource, hidden: 
 def load_fasterdecoding(path: Path, hidden: int, vocab: int, device, dtype) -> MedusaHeads:
     path = Path(path)
     if path.suffix == ".pt":
-        try:  # weights_only: a pickle that would run code is refused
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise EngineError(f"{path}: not a plain tensor file ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:200]})") from None
+        tensors = load_weights_only(path)  # a pickle that would run code is refused
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise EngineError(f"{path}: expected a dict of tensors")
         src = TensorSource.from_tensors(tensors, path)

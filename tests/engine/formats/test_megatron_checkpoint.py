@@ -143,4 +143,4 @@ def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path):
     path.write_bytes(b"not a pickle at all")
     with pytest.raises(EngineError) as e:
         read_megatron_checkpoint(path)
-    assert str(e.value).startswith(f"{path}: not a PyTorch checkpoint") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{path}: not a PyTorch file this loader can read safely") and "\n" not in str(e.value)
