@@ -37,6 +37,9 @@ class RandomSource:
     def __contains__(self, name):
         return True
 
+    def names(self) -> set[str]:  # whatever is asked for exists; nothing else does
+        return set()
+
     def get_shaped(self, name, shape):
         if name.endswith("norm.weight"):
             return torch.ones(shape, device=self.device, dtype=torch.bfloat16)

@@ -148,7 +148,11 @@ def _medusa(name: str, path: Path, model: LlamaModel, src: TensorSource, fmt: Fp
         raise EngineError(f"{name}: the checkpoint has no Medusa heads (config.json 'medusa' entry or "
                           "medusa_lm_head.safetensors) and chatapp ships none for it")
     progress("choosing the Medusa tree for this device")
-    return MedusaDecoder(model, context, heads, plan(model, heads, name, choices, profile))
+    tree_plan = plan(model, heads, name, choices, profile)
+    if tree_plan.tree is not None and tree_plan.tree.num_nodes >= context:
+        raise EngineError(f"the Medusa tree has {tree_plan.tree.num_nodes} nodes, which do not fit a context of "
+                          f"{context} tokens with a prompt; choose a smaller tree or a longer --context")
+    return MedusaDecoder(model, context, heads, tree_plan)
 
 
 def _megatron_tokenizer(path: Path, tokenizer: Path | None = None) -> Path:

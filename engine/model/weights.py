@@ -3,6 +3,7 @@ each linear layer of the kind its stored format calls for (engine/model/linear.p
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +18,9 @@ from engine.formats.megatron import read_megatron_checkpoint
 from engine.formats.tensor_source import TensorSource
 from engine.model.linear import Fp8Linear, Linear, default_splits
 from engine.model.llama import Layer, LlamaModel
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def block_linears(cfg: ModelConfig, li: int) -> dict[str, tuple[list[tuple[str, tuple[int, int]]], bool]]:
@@ -73,7 +77,15 @@ def from_source(cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.
         t = src.get_shaped(name, shape)
         if not t.is_floating_point():
             raise EngineError(f"{src.file_of(name)}: tensor {name!r} has dtype {t.dtype}, expected a float type")
-        return t.to(device=device, dtype=dtype)
+        t = t.to(device=device, dtype=dtype)
+        if not bool(torch.isfinite(t).all()):  # one pass over the weights: cheap next to reading them
+            raise EngineError(f"{src.file_of(name)}: tensor {name!r} holds NaN or infinite values")
+        return t
+
+    extra = sorted({int(m[1]) for n in src.names() if (m := _LAYER.match(n))} - set(range(cfg.num_layers)))
+    if extra:
+        raise EngineError(f"{src.model_dir}: the checkpoint has tensors of layer {extra[0]}, but the config says "
+                          f"{cfg.num_layers} layers (num_hidden_layers)")
 
     splits = default_splits(device)
 

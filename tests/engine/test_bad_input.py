@@ -204,3 +204,30 @@ def test_an_empty_pt_file_says_so(tmp_path):
     (tmp_path / "medusa_lm_head.pt").write_bytes(b"")
     with pytest.raises(EngineError, match="medusa_lm_head.pt: the file is empty"):
         load_fasterdecoding(tmp_path / "medusa_lm_head.pt", 64, 100, "cpu", None)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_infinite_weights_are_refused(tiny_checkpoint, value):
+    weights = load_file(str(tiny_checkpoint / "model.safetensors"))
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = value
+    save_file(weights, str(tiny_checkpoint / "model.safetensors"))
+    with pytest.raises(EngineError, match=r"model.safetensors: tensor 'model.layers.1.mlp.down_proj.weight' holds NaN"):
+        load(tiny_checkpoint)
+
+
+def test_a_config_with_fewer_layers_than_the_weights_is_refused(tiny_checkpoint):
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    (tiny_checkpoint / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    with pytest.raises(EngineError, match="has tensors of layer 1, but the config says 1 layers"):
+        load(tiny_checkpoint)
+
+
+def test_a_medusa_tree_too_large_or_ranking_past_the_heads_is_refused(tmp_path):
+    from engine.decoding.medusa.tree import MAX_NODES, build_tree
+
+    with pytest.raises(EngineError, match=f"a tree of 10001 nodes; chatapp verifies at most {MAX_NODES}"):
+        build_tree([[i] for i in range(10000)])
+    choices = tmp_path / "choices.json"
+    choices.write_text(json.dumps([[0], [7000]]))  # the shipped heads score a subset of the vocabulary
+    with pytest.raises(EngineError, match="ranks token 7000, but the heads score"):
+        Session.load(LoadModel(device="cpu", decoding="medusa", medusa_choices=str(choices)))

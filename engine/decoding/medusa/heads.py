@@ -65,6 +65,12 @@ class MedusaHeads:
     def num_heads(self) -> int:
         return len(self.blocks)
 
+    def vocabulary(self, base_lm_head: Linear) -> int:
+        """How many tokens each head scores (the ranks a tree may ask for)."""
+        if self.lm_heads is not None:
+            return self.lm_heads[0].out_features
+        return len(self.token_ids) if self.token_ids is not None else base_lm_head.out_features
+
     def _output(self, h: int, base_lm_head: Linear) -> Linear:
         if self.lm_heads is not None:
             return self.lm_heads[h]

@@ -122,7 +122,12 @@ def plan(model, heads, name: str, choices: str | None, profile: Profile | None) 
     """The tree to verify: the user's choice, or (``auto``) the best for this device."""
     choices = choices or "auto"
     if choices != "auto":
-        return Plan(build_tree(read_choices(choices, heads.num_heads), heads.num_heads).to(model.device), choices)
+        tree = build_tree(read_choices(choices, heads.num_heads), heads.num_heads)
+        ranks = heads.vocabulary(model.lm_head)
+        if max(tree.topk) > ranks:
+            raise EngineError(f"--medusa-choices {choices}: a path ranks token {max(tree.topk) - 1}, but the heads "
+                              f"score {ranks} tokens")
+        return Plan(tree.to(model.device), choices)
     if profile is None:  # no acceptance figures for these heads: the reference tree
         return Plan(build_tree(read_choices("card", heads.num_heads), heads.num_heads).to(model.device), "card")
     most = len([p for p, _ in profile.paths if len(p) <= heads.num_heads]) + 1

@@ -25,6 +25,8 @@ import torch
 
 from engine.errors import EngineError
 
+MAX_NODES = 256  # the largest tree verified (the card's has 64 nodes; a step's cost grows with the size)
+
 # The tree of the nvidia/Llama-3.1-8B-Medusa-FP8 model card (3 heads, depth 3).
 CARD_CHOICES = [
     [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5],
@@ -98,6 +100,8 @@ def build_tree(choices, num_heads: int | None = None) -> MedusaTree:
             paths.add(path[:d])
     if not paths:
         raise EngineError("medusa choices are empty")
+    if len(paths) + 1 > MAX_NODES:
+        raise EngineError(f"medusa choices make a tree of {len(paths) + 1} nodes; chatapp verifies at most {MAX_NODES}")
     ordered = sorted(paths, key=lambda p: (len(p), p))
     depth = len(ordered[-1])
     if num_heads is not None and depth > num_heads:

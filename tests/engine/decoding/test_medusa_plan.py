@@ -22,6 +22,9 @@ PROFILE = Profile([((0,), 0.6), ((0, 0), 0.4), ((1,), 0.1), ((0, 0, 0), 0.25), (
 class FakeHeads:
     num_heads = 3
 
+    def vocabulary(self, base_lm_head):
+        return base_lm_head.out_features
+
 
 def test_profile_trees_are_prefix_closed_and_expected_tokens_add_up():
     assert PROFILE.tree_paths(1, 3) == []
