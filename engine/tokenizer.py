@@ -6,6 +6,8 @@ Jinja in a sandbox, as transformers does, without importing transformers (second
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -33,10 +35,67 @@ def _token_text(value) -> str | None:
     return value
 
 
+MAX_TEMPLATE_BYTES = 1 << 20  # a chat template file (the published ones are a few kB)
+MAX_RENDER_CHARS = 1 << 24  # what one rendering may write, and any string or list it builds
+MAX_LOOP_STEPS = 1_000_000  # range() items one rendering may loop over, all loops together
+MAX_RENDER_S = 5.0  # and its time
+
+
+class _Budget(threading.local):
+    """The budget of the rendering under way in this thread (range steps, deadline)."""
+
+    steps = 0
+    deadline = float("inf")
+
+
+_budget = _Budget()
+
+
+def _over(what: str):
+    from jinja2.exceptions import SecurityError
+
+    return SecurityError(f"the template {what}; a chat template may loop over {MAX_LOOP_STEPS:,} items, write "
+                         f"{MAX_RENDER_CHARS:,} characters and run {MAX_RENDER_S:g} s")
+
+
+def _budgeted_range(*args):
+    items = range(*args)
+    if len(items) > MAX_LOOP_STEPS:
+        raise _over(f"asks for a range of {len(items):,} items")
+    for x in items:
+        _budget.steps += 1
+        if _budget.steps > MAX_LOOP_STEPS:
+            raise _over("loops too long")
+        if time.monotonic() > _budget.deadline:
+            raise _over("runs too long")
+        yield x
+
+
 def _template_env():
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
+
+    class BudgetedEnvironment(ImmutableSandboxedEnvironment):
+        """The sandbox, with repetition (``*``) and powers (``**``) kept within the budget."""
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDER_CHARS:
+                        raise _over(f"builds a value of {len(seq) * n:,} items")
+            elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 4096:
+                raise _over(f"raises a number to the power {right}")
+            return super().call_binop(context, operator, left, right)
+
+    class BudgetedNamespace(Namespace):
+        def __setitem__(self, name, value):
+            if isinstance(value, (str, list, tuple)) and len(value) > MAX_RENDER_CHARS:
+                raise _over(f"builds a value of {len(value):,} items")
+            super().__setitem__(name, value)
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -44,11 +103,27 @@ def _template_env():
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = BudgetedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["range"] = _budgeted_range
+    env.globals["namespace"] = BudgetedNamespace
     return env
+
+
+def _render(template, **values) -> str:
+    """``template`` rendered within the budget: output, range steps and time (MAX_*)."""
+    _budget.steps, _budget.deadline = 0, time.monotonic() + MAX_RENDER_S
+    parts, size = [], 0
+    for piece in template.generate(**values):
+        size += len(piece)
+        if size > MAX_RENDER_CHARS:
+            raise _over("writes too much")
+        if time.monotonic() > _budget.deadline:
+            raise _over("runs too long")
+        parts.append(piece)
+    return "".join(parts)
 
 
 def sentencepiece_dir(model_file: Path) -> Path:
@@ -106,6 +181,10 @@ class ChatTokenizer:
             tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8")) if tok_cfg_path.exists() else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise EngineError(f"{tok_cfg_path}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise EngineError(f"{tok_cfg_path}: cannot read it ({e.strerror or e})") from None
+        if not isinstance(tok_cfg, dict):
+            raise EngineError(f"{tok_cfg_path}: expected a JSON object")
         self.bos_token = _token_text(tok_cfg.get("bos_token")) or ""
         self.eos_token = _token_text(tok_cfg.get("eos_token")) or ""
         eos = list(cfg.eos_token_ids)
@@ -120,11 +199,24 @@ class ChatTokenizer:
     def _read_template(model_dir: Path, tok_cfg: dict) -> str | None:
         jinja = model_dir / "chat_template.jinja"
         if jinja.exists():
-            return jinja.read_text(encoding="utf-8")
+            try:
+                with open(jinja, "rb") as f:  # bounded: the file may be anything, even /dev/zero
+                    data = f.read(MAX_TEMPLATE_BYTES + 1)
+            except OSError as e:
+                raise EngineError(f"{jinja}: cannot read it ({e.strerror or e})") from None
+            if len(data) > MAX_TEMPLATE_BYTES:
+                raise EngineError(f"{jinja}: larger than a chat template may be ({MAX_TEMPLATE_BYTES:,} bytes)")
+            try:
+                return data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EngineError(f"{jinja}: not UTF-8 text (byte {e.start})") from None
         template = tok_cfg.get("chat_template")
         if isinstance(template, list):  # named templates: use the default one
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
+        if isinstance(template, str) and len(template.encode("utf-8")) > MAX_TEMPLATE_BYTES:
+            raise EngineError(f"{model_dir / 'tokenizer_config.json'}: its chat_template is larger than a chat "
+                              f"template may be ({MAX_TEMPLATE_BYTES:,} bytes)")
         return template if isinstance(template, str) else None
 
     def render_chat(self, messages: list[dict]) -> str:
@@ -137,8 +229,8 @@ class ChatTokenizer:
             except Exception as e:
                 raise EngineError(f"chat template: cannot parse it ({e})") from None
         try:
-            return self._template.render(messages=messages, add_generation_prompt=True,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            return _render(self._template, messages=messages, add_generation_prompt=True,
+                           bos_token=self.bos_token, eos_token=self.eos_token)
         except Exception as e:
             raise EngineError(f"chat template: {e}") from None
 

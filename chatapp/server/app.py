@@ -299,8 +299,8 @@ class Server:
         self._check_model(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
-        try:
-            prompt = self.session.encode_chat(messages)
+        try:  # off the event loop: a long prompt or a slow template must not stall /health
+            prompt = await asyncio.to_thread(self.session.encode_chat, messages)
         except EngineError as e:
             raise ApiError(400, f"messages: {e}", param="messages") from None
         params = self._params(req, req.max_completion_tokens or req.max_tokens, len(prompt))
@@ -326,7 +326,7 @@ class Server:
             req.prompt = req.prompt[0]
         if isinstance(req.prompt, str):
             try:
-                prompt = self.session.encode_prompt(req.prompt)
+                prompt = await asyncio.to_thread(self.session.encode_prompt, req.prompt)
             except EngineError as e:
                 raise ApiError(400, f"prompt: {e}", param="prompt") from None
         else:
