@@ -183,6 +183,8 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise EngineError(f"{path}: file not found") from None
+    except OSError as e:  # a folder, a symlink loop, no permission
+        raise EngineError(f"{path}: cannot read it ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EngineError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):

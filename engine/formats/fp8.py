@@ -31,9 +31,12 @@ FP8 = torch.float8_e4m3fn
 
 def _read(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EngineError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise EngineError(f"{path}: expected a JSON object")
+    return data
 
 
 class Fp8Format:

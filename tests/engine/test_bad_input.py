@@ -231,3 +231,14 @@ def test_a_medusa_tree_too_large_or_ranking_past_the_heads_is_refused(tmp_path):
     choices.write_text(json.dumps([[0], [7000]]))  # the shipped heads score a subset of the vocabulary
     with pytest.raises(EngineError, match="ranks token 7000, but the heads score"):
         Session.load(LoadModel(device="cpu", decoding="medusa", medusa_choices=str(choices)))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda cfg: (cfg.unlink(), cfg.mkdir()), "config.json: cannot read it (Is a directory)"),
+    (lambda cfg: (cfg.unlink(), cfg.symlink_to(cfg)), "config.json: cannot read it (Too many levels of symbolic links)"),
+    (lambda cfg: (cfg.parent / "hf_quant_config.json").write_text('"fp8"'), "hf_quant_config.json: expected a JSON object"),
+])
+def test_config_files_in_a_bad_state_are_one_line_errors(tiny_checkpoint, make, message):
+    make(tiny_checkpoint / "config.json")
+    with pytest.raises(EngineError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load(tiny_checkpoint)
