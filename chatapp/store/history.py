@@ -20,6 +20,7 @@ lock.
 from __future__ import annotations
 
 import json
+import errno
 import os
 import sqlite3
 import threading
@@ -117,6 +118,23 @@ def schema_version() -> int:
 
 def default_path() -> Path:
     return data_dir() / FILENAME
+
+
+def write_new_file(folder: Path, stem: str, suffix: str, text: str) -> Path:
+    """``text`` in a new file ``folder/stem.suffix`` (``stem-2``, ``stem-3``... when taken), private
+    to the user (0600): created exclusively, so nothing that is already there, a planted symlink
+    included, is followed or written over. Returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10000):
+        path = folder / (f"{stem}{suffix}" if n == 1 else f"{stem}-{n}{suffix}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+    raise FileExistsError(errno.EEXIST, "every name is taken", str(folder / f"{stem}{suffix}"))
 
 
 # --- the store ---------------------------------------------------------------------------------

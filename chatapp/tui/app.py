@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -18,13 +17,14 @@ from textual.widgets.option_list import Option
 from engine.events import (Done, Error, Generate, Loaded, LoadModel, ModelInfo, Progress, SamplingParams, Step,
                            Token)
 from engine.hub.embedded import EMBEDDED_ID
+from engine.paths import data_dir
 from engine.serving.client import EngineClient
 from engine.serving.worker import ProcessWorker
 from engine.units import binary_size
 
 from chatapp.compare.spec import parse_setup
 from chatapp.options import load_request
-from chatapp.store.history import Chat, History, HistoryError
+from chatapp.store.history import Chat, History, HistoryError, write_new_file
 from chatapp.store.settings import Settings, SettingsError, keep_invalid, read_settings, save_settings
 from chatapp.tui.chat_settings import ChatSettingsScreen
 from chatapp.tui.compare import CompareScreen
@@ -430,11 +430,11 @@ class ChatApp(App):
             self.notify("nothing to export yet", severity="warning")
             return
         slug = re.sub(r"[^A-Za-z0-9]+", "-", self.chat_record.title).strip("-").lower()[:40] or "chat"
-        path = Path.cwd() / f"chat-{self.chat_record.id}-{slug}.md"
         try:
-            path.write_text(self.history.export_markdown(self.chat_record.id), encoding="utf-8")
+            path = write_new_file(data_dir() / "exports", f"chat-{self.chat_record.id}-{slug}", ".md",
+                                  self.history.export_markdown(self.chat_record.id))
         except OSError as e:
-            self.notify(f"export failed: {path}: {e.strerror}", severity="error")
+            self.notify(f"export failed: {e.filename or ''}: {e.strerror}", severity="error")
             return
         self.notify(f"exported to {path}")
 
@@ -508,7 +508,8 @@ class ChatApp(App):
             ("Compare", "Run one prompt with two decoding set-ups side by side", self.action_compare),
             ("Regenerate", "Drop the last reply and ask again", self.action_regenerate),
             ("Copy reply", "Copy the last reply to the clipboard", self.action_copy_reply),
-            ("Export to Markdown", "Write this chat to a Markdown file in the current folder", self.action_export),
+            ("Export to Markdown", "Write this chat to a new Markdown file in the data folder's exports/",
+             self.action_export),
             ("Chat settings", "System prompt and sampling settings of this chat", self.action_chat_settings),
             ("Toggle stats", "Show or hide the stats panel", self.action_toggle_stats),
             ("Toggle chats", "Show or hide the list of chats", self.action_toggle_sidebar),

@@ -146,16 +146,34 @@ async def test_a_bad_settings_file_falls_back_to_the_defaults():
 
 
 async def test_export_writes_markdown(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    """A new private file in the data folder's exports/ each time; a symlink planted where the
+    file goes is neither followed nor replaced."""
+    import os
+    import re
+
+    from engine.paths import data_dir
+
+    exports = data_dir() / "exports"
+    exports.mkdir(parents=True)
+    target = tmp_path / "precious.txt"
+    target.write_text("mine")
     app, _ = new_app(max_tokens=2, interval=0.01)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
         await ask(pilot, "Hello there")
+        chat = app.chat_record
+        stem = f"chat-{chat.id}-{re.sub(r'[^A-Za-z0-9]+', '-', chat.title).strip('-').lower()}"
+        (exports / f"{stem}.md").symlink_to(target)
         await pilot.press("ctrl+s")
         await pilot.pause()
-    [exported] = tmp_path.glob("chat-*.md")
-    text = exported.read_text()
-    assert "Hello there" in text and "word0 word1" in text
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+    assert target.read_text() == "mine"
+    exported = sorted(p for p in exports.glob("chat-*.md") if not p.is_symlink())
+    assert [p.name for p in exported] == [f"{stem}-2.md", f"{stem}-3.md"]
+    for p in exported:
+        text = p.read_text()
+        assert "Hello there" in text and "word0 word1" in text and os.stat(p).st_mode & 0o777 == 0o600
 
 
 async def test_stats_panel_shows_the_reply_figures():
