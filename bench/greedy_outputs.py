@@ -26,6 +26,7 @@ def main() -> int:
     ap.add_argument("--quantize", choices=["fp8"], help="weights quantized on load")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--against", type=Path, help="an earlier output: report prompts whose tokens differ")
+    ap.add_argument("--save", action="store_true", help="with --against: record the comparison in bench/results/")
     args = ap.parse_args()
 
     from engine.events import LoadModel, SamplingParams
@@ -46,11 +47,18 @@ def main() -> int:
     if args.against is None:
         return 0
     before = json.loads(args.against.read_text())["ids"]
-    bad = 0
+    bad, summary = 0, {}
     for decoding, rows in out.items():
         same = sum(a == b for a, b in zip(rows, before.get(decoding, [])))
         print(f"{decoding}: {same}/{len(rows)} identical to {args.against}")
+        summary[decoding] = {"identical": same, "prompts": len(rows), "tokens": sum(map(len, rows))}
         bad += len(rows) - same
+    if args.save:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from common import record
+
+        record("greedy_outputs", {"against": str(args.against), "max_new_tokens": args.max_new_tokens,
+                                  "quantize": args.quantize, "decodings": summary}, save=True)
     return 1 if bad else 0
 
 
