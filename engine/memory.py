@@ -7,6 +7,8 @@ import resource
 
 import torch
 
+from engine.hub.catalog import ram
+
 
 def _page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
@@ -28,14 +30,8 @@ def free(device: torch.device) -> int:
     (MemAvailable) on a CPU."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * _page_size()
+    available = ram().free_bytes
+    return available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * _page_size()
 
 
 def reset_peak(device: torch.device) -> None:

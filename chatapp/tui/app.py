@@ -167,7 +167,7 @@ class ChatApp(App):
 
     def save_settings(self) -> None:
         try:
-            kept = keep_invalid()
+            kept = keep_invalid() if self.settings_error else None  # save_settings keeps one too, silently
             save_settings(self.settings)
         except (OSError, SettingsError) as e:
             self.notify(f"settings not saved: {e}", severity="warning")

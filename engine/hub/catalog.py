@@ -227,7 +227,12 @@ def device_memory() -> DeviceMemory:
     Tests replace ``_nvidia_smi`` / ``_meminfo``, or this function, with monkeypatch."""
     smi = _nvidia_smi()
     gpu = parse_nvidia_smi(smi) if smi else None
-    return gpu if gpu is not None else parse_meminfo(_meminfo())
+    return gpu if gpu is not None else ram()
+
+
+def ram() -> DeviceMemory:
+    """This machine's RAM: MemAvailable (free) and MemTotal from /proc/meminfo."""
+    return parse_meminfo(_meminfo())
 
 
 # ---- memory estimate -------------------------------------------------------------------------
