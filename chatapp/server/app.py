@@ -28,7 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -40,6 +40,8 @@ from chatapp.server import DEFAULT_API_KEY_ENV
 from chatapp.server.runner import Chunk, EngineRunner, Failed, Finished, Job, Metrics, NotReady, QueueFull
 
 MAX_STOP_SEQUENCES = 16
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
 
 @dataclass
@@ -48,6 +50,25 @@ class ServeOptions:
     api_key: str | None = None  # None: no key needed
     max_tokens_limit: int = 4096
     max_request_bytes: int = 1 << 20
+    aliases: tuple[str, ...] = ()  # other names a request may use, never shown (--model as given: maybe a path)
+    allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS  # Host headers answered (None: any)
+
+
+def allowed_hosts(bound: str) -> frozenset[str] | None:
+    """The Host headers a server bound to ``bound`` answers: its own address and the loopback names
+    (a web page's request to a name that resolves here, DNS rebinding, is refused); any Host when it
+    listens on every interface, where the names it is reached by are not known."""
+    if bound in WILDCARD_HOSTS:
+        return None
+    return LOOPBACK_HOSTS | {bound.lower().strip("[]")}
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header, without its port: 'LocalHost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
 
 
 class ApiError(Exception):
@@ -199,11 +220,15 @@ class Server:
 
     def _check_model(self, name: str) -> None:
         names = self.options.model_names or (self.session.name,)
-        if name not in names and name != self.session.name:
+        if name not in names and name != self.session.name and name not in self.options.aliases:
             raise ApiError(404, f"the model {name!r} does not exist on this server (it serves {names[0]!r})",
                            "invalid_request_error", "model_not_found", "model")
 
     async def _read_json(self, request: Request) -> dict:
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind != "application/json":  # what a web page cannot send to another site without asking (CORS)
+            raise ApiError(415, f"Content-Type {kind or '(none)'}: the request body must be application/json",
+                           "invalid_request_error", "unsupported_media_type")
         limit = self.options.max_request_bytes
         too_large = ApiError(413, f"the request body is larger than this server accepts ({limit} bytes)",
                              "invalid_request_error", "request_too_large")
@@ -211,14 +236,20 @@ class Server:
         if length.isdigit() and int(length) > limit:
             raise too_large
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+        except ClientDisconnect:  # nobody reads the answer; 499 keeps it out of the server errors
+            raise ApiError(499, "the client closed the connection before sending the whole body",
+                           code="client_closed_request") from None
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return data
@@ -467,16 +498,24 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
             return
 
 
-class _CountRequests:
-    """ASGI middleware: counts every answered request by endpoint and status code."""
+class _Guard:
+    """ASGI middleware: refuses a Host header the server is not reached by (before any route runs),
+    and counts every answered request by endpoint and status code."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, hosts: frozenset[str] | None):
+        self.app, self.metrics, self.hosts = app, metrics, hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = 500
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+        if self.hosts is not None and host is not None and host_name(host) not in self.hosts:
+            app = ApiError(403, f"Host {host!r}: this server answers only requests addressed to "
+                                f"{', '.join(sorted(self.hosts))}", "invalid_request_error", "host_not_allowed"
+                           ).response()
+        else:
+            app = self.app
 
         async def send_counted(message):
             nonlocal status
@@ -485,7 +524,7 @@ class _CountRequests:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_counted)
+            await app(scope, receive, send_counted)
         finally:
             self.metrics.count_request(scope["path"], status)
 
@@ -516,7 +555,7 @@ def create_app(runner: EngineRunner, options: ServeOptions | None = None):
     app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
                                                       Exception: internal_error})
     app.state.server = server
-    return _CountRequests(app, runner.metrics)
+    return _Guard(app, runner.metrics, server.options.allowed_hosts)
 
 
 # ---- the command ----------------------------------------------------------------------------
@@ -548,9 +587,10 @@ def main(args) -> int:
               "or use --api-key-env)", file=sys.stderr)
 
     runner = EngineRunner(args.max_queue)
-    options = ServeOptions(model_names=tuple(n for n in (args.served_model_name, args.model) if n),
-                           api_key=api_key, max_tokens_limit=args.max_tokens_limit,
-                           max_request_bytes=args.max_request_bytes)
+    options = ServeOptions(model_names=(args.served_model_name,) if args.served_model_name else (),
+                           aliases=(args.model,) if args.model else (), api_key=api_key,
+                           max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
+                           allowed_hosts=allowed_hosts(args.host))
     app = create_app(runner, options)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2))
     load_error: list[str] = []

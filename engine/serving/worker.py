@@ -30,7 +30,8 @@ def describe(exc: BaseException) -> str:
     """One line for the user."""
     if isinstance(exc, EngineError):
         return str(exc)
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+    text = str(exc).lower()  # a GPU's "CUDA out of memory", the CPU allocator's "can't allocate memory"
+    if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
         return f"out of memory: {' '.join(str(exc).split())[:200]}"
     return f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 

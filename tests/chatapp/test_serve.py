@@ -369,6 +369,28 @@ def test_serve_command(tmp_path, embedded_session):
 
 
 @pytest.mark.slow
+def test_serve_command_on_a_folder_shows_its_name_not_its_path(tmp_path, embedded_session):
+    import re
+    import signal
+
+    path = str(embedded_session.path)
+    proc, log = _start(tmp_path, "--model", path, "--device", "cpu")
+    try:
+        text = _wait_for(proc, log, "serving ")
+        url = re.search(r"serving \S+ \(cpu, plain\) at (http://127\.0\.0\.1:\d+)/v1", text).group(1)
+        for route in ("/health", "/metrics", "/v1/models"):
+            with urllib.request.urlopen(url + route, timeout=30) as r:
+                body = r.read().decode()
+            assert embedded_session.path.name in body and path not in body, (route, body)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        r = client.completions.create(model=path, prompt="hello", max_tokens=2)  # the path still names it
+        assert r.model == embedded_session.path.name
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.slow
 def test_serve_command_errors(tmp_path):
     proc, log = _start(tmp_path, "--model", str(tmp_path / "absent"), "--device", "cpu")
     assert proc.wait(timeout=120) == 1
