@@ -114,6 +114,8 @@ def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
         decoder = _medusa(name, path, model, src, fmt, context, req.medusa_choices, progress)
     else:
         decoder = PlainDecoder(model, context)
+    if src is not None:
+        weights.check_all_used(src, path, progress)
     return LoadedModel(name, path, model, tokenizer, decoder, req.quantize)
 
 

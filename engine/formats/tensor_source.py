@@ -23,6 +23,7 @@ class TensorSource:
         self.model_dir = Path(model_dir)
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
+        self._read: set[str] = set()
         index = self.model_dir / INDEX_NAME
         if files is not None:
             for path in files:
@@ -71,6 +72,7 @@ class TensorSource:
         src.model_dir = Path(path).parent
         src._handles = {Path(path): _InMemory(tensors)}
         src._where = dict.fromkeys(tensors, Path(path))
+        src._read = set()
         return src
 
     def _open(self, path: Path) -> Path:
@@ -105,10 +107,19 @@ class TensorSource:
         if name not in self._where:
             raise EngineError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint")
         path = self._where[name]
+        self._read.add(name)
         try:
             return self._handles[path].get_tensor(name)
         except Exception as e:
             raise EngineError(f"{path}: cannot read tensor {name!r} ({e})") from None
+
+    def claim(self, names) -> None:
+        """Count ``names`` as used although they were not read here (e.g. a cached quantized copy stood in)."""
+        self._read.update(names)
+
+    def unread(self) -> list[str]:
+        """The tensors nobody asked for, in name order."""
+        return sorted(set(self._where) - self._read)
 
     def get_shaped(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         t = self.get(name)

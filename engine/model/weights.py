@@ -99,6 +99,7 @@ def from_source(cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.
             if stored.pop():
                 return Fp8Linear(*fmt.read(src, names_shapes, device), b)
         if quantize is not None and key is not None:
+            src.claim(n + ".weight" for n, _ in names_shapes)  # the method may read a cached copy instead
             return quantize.linear(key, lambda: fused_weight(src, names_shapes, get), b, device)
         return Linear(fused_weight(src, names_shapes, get).t(), b, splits)
 
@@ -117,6 +118,29 @@ def from_source(cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.
     if isinstance(fmt, ModelOptFp8):
         fmt.check_kv_scales(src, cfg.num_layers)
     return LlamaModel(cfg, embed, layers, norm, lm_head, device, dtype)
+
+
+# Tensors a checkpoint may hold that a model loaded from it does not need: rotary tables computed
+# from config.json, static activation and KV-cache scales (chatapp scales activations dynamically),
+# and a tied lm_head's copy of the embeddings.
+_HARMLESS = re.compile(r"(\.rotary_emb\.inv_freq|\.(input|k|v|kv|output)_scale|\._extra_state)$")
+_MODEL_PART = re.compile(r"^(model\.|lm_head\.)")
+
+
+def check_all_used(src: TensorSource, where: Path, progress=lambda msg: None) -> None:
+    """After loading: a tensor of the model's own (``model.*``, ``lm_head.*``) that nothing read is
+    an error — the config describes a different model, and results would be silently wrong (a
+    bias not applied, a layer left out); other extras (a Medusa head when decoding without it, a
+    training-time tensor) are reported and left."""
+    unread = [n for n in src.unread() if not _HARMLESS.search(n) and n != "lm_head.weight"]
+    own = [n for n in unread if _MODEL_PART.match(n)]
+    if own:
+        more = f" and {len(own) - 3} more" if len(own) > 3 else ""
+        raise EngineError(f"{where}: the checkpoint has tensors that config.json's model does not use: "
+                          f"{', '.join(own[:3])}{more} (does config.json belong to these weights?)")
+    if unread:
+        more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+        progress(f"note: {len(unread)} tensors of the checkpoint are not used: {', '.join(unread[:3])}{more}")
 
 
 def from_megatron(path: Path, device="cpu", dtype: torch.dtype | None = None) -> LlamaModel:

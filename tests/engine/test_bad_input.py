@@ -222,6 +222,28 @@ def test_a_config_with_fewer_layers_than_the_weights_is_refused(tiny_checkpoint)
         load(tiny_checkpoint)
 
 
+def test_tensors_the_config_does_not_use_are_named(tiny_checkpoint):
+    """Attention biases in the file but not in config.json (attention_bias false) would be silently
+    left out; a tensor outside the model (a Medusa head, a training tensor) is a note, not an error."""
+    import torch
+
+    weights = load_file(str(tiny_checkpoint / "model.safetensors"))
+    extra = {f"model.layers.{i}.self_attn.q_proj.bias": torch.ones(weights[f"model.layers.{i}.self_attn.q_proj.weight"]
+                                                                  .shape[0]) for i in range(2)}
+    save_file({**weights, **extra}, str(tiny_checkpoint / "model.safetensors"))
+    with pytest.raises(EngineError) as info:
+        load(tiny_checkpoint)
+    assert str(info.value) == (f"{tiny_checkpoint}: the checkpoint has tensors that config.json's model does not use: "
+                               "model.layers.0.self_attn.q_proj.bias, model.layers.1.self_attn.q_proj.bias "
+                               "(does config.json belong to these weights?)")
+    side = {"medusa_head.0.0.linear.weight": torch.zeros(4, 4), "optimizer.step": torch.zeros(1),
+            "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)}
+    save_file({**weights, **side}, str(tiny_checkpoint / "model.safetensors"))
+    notes = []
+    Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu"), notes.append).close()
+    assert "note: 2 tensors of the checkpoint are not used: medusa_head.0.0.linear.weight, optimizer.step" in notes
+
+
 def test_a_medusa_tree_too_large_or_ranking_past_the_heads_is_refused(tmp_path):
     from engine.decoding.medusa.tree import MAX_NODES, build_tree
 
