@@ -23,7 +23,7 @@ from typing import Callable
 
 from engine.errors import EngineError
 from engine.hub.catalog import find
-from engine.hub.hf_cache import allow_patterns, hub_offline
+from engine.hub.hf_cache import allow_patterns, hub_offline, inside_its_cache_folder
 
 MAX_EVENTS_PER_S = 10
 SPEED_WINDOW_S = 3.0
@@ -233,6 +233,10 @@ def _error(repo_id: str, e: BaseException) -> EngineError:
         why = f" ({type(net).__name__}: {str(net).splitlines()[0] if str(net) else ''})" if net is not None else ""
         return EngineError(f"cannot reach the Hugging Face hub to download {repo_id}{why}; check the network "
                            "(or HF_ENDPOINT), then run it again to resume")
+    if isinstance(e, ValueError) and "Invalid filename" in str(e):  # huggingface_hub's path-traversal check
+        name = str(e).split("'")[1] if str(e).count("'") >= 2 else "?"
+        return EngineError(f"{repo_id}: the repository lists a file, {name!r}, whose path reaches outside its "
+                           "folder; refused (nothing was written outside the cache)")
     if isinstance(e, OSError):
         return EngineError(f"downloading {repo_id}: {type(e).__name__}: {e}")
     return EngineError(f"downloading {repo_id} failed: {type(e).__name__}: {e}")
@@ -278,4 +282,5 @@ def pull(repo_id: str, on_progress: Callable[[DownloadProgress], None] | None = 
             raise DownloadCancelled(repo) from None
         raise _error(repo, error) from error
     tracker.finish()
-    return Path(outcome["path"])
+    return inside_its_cache_folder(repo, Path(outcome["path"]))
+

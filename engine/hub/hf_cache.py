@@ -2,13 +2,15 @@
 checkpoint it loads (allow_patterns: what ``chatapp pull`` downloads), which models the cache
 holds, whether one of them is complete, and whether the hub is off (HF_HUB_OFFLINE).
 
-It imports nothing of engine.hub: catalog, download and resolve import it. huggingface_hub is
+It imports nothing of engine.hub (only engine.errors): catalog, download and resolve import it. huggingface_hub is
 imported inside the functions, so that importing this module (the UI process does, to list
 models) does not load it."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from engine.errors import EngineError
 
 # What the engine reads from a Hugging Face checkpoint folder (engine.formats.tensor_source, engine.config,
 # engine.tokenizer, engine.formats.fp8, engine.decoding.medusa.heads).
@@ -64,3 +66,14 @@ def complete_snapshot(repo_id: str, catalog_format: str | None = None) -> Path |
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=allow_patterns(catalog_format)))
     except Exception:  # not in the cache, only partly downloaded, or not a valid repo id
         return None
+
+
+def inside_its_cache_folder(repo_id: str, snapshot: Path) -> Path:
+    """``snapshot``, once every file in it is found to resolve inside the repository's own cache
+    folder (models--owner--name: the snapshot's links point at its blobs/)."""
+    home = snapshot.resolve().parents[1]
+    for path in snapshot.rglob("*"):
+        if not path.resolve().is_relative_to(home):
+            raise EngineError(f"{repo_id}: {path.relative_to(snapshot)} in the downloaded snapshot leads outside "
+                              f"its cache folder ({home}); refused")
+    return snapshot

@@ -30,6 +30,6 @@ def resolve(spec: str | None, progress=lambda msg: None) -> tuple[str, Path]:
         entry = find(spec)
         snap = hf_cache.complete_snapshot(spec, entry and entry.format)
         if snap is not None:
-            return spec, snap
+            return spec, hf_cache.inside_its_cache_folder(spec, snap)
         raise EngineError(f"model {spec!r} is not downloaded to the Hugging Face cache on this machine")
     raise EngineError(f"model {spec!r}: no such folder, and not a model id")

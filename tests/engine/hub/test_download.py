@@ -251,3 +251,24 @@ def test_chatapp_pull_errors_are_one_line(hub, capsys):
     assert main(["pull", "nobody/nothing"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("chatapp: error: nobody/nothing: no such model")
+
+
+def test_a_repository_file_that_reaches_outside_its_folder_is_refused(hub, tmp_path):
+    for name in ("tokenizer/../../../../escaped.json", "tokenizer.json/../../../../../escaped.json"):
+        repo = f"evil/repo{len(hub.repos)}"
+        hub.add(repo, {"config.json": b"{}", name: b"planted", "model.safetensors": b"\0" * 10})
+        with pytest.raises(EngineError) as info:
+            pull(repo)
+        assert str(info.value) == (f"{repo}: the repository lists a file, {name!r}, whose path reaches outside its "
+                                   "folder; refused (nothing was written outside the cache)")
+    assert not list(tmp_path.parent.rglob("escaped.json"))
+
+
+def test_a_snapshot_with_a_link_out_of_its_cache_folder_is_refused(hub, tmp_path):
+    path = pull(REPO)
+    outside = tmp_path / "secret.json"
+    outside.write_text("{}")
+    (path / "tokenizer_config.json").unlink()
+    (path / "tokenizer_config.json").symlink_to(outside)
+    with pytest.raises(EngineError, match=r"tokenizer_config.json in the downloaded snapshot leads outside its cache"):
+        pull(REPO)
