@@ -6,14 +6,12 @@ Jinja in a sandbox, as transformers does, without importing transformers (second
 from __future__ import annotations
 
 import json
-import threading
-import time
-from datetime import datetime
 from pathlib import Path
 
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from engine.chat_template import MAX_TEMPLATE_BYTES, render, template_env
 from engine.config import ModelConfig
 from engine.errors import EngineError
 
@@ -33,97 +31,6 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):  # serialized AddedToken
         return value.get("content")
     return value
-
-
-MAX_TEMPLATE_BYTES = 1 << 20  # a chat template file (the published ones are a few kB)
-MAX_RENDER_CHARS = 1 << 24  # what one rendering may write, and any string or list it builds
-MAX_LOOP_STEPS = 1_000_000  # range() items one rendering may loop over, all loops together
-MAX_RENDER_S = 5.0  # and its time
-
-
-class _Budget(threading.local):
-    """The budget of the rendering under way in this thread (range steps, deadline)."""
-
-    steps = 0
-    deadline = float("inf")
-
-
-_budget = _Budget()
-
-
-def _over(what: str):
-    from jinja2.exceptions import SecurityError
-
-    return SecurityError(f"the template {what}; a chat template may loop over {MAX_LOOP_STEPS:,} items, write "
-                         f"{MAX_RENDER_CHARS:,} characters and run {MAX_RENDER_S:g} s")
-
-
-def _budgeted_range(*args):
-    items = range(*args)
-    if len(items) > MAX_LOOP_STEPS:
-        raise _over(f"asks for a range of {len(items):,} items")
-    for x in items:
-        _budget.steps += 1
-        if _budget.steps > MAX_LOOP_STEPS:
-            raise _over("loops too long")
-        if time.monotonic() > _budget.deadline:
-            raise _over("runs too long")
-        yield x
-
-
-def _template_env():
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from jinja2.utils import Namespace
-
-    class BudgetedEnvironment(ImmutableSandboxedEnvironment):
-        """The sandbox, with repetition (``*``) and powers (``**``) kept within the budget."""
-
-        intercepted_binops = frozenset(["*", "**"])
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDER_CHARS:
-                        raise _over(f"builds a value of {len(seq) * n:,} items")
-            elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 4096:
-                raise _over(f"raises a number to the power {right}")
-            return super().call_binop(context, operator, left, right)
-
-    class BudgetedNamespace(Namespace):
-        def __setitem__(self, name, value):
-            if isinstance(value, (str, list, tuple)) and len(value) > MAX_RENDER_CHARS:
-                raise _over(f"builds a value of {len(value):,} items")
-            super().__setitem__(name, value)
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = BudgetedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.globals["range"] = _budgeted_range
-    env.globals["namespace"] = BudgetedNamespace
-    return env
-
-
-def _render(template, **values) -> str:
-    """``template`` rendered within the budget: output, range steps and time (MAX_*)."""
-    _budget.steps, _budget.deadline = 0, time.monotonic() + MAX_RENDER_S
-    parts, size = [], 0
-    for piece in template.generate(**values):
-        size += len(piece)
-        if size > MAX_RENDER_CHARS:
-            raise _over("writes too much")
-        if time.monotonic() > _budget.deadline:
-            raise _over("runs too long")
-        parts.append(piece)
-    return "".join(parts)
 
 
 def sentencepiece_dir(model_file: Path) -> Path:
@@ -225,11 +132,11 @@ class ChatTokenizer:
             return self.bos_token + "\n\n".join(m["content"] for m in messages)
         if self._template is None:
             try:
-                self._template = _template_env().from_string(self.chat_template)
+                self._template = template_env().from_string(self.chat_template)
             except Exception as e:
                 raise EngineError(f"chat template: cannot parse it ({e})") from None
         try:
-            return _render(self._template, messages=messages, add_generation_prompt=True,
+            return render(self._template, messages=messages, add_generation_prompt=True,
                            bos_token=self.bos_token, eos_token=self.eos_token)
         except Exception as e:
             raise EngineError(f"chat template: {e}") from None
