@@ -99,8 +99,12 @@ class ChatTokenizer:
         if eos_id is not None and eos_id not in eos:
             eos.append(eos_id)
         self.eos_ids = frozenset(eos)
+        jinja = model_dir / "chat_template.jinja"
+        self.template_source = jinja if jinja.exists() else tok_cfg_path  # where the template was read from
         self.chat_template = self._read_template(model_dir, tok_cfg)
         self._template = None
+        if self.chat_template is not None:
+            self._compiled()  # a template that does not parse fails the load, not the first message
 
     @staticmethod
     def _read_template(model_dir: Path, tok_cfg: dict) -> str | None:
@@ -130,16 +134,20 @@ class ChatTokenizer:
         """The conversation as text, ending with the prompt for the assistant's reply."""
         if self.chat_template is None:  # a base model: the plain text of the conversation
             return self.bos_token + "\n\n".join(m["content"] for m in messages)
+        try:
+            return render(self._compiled(), messages=messages, add_generation_prompt=True,
+                           bos_token=self.bos_token, eos_token=self.eos_token)
+        except Exception as e:
+            raise EngineError(f"{self.template_source}: chat template: {e}") from None
+
+    def _compiled(self):
         if self._template is None:
             try:
                 self._template = template_env().from_string(self.chat_template)
             except Exception as e:
-                raise EngineError(f"chat template: cannot parse it ({e})") from None
-        try:
-            return render(self._template, messages=messages, add_generation_prompt=True,
-                           bos_token=self.bos_token, eos_token=self.eos_token)
-        except Exception as e:
-            raise EngineError(f"chat template: {e}") from None
+                raise EngineError(f"{self.template_source}: the chat template does not parse "
+                                  f"({' '.join(str(e).split())})") from None
+        return self._template
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode(self.render_chat(messages))
