@@ -48,6 +48,12 @@ class RandomSource:
     def file_of(self, name):
         return "random"
 
+    def claim(self, names) -> None:  # nothing is left unread: there is nothing
+        pass
+
+    def unread(self) -> list[str]:
+        return []
+
 
 def copy_bandwidth(device) -> float:
     """Bytes moved per second by a large device copy (read + write)."""

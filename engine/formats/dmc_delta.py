@@ -59,7 +59,16 @@ class PatchedSource(TensorSource):
         return self._delta if name in self._replaced else self._base.file_of(name)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._replaced[name] if name in self._replaced else self._base.get(name)
+        if name in self._replaced:
+            self._base.claim([name])
+            return self._replaced[name]
+        return self._base.get(name)
+
+    def claim(self, names) -> None:
+        self._base.claim(names)
+
+    def unread(self) -> list[str]:
+        return self._base.unread()
 
 
 def read_delta(path: Path, cfg: ModelConfig, base: TensorSource) -> tuple[dict[str, torch.Tensor], dict]:

@@ -168,6 +168,8 @@ def test_bad_requests_are_400_in_openai_shape(server, embedded_session):
         err = out["error"]
         assert set(err) >= {"message", "type", "code"} and err["type"] == "invalid_request_error"
         assert needle in err["message"] and "\n" not in err["message"], (needle, err)
+        t0 = time.monotonic()
+        assert server.get("/health")[0] == 200 and time.monotonic() - t0 < 1.0  # the server stays up
     with pytest.raises(openai.BadRequestError):
         server.client().completions.create(model=name, prompt="", max_tokens=2)
     with pytest.raises(openai.BadRequestError) as e:
