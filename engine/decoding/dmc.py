@@ -325,7 +325,7 @@ class DMCForward:
             # slot of token j is still there for token i > j iff token j+1 appends
             final = torch.ones_like(merge)
             final[:, :-1] = ~merge[:, 1:]
-            attn = self._prefill_attention(li, qr, kr, v_slot, final, merge[:, 0])
+            attn = self._prefill_attention(li, qr, kr, v_slot, self._chain_visible(final), merge[:, 0])
             self._store_prefill(li, merge, final, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start)
             x = layer.o(attn, residual=x)
             x = model.mlp(layer, x)
@@ -358,16 +358,24 @@ class DMCForward:
             wsum[:, first:] += w[:, src] * take
         return ksum, vsum, wsum
 
-    def _prefill_attention(self, li, q, k, v, final, first_merges):
-        """Token i attends to the cached slots still there, to the new slots final by then
-        (tokens j < i with final[j]) and to its own slot. q [B, T, H, D], k, v [B, T, Hkv, D],
-        final [B, T, Hkv], first_merges [B, Hkv] -> [B, T, H * D]. In chunks of query tokens,
-        so that the mask is [B, Hkv, groups * chunk, cached + T] at most."""
+    @staticmethod
+    def _chain_visible(final: torch.Tensor) -> torch.Tensor:
+        """For T tokens in a row: token i sees the slot of token j < i iff final[j] (token j + 1
+        appends), and its own. final [B, T, Hkv] -> [B, Hkv, T, T]."""
+        t = final.shape[1]
+        idx = torch.arange(t, device=final.device)
+        return ((idx[:, None] > idx[None, :]) & final.permute(0, 2, 1)[:, :, None, :]) | (idx[:, None] == idx[None, :])
+
+    def _prefill_attention(self, li, q, k, v, visible_new, first_merges):
+        """Token i attends to the cached slots still there and to the new slots ``visible_new``
+        [B, Hkv, T, T] lets it see (never a later token's: j <= i). q [B, T, H, D], k, v
+        [B, T, Hkv, D], first_merges [B, Hkv]: the first new token merges into the last cached
+        slot -> [B, T, H * D]. In chunks of query tokens, so that the mask is
+        [B, Hkv, groups * chunk, cached + T] at most."""
         cache = self.cache
         bsz, t, nh, d = q.shape
         nkv = k.shape[2]
         groups = nh // nkv
-        idx = torch.arange(t, device=q.device)
         qh, kh, vh = q.permute(0, 2, 1, 3), k.transpose(1, 2), v.transpose(1, 2)
         old_visible = None
         if cache.length:
@@ -382,12 +390,10 @@ class DMCForward:
             old_v = cache.v_pages[pages].view(bsz, nkv, n, d).masked_fill(~old_visible[:, :, 0, :, None], 0)
             kh, vh = torch.cat([old_k.to(kh.dtype), kh], dim=2), torch.cat([old_v.to(vh.dtype), vh], dim=2)
         n_old = kh.shape[2] - t
-        final_t = final.permute(0, 2, 1)[:, :, None, :]  # [B, Hkv, 1, T]
         out = torch.empty(bsz, nh, t, d, dtype=q.dtype, device=q.device)
         for c0 in range(0, t, self.prefill_chunk):
             c1 = min(t, c0 + self.prefill_chunk)
-            rows, cols = idx[c0:c1, None], idx[None, :c1]
-            visible = ((rows > cols) & final_t[..., :c1]) | (rows == cols)  # [B, Hkv, C, c1]
+            visible = visible_new[:, :, c0:c1, :c1]  # [B, Hkv, C, c1]
             if old_visible is not None:
                 visible = torch.cat([old_visible.expand(-1, -1, c1 - c0, -1), visible], dim=3)
             qg = qh[:, :, c0:c1].reshape(bsz, nkv, groups * (c1 - c0), d)
@@ -418,6 +424,96 @@ class DMCForward:
         for j in range(max(0, t - win), t):
             at = (start + j) % win
             cache.win_k[li, at], cache.win_v[li, at], cache.win_w[li, at] = kw[:, j], vw[:, j], w[:, j]
+
+    # ---- a Medusa tree -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def tree_hidden(self, ids: torch.Tensor, parents: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        """The N nodes ``ids`` [1, N] of a candidate tree (node 0 the root, at position
+        self.length; ``parents`` [N] with -1 for the root, ``depth`` [N]; a parent's id is below
+        its children's) run over the cache without changing it: each node sees what token-by-token
+        DMC decoding of its root-to-node path would show it, its ancestors' keys and values
+        appended or merged as their decisions say. Returns final-normed hidden states [N, H]; the
+        nodes' slots and state wait in ``self._tree`` for ``commit`` of the accepted path."""
+        model, cfg, cache = self.model, self.model.cfg, self.cache
+        self._check(ids, int(depth.max()) + 1)
+        if ids.shape[0] != 1:
+            raise EngineError("DMC: a Medusa tree is verified for one sequence at a time")
+        n, start, win = ids.shape[1], cache.length, self.window
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        groups, dev = nh // nkv, model.device
+        up = [torch.arange(n, device=dev)]  # up[o][i]: the ancestor o levels above node i (-1: above the root)
+        for _ in range(max(win, int(depth.max()) + 1)):
+            a = up[-1]
+            up.append(torch.where(a >= 0, parents[a.clamp(min=0)], -1))
+        pos = (start + depth)[None, :, None]  # [1, N, 1]
+        cos, sin = model.rope(start + n)
+        cos, sin = cos[start + depth][:, None], sin[start + depth][:, None]  # [N, 1, D]
+        back = min(start, win - 1)  # cached tokens a window can reach
+        # where the token at offset o above node i is in [window buffer's last `back` tokens, nodes]
+        ups = torch.stack(up[:win])  # [W, N]
+        above_root = (torch.arange(win, device=dev)[:, None] - depth[None, :])  # o - depth: > 0 above the root
+        src = torch.where(ups >= 0, back + ups, back - above_root)
+        held = (src >= 0) & ((ups >= 0) | (above_root <= back))
+        src = src.clamp(min=0)
+        hist = [(start - back + j) % win for j in range(back)]
+        saved = []
+        x = F.embedding(ids, model.embed)
+        for li, layer in enumerate(model.layers):
+            qkv = model.qkv(layer, x).view(1, n, nh + 2 * nkv, d)
+            q, k, v = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv], qkv[:, :, nh + nkv:]
+            merge = k[..., d - 1].float() > self.init_val  # [1, N, Hkv]
+            if start == 0:
+                merge[:, 0] = False
+            w = torch.sigmoid(q[..., d - 1].float().view(1, n, nkv, groups).mean(-1) + self.init_val) + WEIGHT_EPS
+            kw = k.float().masked_fill(self._last_dim, 0) * w[..., None]
+            vw = v.float() * w[..., None]
+            # the run of a node starts at its nearest ancestor-or-self that appends (or in the cache)
+            run_start = (start - cache.run[li].long())[:, None].expand(1, n, nkv).clone()
+            for o in range(len(up) - 1, -1, -1):
+                a = up[o]
+                appends = (a >= 0)[None, :, None] & ~merge[:, a.clamp(min=0)]
+                run_start = torch.where(appends, (start + depth[a.clamp(min=0)])[None, :, None], run_start)
+            lo = torch.maximum(run_start, pos - (win - 1))
+            ext_kw, ext_vw, ext_w = kw, vw, w
+            if back:
+                ext_kw = torch.cat([cache.win_k[li, hist].transpose(0, 1), kw], dim=1)
+                ext_vw = torch.cat([cache.win_v[li, hist].transpose(0, 1), vw], dim=1)
+                ext_w = torch.cat([cache.win_w[li, hist].transpose(0, 1), w], dim=1)
+            offsets = torch.arange(win, device=dev)[:, None, None]
+            take = (held[:, :, None] & ((pos[0] - offsets) >= lo[0][None])).float()  # [W, N, Hkv]
+            wsum = (ext_w[0][src] * take).sum(0)[None]  # [1, N, Hkv]
+            ksum = (ext_kw[0][src] * take[..., None]).sum(0)[None]
+            vsum = (ext_vw[0][src] * take[..., None]).sum(0)[None]
+            k_slot = (ksum / wsum[..., None]).to(k.dtype)
+            v_slot = (vsum / wsum[..., None]).to(v.dtype)
+            qk = self._rotate(torch.cat([q, k_slot], dim=2), cos, sin)
+            qr, kr = qk[:, :, :nh], qk[:, :, nh:]
+            # node i sees ancestor j's slot iff the child of j on i's path appends; and its own
+            visible = torch.eye(n, dtype=torch.bool, device=dev)[None, None].repeat(1, nkv, 1, 1)
+            for o in range(1, len(up)):
+                rows = (up[o] >= 0).nonzero()[:, 0]
+                if rows.numel() == 0:
+                    break
+                visible[:, :, rows, up[o][rows]] = ~merge[:, up[o - 1][rows]].permute(0, 2, 1)
+            attn = self._prefill_attention(li, qr, kr, v_slot, visible, merge[:, 0])
+            saved.append((merge, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start))
+            x = layer.o(attn, residual=x)
+            x = model.mlp(layer, x)
+        self._tree = saved
+        return model.final_norm(x[0])
+
+    @torch.inference_mode()
+    def commit(self, path: torch.Tensor) -> None:
+        """Keep the nodes ``path`` [A] (node ids from the root down) of the last ``tree_hidden``:
+        their slots and state enter the cache as A token-by-token steps would leave them."""
+        cache = self.cache
+        for li, state in enumerate(self._tree):
+            merge, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start = (t.index_select(1, path) for t in state)
+            final = torch.ones_like(merge)
+            final[:, :-1] = ~merge[:, 1:]
+            self._store_prefill(li, merge, final, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start)
+        cache.length += len(path)
+        self._tree = None
 
 
 class DMCDecoder(Decoder):

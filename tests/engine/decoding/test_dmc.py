@@ -367,3 +367,57 @@ def test_decoding_with_the_triton_kernels_matches_the_references(dmc_model, monk
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, want_tokens)
     assert torch.equal(tri.cache.lens, ref.cache.lens) and max(longest) > 12
+
+
+# ---- a Medusa tree over the DMC cache --------------------------------------------------------
+TREE_CHOICES = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [2, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0],
+                [0, 0, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0, 0]]
+
+
+def tree_tokens(n: int, seed: int) -> torch.Tensor:
+    """Node tokens, most with bit 0 set (layer 0, KV head 0 merges), so that runs along the paths
+    merge, append and cross the window."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (n,), generator=g)
+    return torch.where(torch.rand(n, generator=g) < 0.7, tokens | 1, tokens)
+
+
+def path_of(tree, node: int) -> list[int]:
+    path = [node]
+    while path[-1] != 0:
+        path.append(int(tree.parents[path[-1]]))
+    return path[::-1]
+
+
+@pytest.mark.parametrize("held, seed", [(1, 0), (18, 1), (23, 2), (40, 3)])
+def test_a_tree_over_the_dmc_cache_sees_what_sequential_decoding_would(dmc_model, held, seed):
+    """Every node's logits are those of stepping its root-to-node path token by token; the
+    accepted path's commit leaves the cache as those steps do (held=18: in row 0's 20-token merge
+    run, 15 tokens in, past the window)."""
+    from engine.decoding.medusa.tree import build_tree
+
+    tree = build_tree(TREE_CHOICES)
+    prompt = prompts()[:1, :held]
+    tokens = tree_tokens(tree.num_nodes, seed)
+    dmc = DMCForward(dmc_model, batch=1, max_len=128)
+    dmc.prefill(prompt)
+    hidden = dmc.tree_hidden(tokens[None], tree.parents, tree.position_offsets)
+    got = dmc_model.logits(hidden)
+    for node in range(tree.num_nodes):
+        seq = DMCForward(dmc_model, batch=1, max_len=128)
+        seq.prefill(prompt, parallel=False)
+        for tok in tokens[path_of(tree, node)]:
+            want = seq.step(tok[None])[0]
+        torch.testing.assert_close(got[node], want, atol=2e-4, rtol=2e-4, msg=f"node {node}")
+    for leaf in (14, 12, 9):
+        path = path_of(tree, leaf)
+        a, b = DMCForward(dmc_model, batch=1, max_len=128), DMCForward(dmc_model, batch=1, max_len=128)
+        a.prefill(prompt)
+        a.tree_hidden(tokens[None], tree.parents, tree.position_offsets)
+        a.commit(torch.tensor(path))
+        b.prefill(prompt, parallel=False)
+        for tok in tokens[path]:
+            b.step(tok[None])
+        assert_same_cache(b.cache, a.cache)
+        nxt = torch.tensor([7])
+        torch.testing.assert_close(a.step(nxt), b.step(nxt), atol=2e-4, rtol=2e-4)
