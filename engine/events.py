@@ -7,7 +7,32 @@ from dataclasses import asdict, dataclass
 
 from engine.errors import EngineError
 
-DECODINGS = ("plain", "medusa", "dmc")  # the decodings, named once for every front end
+# The decodings, named once for every front end: a proposer (Medusa heads, or none) over a KV
+# cache (dense, or DMC), written "proposer+cache" when both are chosen.
+DECODINGS = ("plain", "medusa", "dmc", "medusa+dmc")
+PROPOSERS = ("medusa",)
+CACHES = ("dmc",)
+
+
+def decoding_name(text: str) -> str:
+    """The decoding a user's spelling names: terms joined by "+" or "," in any order ("dmc,medusa"
+    -> "medusa+dmc"; "plain" alone), or a one-line EngineError."""
+    terms = [t.strip().lower() for t in text.replace(",", "+").split("+") if t.strip()]
+    unknown = [t for t in terms if t not in (*PROPOSERS, *CACHES, "plain")]
+    if unknown or not terms:
+        raise EngineError(f"decoding {text!r}: not a decoding (supported: {', '.join(DECODINGS)})")
+    if "plain" in terms and len(terms) > 1:
+        raise EngineError(f"decoding {text!r}: plain is a decoding of its own, not a part of one")
+    if len(set(terms)) != len(terms) or sum(t in PROPOSERS for t in terms) > 1 or sum(t in CACHES for t in terms) > 1:
+        raise EngineError(f"decoding {text!r}: at most one proposer ({', '.join(PROPOSERS)}) and one cache "
+                          f"({', '.join(CACHES)})")
+    return "+".join([t for t in terms if t in PROPOSERS] + [t for t in terms if t in CACHES]) or "plain"
+
+
+def decoding_parts(decoding: str) -> tuple[str | None, str | None]:
+    """(proposer, cache) of a decoding name: "medusa+dmc" -> ("medusa", "dmc"), "plain" -> (None, None)."""
+    terms = decoding.split("+")
+    return (next((t for t in terms if t in PROPOSERS), None), next((t for t in terms if t in CACHES), None))
 QUANTIZE = ("fp8",)  # what --quantize accepts: FP8 weights rounded on load
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63): what torch.Generator.manual_seed takes on every device
 DEFAULT_CONTEXT = 8192  # KV cache length when none is asked for: min(the model's context, this)
@@ -45,6 +70,7 @@ class LoadModel:
     quantize: str | None = None  # "fp8": quantize a high-precision checkpoint's linear layers on load
     decoding: str = "plain"  # plain | medusa (the checkpoint's Medusa heads, or the ones shipped for it)
     #                          | dmc (Dynamic Memory Compression: a Megatron DMC checkpoint, or a shipped retrofit)
+    #                          | medusa+dmc (Medusa's proposals verified over the DMC cache)
     medusa_choices: str | None = None  # Medusa tree: "auto" (None: best for this device), "card", or a JSON file
     tokenizer: str | None = None  # for a checkpoint without one (Megatron DMC): a tokenizer.model or a folder
 

@@ -8,8 +8,8 @@ decoding asked for. Every branch on what is loaded happens here, in ``load``:
     --quantize fp8        a pass over the loaded model         engine/model/gptq.py
     the tokenizer         the checkpoint's, or for Megatron    engine/tokenizer.py
                           the SentencePiece file beside it
-    the decoder           plain / medusa (heads + tree plan)   engine/decoding/
-                          / dmc
+    the decoder           a proposer (none / Medusa heads +    engine/decoding/
+                          tree plan) over a cache (dense / DMC)
 
 The decodings a model offers are the ones engine/hub/layout.py lists for it (the picker's
 choices); asking for another is a one-line error that says what is missing."""
@@ -30,7 +30,7 @@ from engine.decoding.medusa.heads import load_heads, shipped_heads
 from engine.decoding.medusa.plan import plan
 from engine.decoding.plain import PlainDecoder
 from engine.errors import EngineError
-from engine.events import DECODINGS, DEFAULT_CONTEXT, QUANTIZE, LoadModel
+from engine.events import DEFAULT_CONTEXT, QUANTIZE, LoadModel, decoding_name, decoding_parts
 from engine.formats.fp8 import Fp8Format, detect
 from engine.formats.megatron import read_megatron_checkpoint
 from engine.formats.tensor_source import TensorSource
@@ -68,54 +68,47 @@ def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
     device = pick_device(req.device)
     name, path = resolve(req.model, progress)
     progress(f"loading {name} on {device.type}")
-    if req.decoding not in DECODINGS:
-        raise EngineError(f"decoding {req.decoding!r} is not supported (supported: {', '.join(DECODINGS)})")
-    if req.decoding == "dmc" and req.quantize:
-        raise EngineError(f"--quantize {req.quantize} cannot be combined with DMC decoding")
+    proposer, cache_kind = decoding_parts(decoding_name(req.decoding))
     if req.quantize not in (None, *QUANTIZE):
         raise EngineError(f"quantize {req.quantize!r} is not supported (supported: {', '.join(QUANTIZE)})")
 
     dmc = None  # the DMC settings {"init_val", "window"} when decoding with DMC
-    src = fmt = None  # the weights' source and stored FP8 format (Medusa heads are read beside them)
+    fmt = None  # the stored FP8 format (Medusa heads are read beside the weights, in it)
     tokenizer_dir = path
     if layout.is_megatron(path):
-        if req.decoding != "dmc":
-            raise EngineError(f"{path}: a Megatron DMC checkpoint decodes with DMC only (--decoding dmc): its "
-                              "attention was trained with the compressed cache")
+        if cache_kind != "dmc":
+            raise EngineError(f"{path}: a Megatron DMC checkpoint decodes with a DMC cache only (--decoding dmc "
+                              "or medusa+dmc): its attention was trained with the compressed cache")
         cfg, src, info = read_megatron_checkpoint(path)
-        model, dmc = weights.from_source(cfg, src, device), dmc_settings(info["args"])
+        dmc = dmc_settings(info["args"])
         progress("DMC decoding (weights: megatron checkpoint)")
         tokenizer_dir = _megatron_tokenizer(path, req.tokenizer)
-    elif req.decoding == "dmc":
+    elif cache_kind == "dmc":
         delta = layout.dmc_delta(name, path)
         if delta is None:
             raise EngineError(f"{name}: no DMC for this model: not a Megatron DMC checkpoint, no "
                               f"{layout.LOCAL_DMC_DELTA} in {path}, and chatapp ships no DMC retrofit for it "
                               f"({layout.SHIPPED_DMC / (name + '.safetensors')})")
-        model, dmc = weights.load_retrofitted(path, delta, device)
+        cfg, src, dmc = weights.retrofitted_source(path, delta)  # --quantize calibrates with the delta applied
         progress(f"DMC decoding (weights: {delta})")
     else:
         cfg = load_config(path)
         fmt = detect(path, cfg.quantization_config)
-        weights.prepare_cpu_kernel(device, None, progress)
         src = TensorSource(path)
         if req.quantize and fmt is not None:
             raise EngineError(f"--quantize {req.quantize}: the checkpoint is already quantized ({fmt.name} FP8)")
-        method = gptq.Fp8OnLoad(cfg, src) if req.quantize == "fp8" else None
-        model = weights.from_source(cfg, src, device, None, fmt, method)
-        if method is not None:
-            method.after_loading(model, progress)
+    weights.prepare_cpu_kernel(device, None, progress)
+    method = gptq.Fp8OnLoad(cfg, src) if req.quantize == "fp8" else None
+    model = weights.from_source(cfg, src, device, None, fmt, method)
+    if method is not None:
+        method.after_loading(model, progress)
 
     tokenizer = ChatTokenizer(tokenizer_dir, model.cfg)
     context = _context(req.context, name, model)
-    if req.decoding == "dmc":
-        decoder = DMCDecoder(model, context, **dmc)
-    elif req.decoding == "medusa":
-        decoder = _medusa(name, path, model, src, fmt, context, req.medusa_choices, progress)
-    else:
-        decoder = PlainDecoder(model, context)
-    if src is not None:
-        weights.check_all_used(src, path, progress)
+    decoder = DMCDecoder(model, context, **dmc) if cache_kind == "dmc" else PlainDecoder(model, context)
+    if proposer == "medusa":
+        decoder = _medusa(name, path, decoder, src, fmt, req.medusa_choices, progress)
+    weights.check_all_used(src, path, progress)
     return LoadedModel(name, path, model, tokenizer, decoder, req.quantize)
 
 
@@ -137,10 +130,12 @@ def _context(asked: int | None, name: str, model: LlamaModel) -> int:
     return asked
 
 
-def _medusa(name: str, path: Path, model: LlamaModel, src: TensorSource, fmt: Fp8Format | None, context: int,
+def _medusa(name: str, path: Path, base: Decoder, src: TensorSource, fmt: Fp8Format | None,
             choices: str | None, progress) -> MedusaDecoder:
-    """The checkpoint's own Medusa heads (in ``src``, FP8 like its layers when ``fmt`` says so), else
-    the ones chatapp ships for it, and the tree to verify."""
+    """Medusa over ``base`` (the plain or the DMC decoder): the checkpoint's own Medusa heads (in
+    ``src``, FP8 like its layers when ``fmt`` says so), else the ones chatapp ships for it, and the
+    tree to verify."""
+    model, context = base.model, base.context
     cfg = model.cfg
     heads = load_heads(path, cfg.medusa, src, cfg.hidden_size, cfg.vocab_size, model.device, model.dtype, fmt)
     profile = None
@@ -154,7 +149,7 @@ def _medusa(name: str, path: Path, model: LlamaModel, src: TensorSource, fmt: Fp
     if tree_plan.tree is not None and tree_plan.tree.num_nodes >= context:
         raise EngineError(f"the Medusa tree has {tree_plan.tree.num_nodes} nodes, which do not fit a context of "
                           f"{context} tokens with a prompt; choose a smaller tree or a longer --context")
-    return MedusaDecoder(model, context, heads, tree_plan)
+    return MedusaDecoder(base, heads, tree_plan)
 
 
 def _megatron_tokenizer(path: Path, tokenizer: Path | None = None) -> Path:

@@ -272,9 +272,11 @@ class DMCForward:
 
     # ---- a prompt --------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, parallel: bool = True, all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, parallel: bool = True, all_logits: bool = False,
+                with_hidden: bool = False):
         """Run a prompt ids [B, T] after the tokens already held; logits of its last token
-        [B, vocab] (all of them, [B, T, vocab], with ``all_logits``). ``parallel``: all T tokens
+        [B, vocab] (all of them, [B, T, vocab], with ``all_logits``; and the final-normed hidden
+        states with ``with_hidden``: (logits, hidden), parallel only). ``parallel``: all T tokens
         at once per layer, with the same merges, slots and state as running them one by one
         (which ``parallel=False`` does)."""
         ids = ids.to(self.model.device)
@@ -282,12 +284,14 @@ class DMCForward:
             raise EngineError("DMC prefill: expected token ids [batch, tokens] with at least one token")
         self._check(ids, ids.shape[1])
         if parallel:
-            return self._prefill_parallel(ids, all_logits)
+            hidden = self._prefill_parallel(ids, all_logits)
+            logits = self.model.logits(hidden)
+            return (logits, hidden) if with_hidden else logits
         out = [self.step(ids[:, i]) for i in range(ids.shape[1])]
         return torch.stack(out, dim=1) if all_logits else out[-1]
 
     def _prefill_parallel(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        """Per layer, for all T new tokens at once: the decisions and weights; each token's slot
+        """Final-normed hidden states of the last token (all, with ``all_logits``). Per layer, for all T new tokens at once: the decisions and weights; each token's slot
         content, the weighted mean of the last <= W tokens of its merge run (a banded sum over
         the window buffer's tokens and the new ones); attention of token i over the cached slots
         still there (all but the last, which a merge of the first new token replaces), the new
@@ -332,7 +336,7 @@ class DMCForward:
         cache.length = start + t
         if not all_logits:
             x = x[:, -1]
-        return model.logits(model.final_norm(x))
+        return model.final_norm(x)
 
     def _window_sums(self, li: int, kw: torch.Tensor, vw: torch.Tensor, w: torch.Tensor, lo: torch.Tensor):
         """For each new token (position start + i), the sums of kw, vw [B, T, Hkv, D] and w
@@ -527,18 +531,19 @@ class DMCDecoder(Decoder):
         super().__init__(model, context)
         self.dmc = DMCForward(model, 1, context, init_val=init_val, window=window)
 
-    def prefill(self, prompt: list[int]) -> torch.Tensor:
-        """The cache brought to hold ``prompt``; the logits [vocab] after its last token."""
+    def prefill(self, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache brought to hold ``prompt``; the logits [vocab] and the final-normed hidden
+        state [H] after its last token."""
         held = len(self.cached_ids)
         if not (0 < held < len(prompt) and self.cached_ids == prompt[:held]):
             self.reset()
             held = 0
-        logits = self.dmc.prefill(self._ids(prompt[held:]))[0]
+        logits, hidden = self.dmc.prefill(self._ids(prompt[held:]), with_hidden=True)
         self.cached_ids = list(prompt)
-        return logits
+        return logits[0], hidden[0]
 
     def generate(self, prompt, params, sampler, eos):
-        logits = self.prefill(prompt)
+        logits, _ = self.prefill(prompt)
         dmc = self.dmc
         return (yield from self._one_token_steps(
             logits, params, sampler, eos, lambda: dmc.length >= self.context,

@@ -154,4 +154,6 @@ def decodings(name: str, path: Path | None, catalog_format: str = "") -> list[st
             offered.add("medusa")
         if "dmc" in fmt or (shipped_dmc(name) and "fp8" not in fmt):
             offered.add("dmc")
+    if "medusa" in offered and "dmc" in offered:  # the heads' proposals verified over the DMC cache
+        offered.add("medusa+dmc")
     return [d for d in DECODINGS if d in offered]

@@ -149,12 +149,19 @@ def from_megatron(path: Path, device="cpu", dtype: torch.dtype | None = None) ->
     return from_source(cfg, src, device, dtype)
 
 
-def load_retrofitted(path: Path, delta: Path, device, dtype=None) -> tuple[LlamaModel, dict]:
-    """The model of a Hugging Face checkpoint with a DMC delta applied (engine/formats/dmc_delta.py),
-    and its DMC settings {"init_val", "window"}."""
+def retrofitted_source(path: Path, delta: Path) -> tuple[ModelConfig, PatchedSource, dict]:
+    """A Hugging Face checkpoint with a DMC delta applied (engine/formats/dmc_delta.py): its
+    config, its tensors with the delta's in their place, and the DMC settings {"init_val", "window"}."""
     cfg = load_config(path)
     if detect(path, cfg.quantization_config) is not None:
-        raise EngineError(f"{path}: DMC deltas apply to high-precision checkpoints, this one is quantized")
+        raise EngineError(f"{path}: DMC deltas apply to high-precision checkpoints, this one is stored quantized "
+                          "(use the high-precision checkpoint, with --quantize fp8 for FP8 weights)")
     base = TensorSource(path)
     replaced, settings = read_delta(delta, cfg, base)
-    return from_source(cfg, PatchedSource(base, replaced, Path(delta)), device, dtype), settings
+    return cfg, PatchedSource(base, replaced, Path(delta)), settings
+
+
+def load_retrofitted(path: Path, delta: Path, device, dtype=None) -> tuple[LlamaModel, dict]:
+    """The model of a Hugging Face checkpoint with a DMC delta applied, and its DMC settings."""
+    cfg, src, settings = retrofitted_source(path, delta)
+    return from_source(cfg, src, device, dtype), settings

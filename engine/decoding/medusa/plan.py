@@ -26,7 +26,7 @@ from kernels import cpu_gemm
 from engine.errors import EngineError
 from engine.decoding.medusa.heads import Profile
 from engine.decoding.medusa.tree import CARD_CHOICES, MedusaTree, build_tree
-from engine.decoding.medusa.verify import TreeGraph, verify
+from engine.decoding.medusa.verify import DenseTarget, TreeGraph, verify
 from engine.paths import cache_dir
 
 PRESETS = ("auto", "card")
@@ -85,7 +85,8 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
                 graph = TreeGraph.for_device(model, tree, cache)  # as decoding runs it
 
                 def step():  # the heads' proposals and the verify pass
-                    verify(model, tree, cache, 0, heads.propose(hidden, model, tree, 0), graph=graph)
+                    verify(model, tree, DenseTarget(model, cache), 0, heads.propose(hidden, model, tree, 0),
+                           graph=graph)
             times = []
             for i in range(warmup + reps):
                 cache.length = context

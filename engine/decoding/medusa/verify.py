@@ -18,6 +18,52 @@ from engine.model.llama import LlamaModel
 SMALL_TREE = 16  # on a CPU, trees up to this size compute every node's logits in one pass
 
 
+class DenseTarget:
+    """The dense KV cache as what a tree is verified over: the nodes' keys/values are written
+    after the cached tokens, and the accepted path's are moved into place."""
+
+    def __init__(self, model: LlamaModel, cache: KVCache):
+        self.model, self.cache = model, cache
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def tree_hidden(self, tokens: torch.Tensor, tree: MedusaTree) -> torch.Tensor:
+        return self.model.tree_hidden(tokens[None], self.cache, self.cache.length, tree.position_offsets,
+                                      tree.attn_mask)[0]
+
+    def commit(self, start: int, path: torch.Tensor) -> None:
+        _compact(self.cache, start, path)
+
+
+class DMCTarget:
+    """A DMC cache (engine/decoding/dmc.py's DMCForward) as what a tree is verified over: each
+    node sees its path as token-by-token DMC decoding would; the accepted path's slots and
+    state enter the cache as those steps leave them."""
+
+    def __init__(self, dmc):
+        self.dmc = dmc
+
+    @property
+    def length(self) -> int:
+        return self.dmc.length
+
+    @property
+    def max_len(self) -> int:
+        return self.dmc.max_len
+
+    def tree_hidden(self, tokens: torch.Tensor, tree: MedusaTree) -> torch.Tensor:
+        return self.dmc.tree_hidden(tokens[None], tree.parents, tree.position_offsets)
+
+    def commit(self, start: int, path: torch.Tensor) -> None:
+        self.dmc.commit(path)
+
+
 @dataclass
 class StepResult:
     tokens: list[int]  # accepted this step: the root, then the accepted proposals
@@ -86,7 +132,7 @@ class TreeGraph:
         return self.hidden, self.logits
 
 
-def verify(model: LlamaModel, tree: MedusaTree, cache: KVCache, root: int | torch.Tensor, proposals: torch.Tensor,
+def verify(model: LlamaModel, tree: MedusaTree, target, root: int | torch.Tensor, proposals: torch.Tensor,
            accept=accept_greedy, graph: TreeGraph | None = None) -> StepResult:
     """One Medusa step at batch 1. ``root`` is the next token (chosen from the base model's
     logits after the last accepted token, which the cache holds); ``proposals`` are the tokens of
@@ -96,12 +142,12 @@ def verify(model: LlamaModel, tree: MedusaTree, cache: KVCache, root: int | torc
     small tree's nodes all do, in one pass."""
     root = torch.as_tensor(root, device=proposals.device).reshape(1)  # a device tensor stays there: no sync
     tokens = torch.cat([root, proposals])  # [N]
-    start = cache.length
+    start = target.length
     node_logits = None
     if graph is not None:
         hidden, logits = graph(tokens, start)
     else:
-        hidden = model.tree_hidden(tokens[None], cache, start, tree.position_offsets, tree.attn_mask)[0]  # [N, H]
+        hidden = target.tree_hidden(tokens, tree)  # [N, H]
         if model.device.type == "cpu" and tree.num_nodes <= SMALL_TREE:
             # with the CPU GEMM kernel, all nodes' logits cost about what the inner nodes' do,
             # and a leaf at the end of the accepted path then needs no second lm_head pass
@@ -114,7 +160,7 @@ def verify(model: LlamaModel, tree: MedusaTree, cache: KVCache, root: int | torc
     lengths, token_list = host[:len(tree.retrieve_rows)], host[len(tree.retrieve_rows):]
     best = max(range(len(lengths)), key=lambda r: (lengths[r], -r))
     path = tree.retrieve_rows[best][:lengths[best] + 1]
-    _compact(cache, start, torch.tensor(path, device=tokens.device))
+    target.commit(start, torch.tensor(path, device=tokens.device))
     last = path[-1]
     inner = tree.inner_rows.get(last)
     if node_logits is not None:
@@ -134,20 +180,22 @@ def _compact(cache: KVCache, start: int, path: torch.Tensor) -> None:
     cache.length = start + len(path)
 
 
-def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, root_logits: torch.Tensor,
+def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, target, root_logits: torch.Tensor,
              hidden: torch.Tensor, max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy,
              graph: TreeGraph | None = None):
     """Medusa decoding after a prefill (the cache holds the prompt; ``root_logits`` and
     ``hidden`` are the base model's logits and final-normed hidden state after its last token):
     yields the tokens accepted at each step (at least one), ending at EOS (not yielded), at
     ``max_new_tokens``, or where the context is full. Every yielded token's keys/values are in
-    the cache, in order. ``sampler`` picks each root (argmax when None). ``graph``: the verify
-    pass of this tree and cache as a CUDA graph (``TreeGraph.for_device``), or None (eager)."""
+    the cache, in order. ``target``: what the tree is verified over (``DenseTarget`` over a KV
+    cache, ``DMCTarget`` over a DMC cache). ``sampler`` picks each root (argmax when None).
+    ``graph``: the verify pass of this tree and a dense cache as a CUDA graph
+    (``TreeGraph.for_device``), or None (eager)."""
     pick = sampler if sampler is not None else (lambda logits: logits.argmax())
     produced = 0
-    while produced < max_new_tokens and cache.length + tree.num_nodes <= cache.max_len:
+    while produced < max_new_tokens and target.length + tree.num_nodes <= target.max_len:
         root = pick(root_logits)
-        step = verify(model, tree, cache, root, heads.propose(hidden, model, tree, root), accept, graph)
+        step = verify(model, tree, target, root, heads.propose(hidden, model, tree, root), accept, graph)
         tokens = step.tokens[:max_new_tokens - produced]
         stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
         if stop is not None:
@@ -163,5 +211,5 @@ def prefill_and_generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree
                          max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy):
     """``generate`` after one prefill pass of ``prompt`` from an empty cache (tests, benchmarks)."""
     hidden = model.last_hidden(torch.tensor([prompt], device=model.device), cache, 0)[0]
-    yield from generate(model, heads, tree, cache, model.logits(hidden), hidden, max_new_tokens, eos_ids, sampler,
-                        accept, TreeGraph.for_device(model, tree, cache))
+    yield from generate(model, heads, tree, DenseTarget(model, cache), model.logits(hidden), hidden, max_new_tokens,
+                        eos_ids, sampler, accept, TreeGraph.for_device(model, tree, cache))

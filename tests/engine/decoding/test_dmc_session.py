@@ -110,7 +110,7 @@ def test_session_dmc_steps_second_turn_and_sampling(dmc_checkpoint):
     assert session.decoder.cached_ids == prompt[:len(session.decoder.cached_ids)]
     fed = []
     prefill = session.decoder.dmc.prefill
-    session.decoder.dmc.prefill = lambda ids: fed.append(ids.shape[1]) or prefill(ids)
+    session.decoder.dmc.prefill = lambda ids, **kw: fed.append(ids.shape[1]) or prefill(ids, **kw)
     second = list(session.generate_ids(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True)))[-1]
     assert fed == [len(prompt) - len(session.tokenizer.encode_chat(chat)) - 9]
     assert second.stats.token_ids == own_greedy(dmc_checkpoint, prompt, 8)
