@@ -145,7 +145,8 @@ def _medusa(name: str, path: Path, base: Decoder, src: TensorSource, fmt: Fp8For
         raise EngineError(f"{name}: the checkpoint has no Medusa heads (config.json 'medusa' entry or "
                           "medusa_lm_head.safetensors) and chatapp ships none for it")
     progress("choosing the Medusa tree for this device")
-    tree_plan = plan(model, heads, name, choices, profile)
+    dmc = {"init_val": base.dmc.init_val, "window": base.dmc.window} if isinstance(base, DMCDecoder) else None
+    tree_plan = plan(model, heads, name, choices, profile, dmc)
     if tree_plan.tree is not None and tree_plan.tree.num_nodes >= context:
         raise EngineError(f"the Medusa tree has {tree_plan.tree.num_nodes} nodes, which do not fit a context of "
                           f"{context} tokens with a prompt; choose a smaller tree or a longer --context")

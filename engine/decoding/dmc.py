@@ -212,6 +212,8 @@ class DMCForward:
         self.cache = DMCCache(cfg, self.max_len, batch, model.device, model.dtype, page_size, window)
         self._last_dim = torch.arange(cfg.head_dim, device=model.device) == cfg.head_dim - 1
         self.prefill_chunk = PREFILL_CHUNK
+        self._trees: dict = {}  # the tree pass's index tensors (see _tree_index)
+        self._tree = None  # the last tree pass's nodes, for commit
 
     @property
     def length(self) -> int:
@@ -390,8 +392,9 @@ class DMCForward:
             slots = torch.arange(n, device=q.device)
             # every cached slot but the last; the last too unless the first new token merges into it
             old_visible = (slots < (lens - first_merges.to(lens.dtype))[..., None])[:, :, None, :]  # [B, Hkv, 1, n]
-            old_k = cache.k_pages[pages].view(bsz, nkv, n, d).masked_fill(~old_visible[:, :, 0, :, None], 0)
-            old_v = cache.v_pages[pages].view(bsz, nkv, n, d).masked_fill(~old_visible[:, :, 0, :, None], 0)
+            # slots the mask hides get no weight (the pool only ever holds finite keys and values)
+            old_k = cache.k_pages[pages].view(bsz, nkv, n, d)
+            old_v = cache.v_pages[pages].view(bsz, nkv, n, d)
             kh, vh = torch.cat([old_k.to(kh.dtype), kh], dim=2), torch.cat([old_v.to(vh.dtype), vh], dim=2)
         n_old = kh.shape[2] - t
         out = torch.empty(bsz, nh, t, d, dtype=q.dtype, device=q.device)
@@ -430,6 +433,42 @@ class DMCForward:
             cache.win_k[li, at], cache.win_v[li, at], cache.win_w[li, at] = kw[:, j], vw[:, j], w[:, j]
 
     # ---- a Medusa tree -----------------------------------------------------------------------
+    def _tree_index(self, parents: torch.Tensor, depth: torch.Tensor) -> dict:
+        """What the tree pass gathers with, computed once per tree: ``up`` [A, N], the ancestor o
+        levels above each node (o = 0: itself; clamped, ``up_ok`` where there is one), its depth
+        ``up_depth``; ``child`` [N, N], the node below ancestor j on node i's path, ``strict``
+        where j is a strict ancestor of i; and per window offset o < W, where the token at o
+        above node i is in [the window buffer's last ``back`` tokens, the nodes] (``win_src``,
+        ``win_held``), for each ``back`` in 0..W-1."""
+        held = self._trees.get(id(parents))
+        if held is not None and held[0] is parents:  # the tensor is held, so its id names it
+            return held[1]
+        n, win, dev = parents.numel(), self.window, parents.device
+        levels = int(depth.max()) + 1
+        up = [torch.arange(n, device=dev)]
+        for _ in range(max(win, levels)):
+            a = up[-1]
+            up.append(torch.where(a >= 0, parents[a.clamp(min=0)], -1))
+        ups = torch.stack(up)  # [max(W, levels) + 1, N]
+        anc = ups[:levels]
+        child = torch.zeros(n, n, dtype=torch.long, device=dev)
+        strict = torch.zeros(n, n, dtype=torch.bool, device=dev)
+        rows = torch.arange(n, device=dev)
+        for o in range(1, levels):
+            ok = anc[o] >= 0
+            child[rows[ok], anc[o][ok]] = anc[o - 1][ok]
+            strict[rows[ok], anc[o][ok]] = True
+        above_root = torch.arange(win, device=dev)[:, None] - depth[None, :]  # o - depth: > 0 above the root
+        windows = []
+        for back in range(win):
+            src = torch.where(ups[:win] >= 0, back + ups[:win], back - above_root)
+            held = (src >= 0) & ((ups[:win] >= 0) | (above_root <= back))
+            windows.append((src.clamp(min=0), held))
+        index = {"up": anc.clamp(min=0), "up_ok": anc >= 0, "up_depth": depth[anc.clamp(min=0)], "child": child,
+                 "strict": strict, "windows": windows, "rel": -above_root}  # rel [W, N]: depth - o
+        self._trees = {id(parents): (parents, index)}  # one tree at a time is verified
+        return index
+
     @torch.inference_mode()
     def tree_hidden(self, ids: torch.Tensor, parents: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """The N nodes ``ids`` [1, N] of a candidate tree (node 0 the root, at position
@@ -439,27 +478,21 @@ class DMCForward:
         appended or merged as their decisions say. Returns final-normed hidden states [N, H]; the
         nodes' slots and state wait in ``self._tree`` for ``commit`` of the accepted path."""
         model, cfg, cache = self.model, self.model.cfg, self.cache
-        self._check(ids, int(depth.max()) + 1)
         if ids.shape[0] != 1:
             raise EngineError("DMC: a Medusa tree is verified for one sequence at a time")
+        tix = self._tree_index(parents, depth)
+        self._check(ids, tix["up"].shape[0])
         n, start, win = ids.shape[1], cache.length, self.window
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         groups, dev = nh // nkv, model.device
-        up = [torch.arange(n, device=dev)]  # up[o][i]: the ancestor o levels above node i (-1: above the root)
-        for _ in range(max(win, int(depth.max()) + 1)):
-            a = up[-1]
-            up.append(torch.where(a >= 0, parents[a.clamp(min=0)], -1))
-        pos = (start + depth)[None, :, None]  # [1, N, 1]
         cos, sin = model.rope(start + n)
         cos, sin = cos[start + depth][:, None], sin[start + depth][:, None]  # [N, 1, D]
         back = min(start, win - 1)  # cached tokens a window can reach
-        # where the token at offset o above node i is in [window buffer's last `back` tokens, nodes]
-        ups = torch.stack(up[:win])  # [W, N]
-        above_root = (torch.arange(win, device=dev)[:, None] - depth[None, :])  # o - depth: > 0 above the root
-        src = torch.where(ups >= 0, back + ups, back - above_root)
-        held = (src >= 0) & ((ups >= 0) | (above_root <= back))
-        src = src.clamp(min=0)
+        src, held = tix["windows"][back]
+        at = (start + tix["rel"])[:, :, None]  # [W, N, 1]: the position of the token at offset o
         hist = [(start - back + j) % win for j in range(back)]
+        up, up_ok, up_depth = tix["up"], tix["up_ok"][None, :, :, None], (start + tix["up_depth"])[None, :, :, None]
+        eye = torch.eye(n, dtype=torch.bool, device=dev)
         saved = []
         x = F.embedding(ids, model.embed)
         for li, layer in enumerate(model.layers):
@@ -471,35 +504,28 @@ class DMCForward:
             w = torch.sigmoid(q[..., d - 1].float().view(1, n, nkv, groups).mean(-1) + self.init_val) + WEIGHT_EPS
             kw = k.float().masked_fill(self._last_dim, 0) * w[..., None]
             vw = v.float() * w[..., None]
-            # the run of a node starts at its nearest ancestor-or-self that appends (or in the cache)
-            run_start = (start - cache.run[li].long())[:, None].expand(1, n, nkv).clone()
-            for o in range(len(up) - 1, -1, -1):
-                a = up[o]
-                appends = (a >= 0)[None, :, None] & ~merge[:, a.clamp(min=0)]
-                run_start = torch.where(appends, (start + depth[a.clamp(min=0)])[None, :, None], run_start)
-            lo = torch.maximum(run_start, pos - (win - 1))
-            ext_kw, ext_vw, ext_w = kw, vw, w
+            # a node's run starts at its nearest ancestor-or-self that appends (else in the cache)
+            appends = up_ok & ~merge[:, up]  # [1, A, N, Hkv]
+            first = appends.int().argmax(1, keepdim=True)
+            run_start = torch.where(appends.any(1), up_depth.expand_as(appends).gather(1, first)[:, 0],
+                                    (start - cache.run[li].long())[:, None])  # [1, N, Hkv]
+            lo = torch.maximum(run_start, (start + depth)[None, :, None] - (win - 1))
+            ext_kw, ext_vw, ext_w = kw[0], vw[0], w[0]
             if back:
-                ext_kw = torch.cat([cache.win_k[li, hist].transpose(0, 1), kw], dim=1)
-                ext_vw = torch.cat([cache.win_v[li, hist].transpose(0, 1), vw], dim=1)
-                ext_w = torch.cat([cache.win_w[li, hist].transpose(0, 1), w], dim=1)
-            offsets = torch.arange(win, device=dev)[:, None, None]
-            take = (held[:, :, None] & ((pos[0] - offsets) >= lo[0][None])).float()  # [W, N, Hkv]
-            wsum = (ext_w[0][src] * take).sum(0)[None]  # [1, N, Hkv]
-            ksum = (ext_kw[0][src] * take[..., None]).sum(0)[None]
-            vsum = (ext_vw[0][src] * take[..., None]).sum(0)[None]
+                ext_kw = torch.cat([cache.win_k[li, hist, 0], ext_kw])
+                ext_vw = torch.cat([cache.win_v[li, hist, 0], ext_vw])
+                ext_w = torch.cat([cache.win_w[li, hist, 0], ext_w])
+            take = (held[:, :, None] & (at >= lo)).to(kw.dtype)  # [W, N, Hkv]
+            wsum = (ext_w[src] * take).sum(0)[None]  # [1, N, Hkv]
+            ksum = (ext_kw[src] * take[..., None]).sum(0)[None]
+            vsum = (ext_vw[src] * take[..., None]).sum(0)[None]
             k_slot = (ksum / wsum[..., None]).to(k.dtype)
             v_slot = (vsum / wsum[..., None]).to(v.dtype)
             qk = self._rotate(torch.cat([q, k_slot], dim=2), cos, sin)
             qr, kr = qk[:, :, :nh], qk[:, :, nh:]
             # node i sees ancestor j's slot iff the child of j on i's path appends; and its own
-            visible = torch.eye(n, dtype=torch.bool, device=dev)[None, None].repeat(1, nkv, 1, 1)
-            for o in range(1, len(up)):
-                rows = (up[o] >= 0).nonzero()[:, 0]
-                if rows.numel() == 0:
-                    break
-                visible[:, :, rows, up[o][rows]] = ~merge[:, up[o - 1][rows]].permute(0, 2, 1)
-            attn = self._prefill_attention(li, qr, kr, v_slot, visible, merge[:, 0])
+            visible = eye[:, :, None] | (tix["strict"][:, :, None] & ~merge[0][tix["child"]])  # [N, N, Hkv]
+            attn = self._prefill_attention(li, qr, kr, v_slot, visible.permute(2, 0, 1)[None], merge[:, 0])
             saved.append((merge, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start))
             x = layer.o(attn, residual=x)
             x = model.mlp(layer, x)
@@ -511,6 +537,9 @@ class DMCForward:
         """Keep the nodes ``path`` [A] (node ids from the root down) of the last ``tree_hidden``:
         their slots and state enter the cache as A token-by-token steps would leave them."""
         cache = self.cache
+        if len(path) == 0:
+            self._tree = None
+            return
         for li, state in enumerate(self._tree):
             merge, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start = (t.index_select(1, path) for t in state)
             final = torch.ones_like(merge)

@@ -24,9 +24,10 @@ import torch
 from kernels import cpu_gemm
 
 from engine.errors import EngineError
+from engine.decoding.dmc import DMCForward
 from engine.decoding.medusa.heads import Profile
 from engine.decoding.medusa.tree import CARD_CHOICES, MedusaTree, build_tree
-from engine.decoding.medusa.verify import DenseTarget, TreeGraph, verify
+from engine.decoding.medusa.verify import DenseTarget, DMCTarget, TreeGraph, verify
 from engine.paths import cache_dir
 
 PRESETS = ("auto", "card")
@@ -67,29 +68,38 @@ def _cost_key(model, name: str) -> str:
 
 
 def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 1, reps: int = 3,
-                    context: int = 256) -> dict[int, float]:
+                    context: int = 256, dmc: dict | None = None) -> dict[int, float]:
     """Median time of one verify step (heads included) per tree size, with ``context`` tokens
-    already in a scratch cache; size 0 is a plain decode step."""
-    cache = model.new_cache(context + max(sizes) + 1)
+    already in a scratch cache; size 0 is a one-token decode step. ``dmc``: the DMC settings
+    {"init_val", "window"} when the tree is verified over a DMC cache (which grows by what each
+    measured step keeps: merges cannot be undone), else over a dense cache."""
+    zero = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    room = max(sizes) + (warmup + reps) * (len(sizes) + 1) * (heads.num_heads + 1) + 1
+    if dmc is not None:
+        scratch = DMCForward(model, 1, context + room, **dmc)
+        scratch.prefill(torch.zeros(1, context, dtype=torch.long, device=model.device))
+        target, one_token = DMCTarget(scratch), lambda: scratch.step(zero[0])
+    else:
+        cache = model.new_cache(context + room)
+        model.last_hidden(torch.zeros(1, context, dtype=torch.long, device=model.device), cache, 0)
+        target, one_token = DenseTarget(model, cache), lambda: model.forward(zero, cache, context)
     out = {}
     with torch.inference_mode():
-        model.last_hidden(torch.zeros(1, context, dtype=torch.long, device=model.device), cache, 0)
         for n in (0, *sizes):
             if n == 0:
-                def step():
-                    model.forward(torch.zeros(1, 1, dtype=torch.long, device=model.device), cache, context)
+                step = one_token
             else:
                 paths = profile.tree_paths(n, heads.num_heads) if profile else CARD_CHOICES[:n - 1]
                 tree = build_tree(paths or [[0]], heads.num_heads).to(model.device)
                 hidden = torch.zeros(model.cfg.hidden_size, device=model.device, dtype=model.dtype)
-                graph = TreeGraph.for_device(model, tree, cache)  # as decoding runs it
+                graph = TreeGraph.for_device(model, tree, cache) if dmc is None else None  # as decoding runs it
 
                 def step():  # the heads' proposals and the verify pass
-                    verify(model, tree, DenseTarget(model, cache), 0, heads.propose(hidden, model, tree, 0),
-                           graph=graph)
+                    verify(model, tree, target, 0, heads.propose(hidden, model, tree, 0), graph=graph).keep(target)
             times = []
             for i in range(warmup + reps):
-                cache.length = context
+                if dmc is None:
+                    cache.length = context
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -102,25 +112,27 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
     return out
 
 
-def step_costs(model, heads, name: str, sizes, profile: Profile | None) -> dict[int, float]:
-    """Measured once per model, device and weight format, then read from the cache folder."""
+def step_costs(model, heads, name: str, sizes, profile: Profile | None, dmc: dict | None = None) -> dict[int, float]:
+    """Measured once per model, device, weight format and cache (dense or DMC), then read from
+    the cache folder."""
     file = cache_dir() / "medusa_step_ms.json"
-    key = _cost_key(model, name)
+    key = _cost_key(model, name) + ("|dmc" if dmc is not None else "")
     try:
         known = json.loads(file.read_text())
     except (OSError, ValueError):
         known = {}
     have = {int(n): float(ms) for n, ms in known.get(key, {}).items()}
     if not all(n in have for n in (0, *sizes)):
-        have = measure_step_ms(model, heads, sizes, profile)
+        have = measure_step_ms(model, heads, sizes, profile, dmc=dmc)
         known[key] = {str(n): round(ms, 3) for n, ms in have.items()}
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text(json.dumps(known, indent=1) + "\n")
     return have
 
 
-def plan(model, heads, name: str, choices: str | None, profile: Profile | None) -> Plan:
-    """The tree to verify: the user's choice, or (``auto``) the best for this device."""
+def plan(model, heads, name: str, choices: str | None, profile: Profile | None, dmc: dict | None = None) -> Plan:
+    """The tree to verify: the user's choice, or (``auto``) the best for this device and cache
+    (``dmc``: the DMC settings when the tree is verified over a DMC cache)."""
     choices = choices or "auto"
     if choices != "auto":
         tree = build_tree(read_choices(choices, heads.num_heads), heads.num_heads)
@@ -133,7 +145,7 @@ def plan(model, heads, name: str, choices: str | None, profile: Profile | None) 
         return Plan(build_tree(read_choices("card", heads.num_heads), heads.num_heads).to(model.device), "card")
     most = len([p for p, _ in profile.paths if len(p) <= heads.num_heads]) + 1
     sizes = sorted({n for n in TREE_SIZES if 2 <= n < most} | {most})
-    costs = step_costs(model, heads, name, sizes, profile)
+    costs = step_costs(model, heads, name, sizes, profile, dmc)
 
     def rate(n):
         return profile.expected_tokens(profile.tree_paths(n, heads.num_heads)) / costs[n]

@@ -69,6 +69,13 @@ class StepResult:
     tokens: list[int]  # accepted this step: the root, then the accepted proposals
     root_logits: torch.Tensor  # base model's logits after the last accepted token (for the next root)
     hidden: torch.Tensor  # its final-normed hidden state [H] (the heads' input for the next step)
+    path: list[int]  # the accepted nodes, root first: ``keep`` puts the first k of them in the cache
+    start: int  # the cache length before the step
+
+    def keep(self, target, k: int | None = None) -> None:
+        """The first ``k`` accepted tokens (all: None) into ``target``'s cache, in order."""
+        path = self.path if k is None else self.path[:k]
+        target.commit(self.start, torch.tensor(path, device=self.hidden.device))
 
 
 def accept_greedy(logits: torch.Tensor, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -139,7 +146,8 @@ def verify(model: LlamaModel, tree: MedusaTree, target, root: int | torch.Tensor
     the tree's other nodes (``MedusaHeads.propose``). The root and the proposals are verified in
     one pass over the tree; the longest accepted path wins (ties: the first). Only the nodes with
     children go through the lm_head (plus the last accepted node when it is a leaf); on a CPU, a
-    small tree's nodes all do, in one pass."""
+    small tree's nodes all do, in one pass. The caller then keeps the accepted tokens it uses in
+    the cache (``StepResult.keep``): a DMC cache cannot take back a token it was given."""
     root = torch.as_tensor(root, device=proposals.device).reshape(1)  # a device tensor stays there: no sync
     tokens = torch.cat([root, proposals])  # [N]
     start = target.length
@@ -160,14 +168,13 @@ def verify(model: LlamaModel, tree: MedusaTree, target, root: int | torch.Tensor
     lengths, token_list = host[:len(tree.retrieve_rows)], host[len(tree.retrieve_rows):]
     best = max(range(len(lengths)), key=lambda r: (lengths[r], -r))
     path = tree.retrieve_rows[best][:lengths[best] + 1]
-    target.commit(start, torch.tensor(path, device=tokens.device))
     last = path[-1]
     inner = tree.inner_rows.get(last)
     if node_logits is not None:
         root_logits = node_logits[last]
     else:
         root_logits = logits[inner] if inner is not None else model.logits(hidden[last:last + 1])[0]
-    return StepResult([token_list[i] for i in path], root_logits, hidden[last])
+    return StepResult([token_list[i] for i in path], root_logits, hidden[last], path, start)
 
 
 def _compact(cache: KVCache, start: int, path: torch.Tensor) -> None:
@@ -198,6 +205,7 @@ def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, target, ro
         step = verify(model, tree, target, root, heads.propose(hidden, model, tree, root), accept, graph)
         tokens = step.tokens[:max_new_tokens - produced]
         stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+        step.keep(target, len(tokens) if stop is None else stop)  # the cache holds what is yielded, no more
         if stop is not None:
             if stop:
                 yield tokens[:stop]
