@@ -75,7 +75,7 @@ class StepResult:
     def keep(self, target, k: int | None = None) -> None:
         """The first ``k`` accepted tokens (all: None) into ``target``'s cache, in order."""
         path = self.path if k is None else self.path[:k]
-        target.commit(self.start, torch.tensor(path, device=self.hidden.device))
+        target.commit(self.start, torch.tensor(path, dtype=torch.long, device=self.hidden.device))
 
 
 def accept_greedy(logits: torch.Tensor, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
