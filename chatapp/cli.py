@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from engine.events import DECODINGS, QUANTIZE
+from engine.errors import EngineError
+from engine.events import DECODINGS, QUANTIZE, decoding_name
 
 from chatapp.options import load_request
 from chatapp.server import DEFAULT_API_KEY_ENV
@@ -14,6 +15,14 @@ from chatapp.store.settings import DEVICES
 
 DEFAULT_REMOTE_KEY_ENV = "CHATAPP_REMOTE_API_KEY"  # --remote: where the server's key is read from
 DESCRIPTION = "Terminal chat with a local inference engine (Llama-family models, CPU or NVIDIA GPU)."
+
+
+def _decoding(text: str) -> str:
+    """--decoding's value, normalised ("dmc,medusa" -> "medusa+dmc"); argparse reports a bad one."""
+    try:
+        return decoding_name(text)
+    except EngineError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _shared(top: bool) -> dict[str, argparse.ArgumentParser]:
@@ -48,10 +57,11 @@ def _loading() -> dict[str, argparse.ArgumentParser]:
     parents["context"].add_argument("--context", type=int,
                                     help="KV cache length in tokens (default: min(the model's, 8192))")
     decoding = parents["decoding"]
-    decoding.add_argument("--decoding", choices=DECODINGS, default="plain",
+    decoding.add_argument("--decoding", type=_decoding, default="plain", metavar="|".join(DECODINGS),
                           help="medusa: speculative decoding with the checkpoint's Medusa heads (or the ones "
                                "chatapp ships for it); dmc: Dynamic Memory Compression of the KV cache (a Megatron "
-                               "DMC checkpoint, or a model chatapp ships a DMC retrofit for)")
+                               "DMC checkpoint, or a model chatapp ships a DMC retrofit for); medusa+dmc (or "
+                               "medusa,dmc): Medusa's proposals verified over the DMC cache")
     decoding.add_argument("--medusa-choices", metavar="PRESET|FILE",
                           help="Medusa tree: auto (default: the best for this device, from the heads' measured "
                                "acceptance and this device's measured step time), card (the 8B model card's "

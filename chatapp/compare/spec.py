@@ -2,11 +2,12 @@
 decoded, its weight format and the sampling settings.
 
     parse_setup("medusa,fp8")                          # Medusa heads, weights quantized to FP8 on load
+    parse_setup("medusa,dmc,fp8")                      # Medusa over a DMC cache, on FP8 weights
     parse_setup("plain,temperature=0.8,seed=1")        # plain decoding, sampled
     parse_setup("model=meta-llama/Llama-3.1-8B-Instruct,plain")
 
-A spec is comma-separated terms: a decoding (plain, medusa, dmc), a weight format (fp8: quantize
-on load; bf16: as stored), or key=value with model, medusa-choices, temperature, top_p, top_k,
+A spec is comma-separated terms: a proposer (medusa) and a cache (dmc), each at most once, or
+plain; a weight format (fp8: quantize on load; bf16: as stored); or key=value with model, medusa-choices, temperature, top_p, top_k,
 seed, max_new_tokens. Unset sampling settings are greedy (temperature 0)."""
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import EngineError
-from engine.events import DECODINGS, QUANTIZE, LoadModel, SamplingParams
+from engine.events import CACHES, PROPOSERS, QUANTIZE, LoadModel, SamplingParams, decoding_name
 
 WEIGHT_FORMATS = (*QUANTIZE, "bf16")  # quantized on load, or as stored
 KEYS = ("model", "medusa-choices", "temperature", "top_p", "top_k", "seed", "max_new_tokens")
 _ALIASES = {"medusa_choices": "medusa-choices", "top-p": "top_p", "top-k": "top_k",
             "max-new-tokens": "max_new_tokens"}
-_EXPECTED = (f"expected {', '.join(DECODINGS + WEIGHT_FORMATS)} or key=value with model, medusa-choices, temperature, "
+_EXPECTED = (f"expected {', '.join(('plain', *PROPOSERS, *CACHES) + WEIGHT_FORMATS)} or key=value with model, medusa-choices, temperature, "
              "top_p, top_k, seed, max_new_tokens")
 
 
@@ -55,7 +56,7 @@ def parse_setup(spec: str, *, model: str | None = None, device: str | None = Non
                 max_new_tokens: int = 256) -> Setup:
     """Read one set-up spec. ``model``, ``device``, ``context`` and ``max_new_tokens`` are the
     defaults that the spec's own terms override. Raises EngineError naming the term at fault."""
-    decoding: str | None = None
+    parts: list[str] = []  # the decoding's terms: plain, or a proposer and/or a cache
     weights: str | None = None
     values: dict[str, str] = {}
     terms = [t.strip() for t in str(spec).split(",")]
@@ -77,10 +78,9 @@ def parse_setup(spec: str, *, model: str | None = None, device: str | None = Non
             values[key] = value
             continue
         word = term.lower()
-        if word in DECODINGS:
-            if decoding is not None and decoding != word:
-                raise EngineError(f"compare set-up {spec!r}: two decodings, {decoding!r} and {word!r}")
-            decoding = word
+        if word in ("plain", *PROPOSERS, *CACHES):
+            if word not in parts:
+                parts.append(word)
         elif word in WEIGHT_FORMATS:
             if weights is not None and weights != word:
                 raise EngineError(f"compare set-up {spec!r}: two weight formats, {weights!r} and {word!r}")
@@ -88,11 +88,12 @@ def parse_setup(spec: str, *, model: str | None = None, device: str | None = Non
         else:
             raise EngineError(f"compare set-up {spec!r}: unknown term {term!r} ({_EXPECTED})")
 
-    decoding = decoding or "plain"
-    if "medusa-choices" in values and decoding != "medusa":
+    try:
+        decoding = decoding_name("+".join(parts) or "plain")
+    except EngineError as e:
+        raise EngineError(f"compare set-up {spec!r}: {str(e).split(': ', 1)[1]}") from None
+    if "medusa-choices" in values and "medusa" not in decoding:
         raise EngineError(f"compare set-up {spec!r}: medusa-choices applies to medusa decoding only")
-    if weights == "fp8" and decoding == "dmc":
-        raise EngineError(f"compare set-up {spec!r}: fp8 cannot be combined with dmc decoding")
 
     params = SamplingParams(max_new_tokens=max_new_tokens)
     if "temperature" in values:
@@ -111,7 +112,7 @@ def parse_setup(spec: str, *, model: str | None = None, device: str | None = Non
                      medusa_choices=values.get("medusa-choices"))
 
     # the label: the terms in a fixed order, defaults (bf16, greedy) left out
-    label = [decoding] + (["fp8"] if weights == "fp8" else [])
+    label = decoding.split("+") + (["fp8"] if weights == "fp8" else [])  # "medusa,dmc,fp8"
     if "model" in values:
         label.append(f"model={values['model']}")
     if "medusa-choices" in values:

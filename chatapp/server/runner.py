@@ -177,12 +177,12 @@ class Metrics:
             lines.append(f'chatapp_time_to_first_token_seconds_bucket{{le="+Inf"}} {self.ttft_count}')
             lines.append(f"chatapp_time_to_first_token_seconds_sum {_fmt(self.ttft_sum)}")
             lines.append(f"chatapp_time_to_first_token_seconds_count {self.ttft_count}")
-            if decoding == "medusa":
+            if "medusa" in decoding.split("+"):
                 metric("chatapp_medusa_accepted_tokens_per_step", "gauge",
                        "Medusa: tokens accepted per verify step, mean over the last generation.",
                        [("", self.last_accepted_per_step)])
                 metric("chatapp_medusa_steps_total", "counter", "Medusa verify steps.", [("", self.medusa_steps)])
-            if decoding == "dmc":
+            if "dmc" in decoding.split("+"):
                 metric("chatapp_last_kv_compression_ratio", "gauge",
                        "DMC: K/V bytes a plain cache would hold over the bytes held, at the end of the last "
                        "generation.", [("", self.last_kv_compression)])

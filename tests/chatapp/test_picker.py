@@ -73,7 +73,7 @@ async def test_the_catalog_with_sizes_and_fit(hub):
         await goto(pilot, screen, "nvidia/Llama-3.1-8B-Medusa-FP8")
         assert offered(screen) == ["plain", "medusa"]
         await goto(pilot, screen, "SmolLM2-135M-Instruct")  # the heads and the DMC retrofit chatapp ships
-        assert offered(screen) == ["plain", "medusa", "dmc"]
+        assert offered(screen) == ["plain", "medusa", "dmc", "medusa+dmc"]
         await goto(pilot, screen, "nvidia/Llama-2-7B-DMC-8x")  # a Megatron DMC checkpoint: DMC only
         assert offered(screen) == ["dmc"] and screen.query_one("#decoding").value == "dmc"
 
