@@ -69,6 +69,7 @@ class PickerScreen(Screen):
         self.rows: dict[str, ModelRow] = {}
         self.remotes: dict[str, RemoteServer] = {f"remote:{r.name}": r for r in settings.remote}
         self.confirm: str | None = None  # a row the user was warned about; Enter again loads it
+        self._offered: list[str] | None = None  # the decodings the decoding selector offers now
         self.cancel_download: threading.Event | None = None
 
     def compose(self) -> ComposeResult:
@@ -173,19 +174,36 @@ class PickerScreen(Screen):
                           + (f", model {r.model}" if r.model else "")
                           + (f", API key from ${r.api_key_env}" if r.api_key_env else ""))
             decoding.set_options([("plain", "plain")])
+            self._offered = ["plain"]
             return
         row = self.rows.get(key)
         if row is None:
             detail.update("")
             return
-        est = row.estimate
-        breakdown = (f"weights {gib(est.weights_bytes)} + KV cache {gib(est.kv_bytes)} + overhead "
-                     f"{gib(est.overhead_bytes)} = {gib(est.total_bytes)}")
-        gated = " · gated: needs a Hugging Face token" if row.entry.gated else ""
-        detail.update(f"{row.entry.description}{gated}\n{est.verdict}: {est.reason}\n{breakdown}")
         options = decodings(row.entry)
-        decoding.set_options([(d, d) for d in options])
-        decoding.value = self.current.decoding if self.current.decoding in options else options[0]
+        if self._offered != options:  # a new row's decodings (setting them anew would reset the choice)
+            self._offered = options
+            decoding.set_options([(d, d) for d in options])
+            decoding.value = self.current.decoding if self.current.decoding in options else options[0]
+        self._show_estimate(row)
+
+    def _show_estimate(self, row: ModelRow) -> None:
+        """The highlighted model's estimate for the set-up chosen above the table: a DMC cache's
+        compression and FP8 weights applied."""
+        setup, weights = str(self.query_one("#decoding", Select).value), self.query_one("#weights", Select).value
+        est = row.estimate if self.device is None else estimate_for_device(
+            row.entry, self.context(), self.device, setup, "fp8" if weights == "fp8" else None)
+        breakdown = (f"{setup}{', FP8 weights' if weights == 'fp8' else ''}: weights {gib(est.weights_bytes)} + "
+                     f"KV cache {gib(est.kv_bytes)} + overhead {gib(est.overhead_bytes)} = {gib(est.total_bytes)}")
+        gated = " · gated: needs a Hugging Face token" if row.entry.gated else ""
+        self.query_one("#detail", Static).update(f"{row.entry.description}{gated}\n{est.verdict}: {est.reason}\n"
+                                                 f"{breakdown}")
+
+    @on(Select.Changed)
+    def _setup_changed(self) -> None:
+        row = self.rows.get(self.selected())
+        if row is not None:
+            self._show_estimate(row)
 
     # ---- loading and downloading ----------------------------------------------------------------
     def request_for(self, row: ModelRow) -> LoadModel:

@@ -55,6 +55,10 @@ class PatchedSource(TensorSource):
     def names(self) -> set[str]:
         return self._base.names()
 
+    def files(self) -> list[Path]:
+        """The base checkpoint's files and the delta (what a quantized copy's cache key is made of)."""
+        return sorted({*self._base.files(), self._delta})
+
     def file_of(self, name: str) -> Path:
         return self._delta if name in self._replaced else self._base.file_of(name)
 

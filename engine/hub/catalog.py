@@ -251,7 +251,9 @@ class MemoryEstimate:
         return asdict(self)
 
 
-def _weights_bytes(entry: ModelEntry, on_cpu: bool) -> int:
+def _weights_bytes(entry: ModelEntry, on_cpu: bool, quantize: str | None = None) -> int:
+    if quantize == "fp8" and entry.params_b:  # FP8 linears: a byte a weight (embeddings and norms are few)
+        return int(entry.params_b * 1e9)
     bpw = entry.bytes_per_weight or 2
     if on_cpu and bpw >= 2:  # the engine computes in fp32 on the CPU
         return int((entry.params_b or 0) * 1e9 * 4) if entry.params_b else int((entry.weights_gb or 0) * 1e9 * 4 / bpw)
@@ -260,12 +262,13 @@ def _weights_bytes(entry: ModelEntry, on_cpu: bool) -> int:
     return int((entry.params_b or 0) * 1e9 * bpw)
 
 
-def kv_bytes_per_token(entry: ModelEntry, on_cpu: bool = False) -> float:
-    """K and V bytes per token of context, all layers, after DMC compression."""
+def kv_bytes_per_token(entry: ModelEntry, on_cpu: bool = False, compressed: bool = True) -> float:
+    """K and V bytes per token of context, all layers, after DMC compression (``compressed``)."""
     if not (entry.num_layers and entry.num_kv_heads and entry.head_dim):
         return 0.0
     elem = 4 if on_cpu else 2
-    return 2 * entry.num_layers * entry.num_kv_heads * entry.head_dim * elem / (entry.kv_compression or 1.0)
+    ratio = (entry.kv_compression or 1.0) if compressed else 1.0
+    return 2 * entry.num_layers * entry.num_kv_heads * entry.head_dim * elem / ratio
 
 
 def _overhead(weights: float, kv: float) -> int:
@@ -278,18 +281,21 @@ def _remote_hint(entry: ModelEntry) -> str:
 
 
 def estimate_memory(entry: ModelEntry, context: int | None = None, free_bytes: int | None = None,
-                    total_bytes: int | None = None, *, on_cpu: bool = False) -> MemoryEstimate:
+                    total_bytes: int | None = None, *, on_cpu: bool = False, decoding: str | None = None,
+                    quantize: str | None = None) -> MemoryEstimate:
     """What ``entry`` needs with a KV cache of ``context`` tokens (default: the engine's default,
     min(max_context, 8192)), and whether that fits ``free_bytes`` (``total_bytes`` when the free
-    figure is unknown). ``on_cpu``: the device is the CPU (fp32 compute)."""
+    figure is unknown). ``on_cpu``: the device is the CPU (fp32 compute). ``decoding`` and
+    ``quantize``: the set-up (a DMC cache divides the KV bytes by the model's compression, FP8
+    weights take a byte a weight); None: the catalog's own (its compression, as stored)."""
     if context is None:
         context = min(entry.max_context or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
     if context < 1:
         raise EngineError(f"context {context}: must be at least 1 token")
     if entry.multi_gpu:
         on_cpu = False  # it runs on GPUs elsewhere, whatever this machine has
-    weights = _weights_bytes(entry, on_cpu)
-    per_token = kv_bytes_per_token(entry, on_cpu)
+    weights = _weights_bytes(entry, on_cpu, quantize)
+    per_token = kv_bytes_per_token(entry, on_cpu, compressed=decoding is None or "dmc" in decoding.split("+"))
     kv = int(per_token * context)
     overhead = _overhead(weights, kv)
     need = weights + kv + overhead
@@ -331,11 +337,12 @@ def _round_down(n: int) -> int:
     return n - n % 1024 if n >= 1024 else n
 
 
-def estimate_for_device(entry: ModelEntry, context: int | None = None,
-                        device: DeviceMemory | None = None) -> MemoryEstimate:
+def estimate_for_device(entry: ModelEntry, context: int | None = None, device: DeviceMemory | None = None,
+                        decoding: str | None = None, quantize: str | None = None) -> MemoryEstimate:
     """estimate_memory against this machine's device (device_memory())."""
     device = device or device_memory()
-    return estimate_memory(entry, context, device.free_bytes, device.total_bytes, on_cpu=device.is_cpu)
+    return estimate_memory(entry, context, device.free_bytes, device.total_bytes, on_cpu=device.is_cpu,
+                           decoding=decoding, quantize=quantize)
 
 
 # ---- download size ---------------------------------------------------------------------------

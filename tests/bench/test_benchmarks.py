@@ -60,3 +60,12 @@ def test_dmc_decode():
         assert r["kv_compression"] == 8.0  # every 8th token appends
         assert r["dmc_kv_bytes_per_token"] * 8 == r["plain_kv_bytes_per_token"]
         assert r["plain_tok_s"] > 0 and r["dmc_tok_s"] > 0
+
+
+def test_compose(embedded_session):
+    s = smoke("compose.py")
+    setups = s["setups"]
+    assert set(setups) == {"plain", "medusa", "dmc", "medusa+dmc"}
+    assert setups["medusa+dmc"]["identical_to_dmc"] == 2 and setups["medusa"]["identical_to_plain"] == 2
+    assert setups["dmc"]["kv_bytes_per_token"] < setups["plain"]["kv_bytes_per_token"]
+    assert setups["dmc"]["reply_perplexity"] > 1

@@ -78,6 +78,28 @@ async def test_the_catalog_with_sizes_and_fit(hub):
         assert offered(screen) == ["dmc"] and screen.query_one("#decoding").value == "dmc"
 
 
+async def test_the_estimate_follows_the_chosen_set_up(hub):
+    """A DMC cache divides the KV bytes by the model's compression; FP8 weights take a byte a weight."""
+    import re
+
+    app = ChatApp(client=EngineClient(FakeWorker()))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_picker(pilot, app)
+        await goto(pilot, screen, "nvidia/Llama-2-7B-DMC-8x")
+
+        def figures():
+            text = str(screen.query_one("#detail").content)
+            found = re.search(r"weights ([\d.]+) GiB \+ KV cache ([\d.]+) GiB", text)
+            return text, float(found[1]), float(found[2])
+
+        text, weights, kv = figures()
+        assert text.splitlines()[-1].startswith("dmc: weights")
+        screen.query_one("#weights").value = "fp8"
+        await wait_for(pilot, lambda: "FP8 weights" in str(screen.query_one("#detail").content), 5, "the FP8 estimate")
+        _, fp8_weights, fp8_kv = figures()
+        assert fp8_weights == pytest.approx(weights / 2, rel=0.05) and fp8_kv == kv
+
+
 async def test_a_model_that_wont_fit_asks_before_loading():
     fake = FakeWorker()
     app = ChatApp(client=EngineClient(fake))

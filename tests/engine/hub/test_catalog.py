@@ -247,3 +247,16 @@ def test_chatapp_models_table_and_json(hub, monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     medusa = next(i for i, line in enumerate(out) if line.startswith(MEDUSA))
     assert "won't fit" in out[medusa] and "KV cache" in out[medusa + 1]
+
+
+def test_the_set_up_decides_the_kv_compression_and_the_weight_bytes():
+    smol = find("SmolLM2-135M-Instruct")
+    dmc = find("nvidia/Llama-2-7B-DMC-8x")
+    # a DMC cache divides the KV cache by the model's compression; another decoding does not
+    assert estimate_memory(dmc, 4096, decoding="medusa+dmc").kv_bytes == estimate_memory(dmc, 4096).kv_bytes
+    assert estimate_memory(dmc, 4096, decoding="plain").kv_bytes == pytest.approx(
+        estimate_memory(dmc, 4096, decoding="dmc").kv_bytes * dmc.kv_compression, rel=1e-3)
+    # FP8 weights: a byte a weight, on a GPU and on the CPU (which computes 16-bit weights in fp32)
+    for on_cpu in (False, True):
+        full = estimate_memory(smol, 1024, on_cpu=on_cpu).weights_bytes
+        assert estimate_memory(smol, 1024, on_cpu=on_cpu, quantize="fp8").weights_bytes < full / 1.9
