@@ -193,6 +193,11 @@ def _check_sum(iterable, attribute=None, start=0):
     return (items, attribute, start)
 
 
+def _check_replace(s, old, new, count=None):
+    _check(_size(s))  # before str(s): a value too large to write out is refused as it is
+    _check(_replaced_size(str(s), str(old), str(new), count))
+
+
 def _check_indent(s, width=4, first=False, blank=False):
     n = _size(s)
     _check(n)
@@ -216,8 +221,7 @@ def _check_sized(value, *args, **kwargs):
 _FILTER_CHECKS = {
     "join": _check_join_filter,
     "sum": _check_sum,
-    "replace": lambda s, old, new, count=None: _check(max(_size(s), _replaced_size(str(s), str(old), str(new), count)
-                                                          if _size(s) <= MAX_RENDER_CHARS else 0)),
+    "replace": _check_replace,
     "center": lambda value, width=80: _check(max(_size(value), _width(width))),
     "indent": _check_indent,
     "format": lambda value, *args, **kwargs: _check_format(str(value), args or tuple(kwargs.values())),

@@ -212,7 +212,7 @@ class DMCForward:
         self.cache = DMCCache(cfg, self.max_len, batch, model.device, model.dtype, page_size, window)
         self._last_dim = torch.arange(cfg.head_dim, device=model.device) == cfg.head_dim - 1
         self.prefill_chunk = PREFILL_CHUNK
-        self._trees: dict = {}  # the tree pass's index tensors (see _tree_index)
+        self._tree_index_of = None  # (the tree's parents tensor, its index tensors): see _tree_index
         self._tree = None  # the last tree pass's nodes, for commit
 
     @property
@@ -293,8 +293,8 @@ class DMCForward:
         return torch.stack(out, dim=1) if all_logits else out[-1]
 
     def _prefill_parallel(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        """Final-normed hidden states of the last token (all, with ``all_logits``). Per layer, for all T new tokens at once: the decisions and weights; each token's slot
-        content, the weighted mean of the last <= W tokens of its merge run (a banded sum over
+        """Final-normed hidden states of the last token (all, with ``all_logits``). Per layer, for
+        all T new tokens at once: the decisions and weights; each token's slot content, the weighted mean of the last <= W tokens of its merge run (a banded sum over
         the window buffer's tokens and the new ones); attention of token i over the cached slots
         still there (all but the last, which a merge of the first new token replaces), the new
         slots final by then (tokens j < i whose next token appends) and its own; then the slots
@@ -365,16 +365,24 @@ class DMCForward:
         return ksum, vsum, wsum
 
     @staticmethod
-    def _chain_visible(final: torch.Tensor) -> torch.Tensor:
+    def _chain_visible(final: torch.Tensor):
         """For T tokens in a row: token i sees the slot of token j < i iff final[j] (token j + 1
-        appends), and its own. final [B, T, Hkv] -> [B, Hkv, T, T]."""
-        t = final.shape[1]
-        idx = torch.arange(t, device=final.device)
-        return ((idx[:, None] > idx[None, :]) & final.permute(0, 2, 1)[:, :, None, :]) | (idx[:, None] == idx[None, :])
+        appends), and its own. final [B, T, Hkv] -> the mask of query rows c0..c1 - 1 over the
+        first c1 tokens, [B, Hkv, c1 - c0, c1], made per chunk (a whole [T, T] mask of a long
+        prompt would not be small)."""
+        final_t = final.permute(0, 2, 1)[:, :, None, :]  # [B, Hkv, 1, T]
+        idx = torch.arange(final.shape[1], device=final.device)
+
+        def rows(c0: int, c1: int) -> torch.Tensor:
+            r, c = idx[c0:c1, None], idx[None, :c1]
+            return ((r > c) & final_t[..., :c1]) | (r == c)
+
+        return rows
 
     def _prefill_attention(self, li, q, k, v, visible_new, first_merges):
         """Token i attends to the cached slots still there and to the new slots ``visible_new``
-        [B, Hkv, T, T] lets it see (never a later token's: j <= i). q [B, T, H, D], k, v
+        lets it see (never a later token's: j <= i): ``visible_new(c0, c1)`` is the mask of query
+        rows c0..c1 - 1 over the first c1 new tokens [B, Hkv, c1 - c0, c1]. q [B, T, H, D], k, v
         [B, T, Hkv, D], first_merges [B, Hkv]: the first new token merges into the last cached
         slot -> [B, T, H * D]. In chunks of query tokens, so that the mask is
         [B, Hkv, groups * chunk, cached + T] at most."""
@@ -400,7 +408,7 @@ class DMCForward:
         out = torch.empty(bsz, nh, t, d, dtype=q.dtype, device=q.device)
         for c0 in range(0, t, self.prefill_chunk):
             c1 = min(t, c0 + self.prefill_chunk)
-            visible = visible_new[:, :, c0:c1, :c1]  # [B, Hkv, C, c1]
+            visible = visible_new(c0, c1)  # [B, Hkv, C, c1]
             if old_visible is not None:
                 visible = torch.cat([old_visible.expand(-1, -1, c1 - c0, -1), visible], dim=3)
             qg = qh[:, :, c0:c1].reshape(bsz, nkv, groups * (c1 - c0), d)
@@ -437,19 +445,19 @@ class DMCForward:
         """What the tree pass gathers with, computed once per tree: ``up`` [A, N], the ancestor o
         levels above each node (o = 0: itself; clamped, ``up_ok`` where there is one), its depth
         ``up_depth``; ``child`` [N, N], the node below ancestor j on node i's path, ``strict``
-        where j is a strict ancestor of i; and per window offset o < W, where the token at o
-        above node i is in [the window buffer's last ``back`` tokens, the nodes] (``win_src``,
-        ``win_held``), for each ``back`` in 0..W-1."""
-        held = self._trees.get(id(parents))
-        if held is not None and held[0] is parents:  # the tensor is held, so its id names it
-            return held[1]
+        where j is a strict ancestor of i; ``windows[back]``, for each ``back`` in 0..W-1 cached
+        tokens a window reaches: per window offset o < W, where the token o above node i is in
+        [the window buffer's last ``back`` tokens, the nodes] and whether it is there at all;
+        ``rel`` [W, N], that token's position after the root (depth - o)."""
+        if self._tree_index_of is not None and self._tree_index_of[0] is parents:
+            return self._tree_index_of[1]
         n, win, dev = parents.numel(), self.window, parents.device
         levels = int(depth.max()) + 1
         up = [torch.arange(n, device=dev)]
-        for _ in range(max(win, levels)):
+        for _ in range(max(win, levels) - 1):
             a = up[-1]
             up.append(torch.where(a >= 0, parents[a.clamp(min=0)], -1))
-        ups = torch.stack(up)  # [max(W, levels) + 1, N]
+        ups = torch.stack(up)  # [max(W, levels), N]
         anc = ups[:levels]
         child = torch.zeros(n, n, dtype=torch.long, device=dev)
         strict = torch.zeros(n, n, dtype=torch.bool, device=dev)
@@ -462,11 +470,11 @@ class DMCForward:
         windows = []
         for back in range(win):
             src = torch.where(ups[:win] >= 0, back + ups[:win], back - above_root)
-            held = (src >= 0) & ((ups[:win] >= 0) | (above_root <= back))
-            windows.append((src.clamp(min=0), held))
+            there = (src >= 0) & ((ups[:win] >= 0) | (above_root <= back))
+            windows.append((src.clamp(min=0), there))
         index = {"up": anc.clamp(min=0), "up_ok": anc >= 0, "up_depth": depth[anc.clamp(min=0)], "child": child,
-                 "strict": strict, "windows": windows, "rel": -above_root}  # rel [W, N]: depth - o
-        self._trees = {id(parents): (parents, index)}  # one tree at a time is verified
+                 "strict": strict, "windows": windows, "rel": -above_root}
+        self._tree_index_of = (parents, index)  # one tree at a time is verified
         return index
 
     @torch.inference_mode()
@@ -525,7 +533,8 @@ class DMCForward:
             qr, kr = qk[:, :, :nh], qk[:, :, nh:]
             # node i sees ancestor j's slot iff the child of j on i's path appends; and its own
             visible = eye[:, :, None] | (tix["strict"][:, :, None] & ~merge[0][tix["child"]])  # [N, N, Hkv]
-            attn = self._prefill_attention(li, qr, kr, v_slot, visible.permute(2, 0, 1)[None], merge[:, 0])
+            visible = visible.permute(2, 0, 1)[None]  # [1, Hkv, N, N]
+            attn = self._prefill_attention(li, qr, kr, v_slot, lambda c0, c1: visible[:, :, c0:c1, :c1], merge[:, 0])
             saved.append((merge, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start))
             x = layer.o(attn, residual=x)
             x = model.mlp(layer, x)
