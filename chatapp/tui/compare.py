@@ -50,9 +50,16 @@ class PaneBody(VerticalScroll):
         self.anchor(False)
 
     def catch_up(self) -> None:
-        if self.follow and not self.following and self.max_scroll_y > 0:
+        if not self.follow:
+            return
+        overflows = self.max_scroll_y > 0
+        if overflows and not self.following:
             self.following = True
             self.anchor()
+        elif not overflows and self.following:  # anchored on a size that was measured before a reset
+            self.following = False
+            self.anchor(False)
+            self.scroll_home(animate=False, immediate=True)
 
     def watch_virtual_size(self) -> None:  # the reply grew (or the pane changed size)
         self.call_after_refresh(self.catch_up)

@@ -219,8 +219,10 @@ async def test_long_replies_keep_each_pane_at_the_bottom():
         fake.max_tokens = 3
         await pilot.press("ctrl+r")
         await wait_for(pilot, lambda: finished(screen) and screen.outcome["b"] == "done", 5, "the re-run")
+        tops = lambda: [screen.pane(k).body.scroll_y for k in ("a", "b")]  # noqa: E731
+        await wait_for(pilot, lambda: tops() == [0, 0], 2, "both panes at the top")
         await pilot.pause(0.2)
-        assert [screen.pane(k).body.scroll_y for k in ("a", "b")] == [0, 0]
+        assert tops() == [0, 0]
 
 
 async def test_error_of_one_setup_is_shown_and_the_other_completes():

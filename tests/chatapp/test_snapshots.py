@@ -39,6 +39,10 @@ async def steady(pilot) -> None:
     for widget in widgets:
         if widget.has_focus and not widget._cursor_visible:
             widget._cursor_visible = True
+        # a TextArea's line cache does not key on the blink setting: a line cached in a blink's
+        # off phase would be drawn again without its cursor
+        widget.notify_style_update()
+        widget.refresh()
     await pilot.pause(0.1)
     assert all(w._cursor_visible for w in widgets if w.has_focus), "a focused cursor is hidden"
 
