@@ -3,63 +3,16 @@ packed in 16-column panels, read once per call whatever the number of rows. On o
 GEMM library's cost grows steeply from M = 1 to M = 2…16 (a Medusa tree's verify pass); this
 kernel's barely does.
 
-The C++ source is compiled on first use with PyTorch's extension builder (a C++ compiler is
-needed) and cached in PyTorch's extension folder; ``available()`` says whether it could be, and
-callers fall back to the GEMM library where not. ``CHATAPP_CPU_GEMM=0`` turns it off."""
+It is part of the CPU library (kernels/cpu_ops.py: built on first use); ``available()`` says
+whether it could be built, and callers fall back to the GEMM library where not."""
 
 from __future__ import annotations
 
-import os
-import platform
-import threading
-from pathlib import Path
-
 import torch
 
+from .cpu_ops import available, why_not  # noqa: F401 (the kernel is usable where the CPU library is)
+
 PANEL = 16
-VERSION = 2  # of the kernel: step costs measured with another version are measured again
-_SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
-def _supported_cpu() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    except Exception:
-        return False
-
-
-def available() -> bool:
-    """Whether the kernel is usable here: an AVX2 x86 CPU and a successful (cached) build. The
-    first call may take a minute (compiling); the reason it is not usable is in ``why_not()``."""
-    with _lock:
-        if "ok" not in _state:
-            _state["ok"], _state["why"] = _build()
-        return bool(_state["ok"])
-
-
-def why_not() -> str | None:
-    available()
-    return None if _state["ok"] else str(_state["why"])
-
-
-def _build() -> tuple[bool, str | None]:
-    if os.environ.get("CHATAPP_CPU_GEMM", "1") == "0":
-        return False, "turned off (CHATAPP_CPU_GEMM=0)"
-    if not _supported_cpu():
-        return False, "needs an x86-64 CPU with AVX2"
-    try:
-        from torch.utils.cpp_extension import load
-
-        load(name="chatapp_cpu_gemm", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
-        torch.ops.chatapp_cpu.small_gemm  # noqa: B018 (registered by the library just loaded)
-        return True, None
-    except Exception as e:  # no compiler, no ninja, a failed build: the GEMM library it is
-        return False, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 def pack(weight_t: torch.Tensor) -> torch.Tensor:

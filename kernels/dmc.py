@@ -24,6 +24,13 @@ Decode attention. One query token per head, q [B, H, D]; the keys and values of 
 first lens[b, h] slots of its pages: slot s lives in page block_table[b, h, s // P] at row s % P
 of k_pages / v_pages [num_pages, P, D]. Query head h reads KV head h // G. Returns [B, H, D].
 
+Tree attention (verification of a Medusa tree, or a chunk of a prompt, over a DMC cache). M
+query tokens q [B, H, M, D] attend to the first n_cached[b, h] slots of (b, h)'s pages (all of
+them visible to every query) and to N new slots k_new, v_new [B, Hkv, N, D] where visible [B,
+Hkv, M, N] (bool) allows: for a tree, a node sees its own slot and those of its ancestors that
+stay slots on its path; for a chain, token i sees the earlier tokens' final slots. Each query must
+see at least one slot. Returns [B, H, M, D].
+
 The Triton kernels run one program per (b, KV head): the update loads one row of each state
 tensor; the attention stacks the G query heads of a KV head as the rows of one tile and folds
 the pages in with an online softmax in fp32 (as kernels/tree_attention.py does), reading each
@@ -36,6 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import cpu_ops
 from ._triton import tl, triton, use_triton
 
 WEIGHT_EPS = 2.0 ** -7  # added to the importance weight (bfloat16's eps in the reference code)
@@ -104,6 +112,48 @@ def dmc_decode_attention_reference(q, k_pages, v_pages, block_table, lens, scale
     qg = q.reshape(b, hkv, groups, d)
     out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask[:, :, None, :], scale=scale)
     return out.reshape(b, h, d)
+
+
+def _check_tree_attention(q, k_new, v_new, visible, k_pages, v_pages, block_table, n_cached):
+    b, h, m, d = q.shape
+    assert k_new.dim() == 4 and k_new.shape == v_new.shape, "k_new, v_new: [B, Hkv, N, D]"
+    bk, hkv, n, dk = k_new.shape
+    assert bk == b and dk == d and h % hkv == 0, f"q {tuple(q.shape)} does not fit k_new {tuple(k_new.shape)}"
+    assert visible.shape == (b, hkv, m, n) and visible.dtype == torch.bool, "visible: [B, Hkv, M, N] bool"
+    assert k_pages.dim() == 3 and k_pages.shape == v_pages.shape and k_pages.shape[2] == d, \
+        "k_pages, v_pages: [num_pages, P, D]"
+    assert block_table.shape[:2] == (b, hkv) and n_cached.shape == (b, hkv), \
+        "block_table: [B, Hkv, max_pages], n_cached: [B, Hkv]"
+    return b, h, hkv, m, n, d, k_pages.shape[1]
+
+
+def dmc_tree_attention_reference(q, k_new, v_new, visible, k_pages, v_pages, block_table, n_cached,
+                                 scale: float | None = None, cached_pages: int | None = None):
+    """The cached slots gathered into padded [B, Hkv, pages * P, D] tensors (slots past n_cached
+    zeroed and masked), the new slots after them, and PyTorch's scaled_dot_product_attention with
+    the query heads of a KV head as its query rows (group-major). ``cached_pages``: the table's
+    columns to read, when the caller knows it (saves reading n_cached back)."""
+    b, h, hkv, m, n, d, page = _check_tree_attention(q, k_new, v_new, visible, k_pages, v_pages, block_table,
+                                                     n_cached)
+    groups = h // hkv
+    mask = visible
+    keys, values = k_new, v_new
+    if cached_pages is None:
+        cached_pages = -(-int(n_cached.max()) // page) if n_cached.numel() else 0
+    if cached_pages:
+        pages = block_table[..., :cached_pages].long().clamp(min=0)  # -1 entries: page 0, masked
+        length = cached_pages * page
+        old = torch.arange(length, device=q.device) < n_cached[..., None].to(q.device)  # [B, Hkv, L]
+        hide = ~old[..., None]
+        old_k = k_pages[pages].view(b, hkv, length, d).masked_fill(hide, 0)  # nothing stale reaches the output
+        old_v = v_pages[pages].view(b, hkv, length, d).masked_fill(hide, 0)
+        keys = torch.cat([old_k.to(k_new.dtype), k_new], dim=2)
+        values = torch.cat([old_v.to(v_new.dtype), v_new], dim=2)
+        mask = torch.cat([old[:, :, None, :].expand(-1, -1, m, -1), visible], dim=3)
+    qg = q.reshape(b, hkv, groups * m, d)
+    mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, hkv, groups * m, -1)
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
+    return out.view(b, h, m, d)
 
 
 # ---- Triton --------------------------------------------------------------------------------
@@ -199,6 +249,69 @@ if triton is not None:
                  mask=row_ok[:, None] & d_ok[None, :])
 
 
+    @triton.jit
+    def _dmc_tree_attention_kernel(q_ptr, kn_ptr, vn_ptr, vis_ptr, kp_ptr, vp_ptr, bt_ptr, nc_ptr, out_ptr,
+                                   M, N, groups, qk_scale,
+                                   sqb, sqh, sqm, sqd, sknb, sknh, sknn, sknd, svnb, svnh, svnn, svnd,
+                                   smb, smh, smi, smj, skp, skl, skd, svp, svl, svd, sbb, sbh, sbp,
+                                   scb, sch, sob, soh, som, sod,
+                                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+                                   UPCAST: tl.constexpr):
+        pid_m = tl.program_id(0)
+        kvh = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        # query rows of this KV head: row r is query r % M of query head kvh * groups + r // M
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < groups * M
+        g = rows // M
+        qi = (rows - g * M).to(tl.int64)
+        head = kvh * groups + g.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        # the cached slots, page by page: all visible to every query
+        length = tl.load(nc_ptr + b * scb + kvh * sch)
+        offs_p = tl.arange(0, PAGE)
+        for n0 in range(0, length, PAGE):
+            page = tl.load(bt_ptr + b * sbb + kvh * sbh + (n0 // PAGE) * sbp).to(tl.int64)
+            col_ok = (n0 + offs_p) < length
+            k = tl.load(kp_ptr + page * skp + offs_p[None, :] * skl + offs_d[:, None] * skd,
+                        mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            v = tl.load(vp_ptr + page * svp + offs_p[:, None] * svl + offs_d[None, :] * svd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            s = _dot(q, k.to(q.dtype), PRECISION, UPCAST) * qk_scale
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_i, l_i, acc = _online_softmax_step(s, v.to(q.dtype), m_i, l_i, acc, PRECISION, UPCAST)
+
+        # the new slots, under the visibility mask
+        offs_n = tl.arange(0, BLOCK_N)
+        kn_base = kn_ptr + b * sknb + kvh * sknh
+        vn_base = vn_ptr + b * svnb + kvh * svnh
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + offs_n
+            col_ok = cols < N
+            k = tl.load(kn_base + cols[None, :].to(tl.int64) * sknn + offs_d[:, None] * sknd,
+                        mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            v = tl.load(vn_base + cols[:, None].to(tl.int64) * svnn + offs_d[None, :] * svnd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            s = _dot(q, k, PRECISION, UPCAST) * qk_scale
+            seen = tl.load(vis_ptr + b * smb + kvh * smh + qi[:, None] * smi + cols[None, :].to(tl.int64) * smj,
+                           mask=row_ok[:, None] & col_ok[None, :], other=0)
+            s = tl.where(seen != 0, s, float("-inf"))
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION, UPCAST)
+
+        l_i = tl.where(l_i > 0, l_i, 1.0)  # padding rows only: every real query sees a slot
+        out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + b * sob + head[:, None] * soh + qi[:, None] * som + offs_d[None, :] * sod, out,
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
 def dmc_update_triton(q, k, v, ksum, vsum, wsum, win_k, win_v, win_w, run, lens, ptr: int, first: bool,
                       init_val: float = 5.0, window: int = 12):
     b, h, hkv, d = _check_update(q, k, v, ksum, win_k)
@@ -235,6 +348,32 @@ def dmc_decode_attention_triton(q, k_pages, v_pages, block_table, lens, scale: f
     return out
 
 
+def dmc_tree_attention_triton(q, k_new, v_new, visible, k_pages, v_pages, block_table, n_cached,
+                              scale: float | None = None, cached_pages: int | None = None):
+    """The Triton kernel. The output is [B, H, M, D], laid out as [B, M, H, D] in memory (the
+    order the output projection reads it in). ``cached_pages`` is not needed (each program
+    reads its own head's count)."""
+    b, h, hkv, m, n, d, page = _check_tree_attention(q, k_new, v_new, visible, k_pages, v_pages, block_table,
+                                                     n_cached)
+    assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {q.dtype}"
+    assert k_new.dtype == q.dtype and v_new.dtype == q.dtype, "q, k_new and v_new must share a dtype"
+    assert page >= 16 and page & (page - 1) == 0, "page size: a power of two, at least 16"
+    groups = h // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out = torch.empty((b, m, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    vis = visible.view(torch.uint8)
+    block_m = min(64, max(16, triton.next_power_of_2(groups * m)))
+    grid = (triton.cdiv(groups * m, block_m), hkv, b)
+    _dmc_tree_attention_kernel[grid](
+        q, k_new, v_new, vis, k_pages, v_pages, block_table, n_cached, out, m, n, groups, scale * math.log2(math.e),
+        *q.stride(), *k_new.stride(), *v_new.stride(), *vis.stride(), *k_pages.stride(), *v_pages.stride(),
+        *block_table.stride(), *n_cached.stride(), *out.stride(),
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=32, PAGE=page,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.dtype == torch.bfloat16 and not q.is_cuda, num_warps=4 if block_m * d <= 64 * 64 else 8)
+    return out
+
+
 # ---- dispatch ------------------------------------------------------------------------------
 def dmc_update(q, k, v, ksum, vsum, wsum, win_k, win_v, win_w, run, lens, ptr: int, first: bool,
                init_val: float = 5.0, window: int = 12):
@@ -246,7 +385,75 @@ def dmc_update(q, k, v, ksum, vsum, wsum, win_k, win_v, win_w, run, lens, ptr: i
 
 def dmc_decode_attention(q, k_pages, v_pages, block_table, lens, scale: float | None = None):
     """Attention of one query token per head, q [B, H, D], over each KV head's first lens[b, h]
-    slots of its pages; [B, H, D] in q's dtype."""
+    slots of its pages; [B, H, D] in q's dtype. On a CPU with the C++ library: its tree
+    attention kernel, with one query and no new slots."""
     if use_triton(q):
         return dmc_decode_attention_triton(q, k_pages, v_pages, block_table, lens, scale)
+    if q.device.type == "cpu" and q.dtype == torch.float32 and cpu_ops.available():
+        b, h, d = q.shape
+        hkv = block_table.shape[1]
+        none = q.new_empty(b, hkv, 0, d)
+        return dmc_tree_attention_cpu(q[:, :, None], none, none, torch.empty(b, hkv, 1, 0, dtype=torch.bool),
+                                      k_pages, v_pages, block_table, lens, scale)[:, :, 0]
     return dmc_decode_attention_reference(q, k_pages, v_pages, block_table, lens, scale)
+
+
+def dmc_tree_attention_cpu(q, k_new, v_new, visible, k_pages, v_pages, block_table, n_cached,
+                           scale: float | None = None, cached_pages: int | None = None):
+    """The C++ kernel (kernels/cpu_dmc.cpp; float32 CPU tensors, ``cpu_ops.available()``).
+    The output is [B, H, M, D], laid out as [B, M, H, D] in memory."""
+    _check_tree_attention(q, k_new, v_new, visible, k_pages, v_pages, block_table, n_cached)
+    assert cpu_ops.available(), f"the CPU kernels: {cpu_ops.why_not()}"
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return torch.ops.chatapp_cpu.dmc_tree_attention(q, k_new, v_new, visible, k_pages, v_pages, block_table,
+                                                    n_cached, scale)
+
+
+def use_cpu_tree_slots(device, dtype) -> bool:
+    """Whether ``dmc_tree_slots_cpu`` serves tensors of this device and dtype."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_ops.available()
+
+
+def dmc_tree_slots_cpu(qkv, cos, sin, parents, depth, win_k, win_v, win_w, run, start: int, init_val: float,
+                       heads: int):
+    """One layer's DMC slots of a Medusa tree's N nodes, each as token-by-token decoding of its
+    root-to-node path would make it, with the C++ kernel (kernels/cpu_dmc.cpp; float32 CPU
+    tensors). qkv [N, H + 2 Hkv, D]: the layer's unrotated projections per node; cos, sin [N, D]
+    at each node's position; parents [N] (-1: the root, node 0; parents first), depth [N]; the
+    layer's window buffer win_k, win_v [W, Hkv, D], win_w [W, Hkv] and open-run lengths run
+    [Hkv]; start: the root's position; heads: H.
+
+    Per node i and KV head: merge = k[D-1] > init_val (never for the root at position 0), the
+    weight w = sigmoid(mean over the head's queries of q[D-1] + init_val) + 2**-7; the node's
+    merge run begins at its nearest ancestor-or-self that appends (else where the cached open run
+    began); its slot is the w-weighted mean of the keys (dim D-1 zeroed) and values of the last
+    <= W tokens of that run on its path (nodes, then the window buffer's cached tokens). Node i
+    sees its own slot and ancestor j's iff the child of j on i's path appends.
+
+    Returns qk [N, H + Hkv, D] (the rotated queries and slot keys, dim D-1 zeroed), v_slot
+    [N, Hkv, D], merge [N, Hkv], visible [Hkv, N, N], feat [N, Hkv, 2D + 1] ([k w | v w | w]),
+    sums [N, Hkv, 2D + 1] (feat over each node's slot window), run_start [N, Hkv] (int64)."""
+    return torch.ops.chatapp_cpu.dmc_tree_slots(qkv, cos, sin, parents, depth, win_k, win_v, win_w, run, int(start),
+                                                float(init_val), int(heads))
+
+
+CPU_KERNEL_ROWS = 64  # query tokens up to which the C++ kernel is used on a CPU (SDPA's blocked GEMMs win past)
+
+
+def _tree_attention_fn(q):
+    if use_triton(q):
+        return dmc_tree_attention_triton
+    if q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[2] <= CPU_KERNEL_ROWS and cpu_ops.available():
+        return dmc_tree_attention_cpu
+    return dmc_tree_attention_reference
+
+
+def dmc_tree_attention(q, k_new, v_new, visible, k_pages, v_pages, block_table, n_cached,
+                       scale: float | None = None, cached_pages: int | None = None):
+    """Attention of M query tokens q [B, H, M, D] over each KV head's first n_cached[b, h] cached
+    slots and the new slots k_new, v_new [B, Hkv, N, D] that visible [B, Hkv, M, N] allows (see
+    the module docstring); [B, H, M, D] in q's dtype. ``cached_pages``: how many of the block
+    table's columns hold the cached slots, where the caller knows it. Triton on CUDA; on a CPU
+    the C++ kernel for a few queries (a decode step, a tree), PyTorch's SDPA for a prompt."""
+    fn = _tree_attention_fn(q)
+    return fn(q, k_new, v_new, visible, k_pages, v_pages, block_table, n_cached, scale, cached_pages)

@@ -34,16 +34,17 @@ Memory: one pool of pages of ``page_size`` slots (K and V) for all layers, hande
 layers. The running sums and the window of the last 12 weighted keys/values are float32.
 
 Limits: the batch rows share positions (prompts of one length); each token reads the slot
-counts back to the host once (page allocation), so a step is not CUDA-graph capturable; the
-parallel prefill's attention is PyTorch's SDPA with an explicit mask, in chunks of 256 query
-tokens."""
+counts back to the host once (page allocation), so a step is not CUDA-graph capturable. The
+parallel prefill and a Medusa tree attend through kernels/dmc.py's tree attention (the cached
+slots plus the new ones under a visibility mask), a prefill in chunks of 256 query tokens."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels.dmc import WEIGHT_EPS, dmc_decode_attention, dmc_update
+from kernels.dmc import (WEIGHT_EPS, dmc_decode_attention, dmc_tree_attention, dmc_tree_slots_cpu, dmc_update,
+                         use_cpu_tree_slots)
 
 from engine.config import ModelConfig
 from engine.decoding.base import Decoder
@@ -116,10 +117,11 @@ class DMCCache:
         token adds at most one slot to each). One device-to-host copy of the lengths."""
         self._add_pages((self.lens.cpu() == self._pages_per_row * self.page_size).to(torch.int32))
 
-    def ensure_pages(self, layer: int, need: torch.Tensor):
-        """At least need[b, h] pages (a host int tensor [B, Hkv]) for each head of one layer."""
+    def ensure_pages(self, layers: slice, need: torch.Tensor):
+        """At least need[l, b, h] pages (a host int tensor [L', B, Hkv]) for each head of the
+        layers ``layers``."""
         extra = torch.zeros_like(self._pages_per_row)
-        extra[layer] = (need.to(torch.int32) - self._pages_per_row[layer]).clamp(min=0)
+        extra[layers] = (need.to(torch.int32) - self._pages_per_row[layers]).clamp(min=0)
         self._add_pages(extra)
 
     def _add_pages(self, extra: torch.Tensor):
@@ -140,6 +142,12 @@ class DMCCache:
         table[rows.to(self.device), cols.to(self.device)] = pages.to(self.device)
         self._pages_per_row += extra
         self.pages_used += n
+
+    def pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V page pools (allocated, at their smallest, before the first token)."""
+        if self.k_pages is None:
+            self._grow_pool(1)
+        return self.k_pages, self.v_pages
 
     def layer_state(self, layer: int) -> tuple:
         """The arguments of kernels.dmc.dmc_update for one layer (views, updated in place)."""
@@ -211,6 +219,7 @@ class DMCForward:
         self.max_len = int(max_len or cfg.max_position_embeddings)
         self.cache = DMCCache(cfg, self.max_len, batch, model.device, model.dtype, page_size, window)
         self._last_dim = torch.arange(cfg.head_dim, device=model.device) == cfg.head_dim - 1
+        self._kv_keep = torch.cat([~self._last_dim, torch.ones_like(self._last_dim)]).float()  # [k | v]: k's D-1 out
         self.prefill_chunk = PREFILL_CHUNK
         self._tree_index_of = None  # (the tree's parents tensor, its index tensors): see _tree_index
         self._tree = None  # the last tree pass's nodes, for commit
@@ -332,7 +341,8 @@ class DMCForward:
             final = torch.ones_like(merge)
             final[:, :-1] = ~merge[:, 1:]
             attn = self._prefill_attention(li, qr, kr, v_slot, self._chain_visible(final), merge[:, 0])
-            self._store_prefill(li, merge, final, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start)
+            self._store(slice(li, li + 1), *(t[None] for t in (merge, kr, v_slot, kw, vw, w, ksum, vsum, wsum,
+                                                                run_start)))
             x = layer.o(attn, residual=x)
             x = model.mlp(layer, x)
         cache.length = start + t
@@ -384,68 +394,63 @@ class DMCForward:
         lets it see (never a later token's: j <= i): ``visible_new(c0, c1)`` is the mask of query
         rows c0..c1 - 1 over the first c1 new tokens [B, Hkv, c1 - c0, c1]. q [B, T, H, D], k, v
         [B, T, Hkv, D], first_merges [B, Hkv]: the first new token merges into the last cached
-        slot -> [B, T, H * D]. In chunks of query tokens, so that the mask is
-        [B, Hkv, groups * chunk, cached + T] at most."""
+        slot -> [B, T, H * D]. kernels/dmc.py's tree attention, in chunks of query tokens."""
         cache = self.cache
         bsz, t, nh, d = q.shape
-        nkv = k.shape[2]
-        groups = nh // nkv
         qh, kh, vh = q.permute(0, 2, 1, 3), k.transpose(1, 2), v.transpose(1, 2)
-        old_visible = None
-        if cache.length:
-            lens = cache.lens[li]
-            used = int(lens.max())
-            pages = cache.block_table[li, :, :, : -(-used // cache.page_size)].long().clamp(min=0)
-            n = pages.shape[2] * cache.page_size
-            slots = torch.arange(n, device=q.device)
-            # every cached slot but the last; the last too unless the first new token merges into it
-            old_visible = (slots < (lens - first_merges.to(lens.dtype))[..., None])[:, :, None, :]  # [B, Hkv, 1, n]
-            # slots the mask hides get no weight (the pool only ever holds finite keys and values)
-            old_k = cache.k_pages[pages].view(bsz, nkv, n, d)
-            old_v = cache.v_pages[pages].view(bsz, nkv, n, d)
-            kh, vh = torch.cat([old_k.to(kh.dtype), kh], dim=2), torch.cat([old_v.to(vh.dtype), vh], dim=2)
-        n_old = kh.shape[2] - t
-        out = torch.empty(bsz, nh, t, d, dtype=q.dtype, device=q.device)
-        for c0 in range(0, t, self.prefill_chunk):
-            c1 = min(t, c0 + self.prefill_chunk)
-            visible = visible_new(c0, c1)  # [B, Hkv, C, c1]
-            if old_visible is not None:
-                visible = torch.cat([old_visible.expand(-1, -1, c1 - c0, -1), visible], dim=3)
-            qg = qh[:, :, c0:c1].reshape(bsz, nkv, groups * (c1 - c0), d)
-            attn = F.scaled_dot_product_attention(qg, kh[:, :, :n_old + c1], vh[:, :, :n_old + c1],
-                                                  attn_mask=visible.repeat(1, 1, groups, 1))
-            out[:, :, c0:c1] = attn.view(bsz, nh, c1 - c0, d)
+        # every cached slot but the last; the last too unless the first new token merges into it
+        n_cached = cache.lens[li] - first_merges.to(torch.int32)
+        k_pages, v_pages = cache.pool()
+        pages = int(cache._pages_per_row[li].max()) if cache.length else 0  # host copy: no read-back
+        args = (k_pages, v_pages, cache.block_table[li], n_cached)
+        if t <= self.prefill_chunk:
+            out = dmc_tree_attention(qh, kh, vh, visible_new(0, t), *args, cached_pages=pages)
+        else:
+            out = torch.empty(bsz, nh, t, d, dtype=q.dtype, device=q.device)
+            for c0 in range(0, t, self.prefill_chunk):
+                c1 = min(t, c0 + self.prefill_chunk)
+                out[:, :, c0:c1] = dmc_tree_attention(qh[:, :, c0:c1], kh[:, :, :c1], vh[:, :, :c1],
+                                                      visible_new(c0, c1), *args, cached_pages=pages)
         return out.transpose(1, 2).reshape(bsz, t, nh * d)
 
-    def _store_prefill(self, li, merge, final, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start):
-        """The new final tokens' keys and values into their slots, and the state after the last
-        token: run length, sums, and the window buffer's entries of the new tokens."""
-        cache, win = self.cache, self.window
-        bsz, t, nkv, d = kr.shape
+    def _store(self, layers: slice, merge, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start):
+        """The new tokens into the cache of the layers ``layers`` (a slice of them: a prefill
+        stores one layer at a time, a tree's accepted path all at once), as token-by-token steps
+        would leave it: the final tokens' keys and values into their slots (a token is final
+        when the next one appends, or it is the last), then the state after the last token:
+        slot counts, run lengths, sums, and the window buffer's entries of the new tokens.
+        merge, w, run_start [L', B, T, Hkv]; kr, v_slot, kw, vw, ksum, vsum [L', B, T, Hkv, D],
+        wsum [L', B, T, Hkv]."""
+        cache, win, page = self.cache, self.window, self.cache.page_size
+        t, d = kr.shape[2], kr.shape[-1]
         start = cache.length
-        lens_old = cache.lens[li].long()
-        slot_of = lens_old[:, None] - 1 + (~merge).long().cumsum(1)  # [B, T, Hkv]
-        lens_new = slot_of[:, -1] + 1
-        cache.ensure_pages(li, -(-lens_new.cpu() // cache.page_size))
-        b_idx, t_idx, h_idx = final.nonzero(as_tuple=True)
-        s = slot_of[b_idx, t_idx, h_idx]
-        page = cache.block_table[li][b_idx, h_idx, s // cache.page_size].long()
-        flat = page * cache.page_size + s % cache.page_size
-        cache.k_pages.view(-1, d).index_copy_(0, flat, kr[b_idx, t_idx, h_idx].to(cache.dtype))
-        cache.v_pages.view(-1, d).index_copy_(0, flat, v_slot[b_idx, t_idx, h_idx].to(cache.dtype))
-        cache.lens[li] = lens_new.to(torch.int32)
-        cache.run[li] = (start + t - run_start[:, -1]).to(torch.int32)
-        cache.ksum[li], cache.vsum[li], cache.wsum[li] = ksum[:, -1], vsum[:, -1], wsum[:, -1]
-        for j in range(max(0, t - win), t):
-            at = (start + j) % win
-            cache.win_k[li, at], cache.win_v[li, at], cache.win_w[li, at] = kw[:, j], vw[:, j], w[:, j]
+        slot_of = cache.lens[layers].long()[:, :, None] - 1 + (~merge).long().cumsum(2)  # [L', B, T, Hkv]
+        lens_new = slot_of[:, :, -1] + 1
+        cache.ensure_pages(layers, -(-lens_new.cpu() // page))
+        final = torch.ones_like(merge)
+        final[:, :, :-1] = ~merge[:, :, 1:]
+        idx = final.nonzero(as_tuple=True)  # (layer, row, token, head) of each final token
+        s = slot_of[idx]
+        pages = cache.block_table[layers][idx[0], idx[1], idx[3], s // page].long()
+        flat = pages * page + s % page
+        cache.k_pages.view(-1, d).index_copy_(0, flat, kr[idx].to(cache.dtype))
+        cache.v_pages.view(-1, d).index_copy_(0, flat, v_slot[idx].to(cache.dtype))
+        cache.lens[layers] = lens_new.to(torch.int32)
+        cache.run[layers] = (start + t - run_start[:, :, -1]).to(torch.int32)
+        cache.ksum[layers], cache.vsum[layers], cache.wsum[layers] = ksum[:, :, -1], vsum[:, :, -1], wsum[:, :, -1]
+        new = list(range(max(0, t - win), t))  # the new tokens the window buffer keeps
+        at = [(start + j) % win for j in new]
+        cache.win_k[layers, at] = kw[:, :, new].transpose(1, 2)
+        cache.win_v[layers, at] = vw[:, :, new].transpose(1, 2)
+        cache.win_w[layers, at] = w[:, :, new].transpose(1, 2)
 
     # ---- a Medusa tree -----------------------------------------------------------------------
     def _tree_index(self, parents: torch.Tensor, depth: torch.Tensor) -> dict:
         """What the tree pass gathers with, computed once per tree: ``up`` [A, N], the ancestor o
-        levels above each node (o = 0: itself; clamped, ``up_ok`` where there is one), its depth
-        ``up_depth``; ``child`` [N, N], the node below ancestor j on node i's path, ``strict``
-        where j is a strict ancestor of i; ``windows[back]``, for each ``back`` in 0..W-1 cached
+        levels above each node (o = 0: itself; clamped, ``not_up`` [A, N, 1] where there is none),
+        its depth ``up_depth``; ``child`` [N, N], the node below ancestor j on node i's path,
+        ``strict`` [N, N, 1] where j is a strict ancestor of i, ``eye`` [N, N, 1] where j is i;
+        ``windows[back]``, for each ``back`` in 0..W-1 cached
         tokens a window reaches: per window offset o < W, where the token o above node i is in
         [the window buffer's last ``back`` tokens, the nodes] and whether it is there at all;
         ``rel`` [W, N], that token's position after the root (depth - o)."""
@@ -472,8 +477,9 @@ class DMCForward:
             src = torch.where(ups[:win] >= 0, back + ups[:win], back - above_root)
             there = (src >= 0) & ((ups[:win] >= 0) | (above_root <= back))
             windows.append((src.clamp(min=0), there))
-        index = {"up": anc.clamp(min=0), "up_ok": anc >= 0, "up_depth": depth[anc.clamp(min=0)], "child": child,
-                 "strict": strict, "windows": windows, "rel": -above_root}
+        index = {"up": anc.clamp(min=0), "not_up": (anc < 0)[:, :, None], "up_depth": depth[anc.clamp(min=0)],
+                 "child": child, "strict": strict[:, :, None], "eye": torch.eye(n, dtype=torch.bool, device=dev)[:, :, None],
+                 "windows": windows, "rel": -above_root}
         self._tree_index_of = (parents, index)  # one tree at a time is verified
         return index
 
@@ -484,77 +490,97 @@ class DMCForward:
         its children's) run over the cache without changing it: each node sees what token-by-token
         DMC decoding of its root-to-node path would show it, its ancestors' keys and values
         appended or merged as their decisions say. Returns final-normed hidden states [N, H]; the
-        nodes' slots and state wait in ``self._tree`` for ``commit`` of the accepted path."""
+        nodes' slots and state wait in ``self._tree`` for ``commit`` of the accepted path.
+
+        Per layer, the nodes' slots are those of kernels/dmc.py's ``dmc_tree_slots`` (one call on
+        a CPU with the C++ kernels; PyTorch operations otherwise, ``_tree_slots``), and they
+        attend through its tree attention."""
         model, cfg, cache = self.model, self.model.cfg, self.cache
         if ids.shape[0] != 1:
             raise EngineError("DMC: a Medusa tree is verified for one sequence at a time")
         tix = self._tree_index(parents, depth)
         self._check(ids, tix["up"].shape[0])
-        n, start, win = ids.shape[1], cache.length, self.window
-        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        groups, dev = nh // nkv, model.device
+        n, start, nh = ids.shape[1], cache.length, cfg.num_heads
         cos, sin = model.rope(start + n)
-        cos, sin = cos[start + depth][:, None], sin[start + depth][:, None]  # [N, 1, D]
-        back = min(start, win - 1)  # cached tokens a window can reach
-        src, held = tix["windows"][back]
-        at = (start + tix["rel"])[:, :, None]  # [W, N, 1]: the position of the token at offset o
-        hist = [(start - back + j) % win for j in range(back)]
-        up, up_ok, up_depth = tix["up"], tix["up_ok"][None, :, :, None], (start + tix["up_depth"])[None, :, :, None]
-        eye = torch.eye(n, dtype=torch.bool, device=dev)
+        cos, sin = cos[start + depth], sin[start + depth]  # [N, D]
+        fast = use_cpu_tree_slots(ids.device, model.dtype)
+        if not fast:
+            prep = self._tree_slots_prep(tix, depth)
         saved = []
         x = F.embedding(ids, model.embed)
         for li, layer in enumerate(model.layers):
-            qkv = model.qkv(layer, x).view(1, n, nh + 2 * nkv, d)
-            q, k, v = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv], qkv[:, :, nh + nkv:]
-            merge = k[..., d - 1].float() > self.init_val  # [1, N, Hkv]
-            if start == 0:
-                merge[:, 0] = False
-            w = torch.sigmoid(q[..., d - 1].float().view(1, n, nkv, groups).mean(-1) + self.init_val) + WEIGHT_EPS
-            kw = k.float().masked_fill(self._last_dim, 0) * w[..., None]
-            vw = v.float() * w[..., None]
-            # a node's run starts at its nearest ancestor-or-self that appends (else in the cache)
-            appends = up_ok & ~merge[:, up]  # [1, A, N, Hkv]
-            first = appends.int().argmax(1, keepdim=True)
-            run_start = torch.where(appends.any(1), up_depth.expand_as(appends).gather(1, first)[:, 0],
-                                    (start - cache.run[li].long())[:, None])  # [1, N, Hkv]
-            lo = torch.maximum(run_start, (start + depth)[None, :, None] - (win - 1))
-            ext_kw, ext_vw, ext_w = kw[0], vw[0], w[0]
-            if back:
-                ext_kw = torch.cat([cache.win_k[li, hist, 0], ext_kw])
-                ext_vw = torch.cat([cache.win_v[li, hist, 0], ext_vw])
-                ext_w = torch.cat([cache.win_w[li, hist, 0], ext_w])
-            take = (held[:, :, None] & (at >= lo)).to(kw.dtype)  # [W, N, Hkv]
-            wsum = (ext_w[src] * take).sum(0)[None]  # [1, N, Hkv]
-            ksum = (ext_kw[src] * take[..., None]).sum(0)[None]
-            vsum = (ext_vw[src] * take[..., None]).sum(0)[None]
-            k_slot = (ksum / wsum[..., None]).to(k.dtype)
-            v_slot = (vsum / wsum[..., None]).to(v.dtype)
-            qk = self._rotate(torch.cat([q, k_slot], dim=2), cos, sin)
-            qr, kr = qk[:, :, :nh], qk[:, :, nh:]
-            # node i sees ancestor j's slot iff the child of j on i's path appends; and its own
-            visible = eye[:, :, None] | (tix["strict"][:, :, None] & ~merge[0][tix["child"]])  # [N, N, Hkv]
-            visible = visible.permute(2, 0, 1)[None]  # [1, Hkv, N, N]
-            attn = self._prefill_attention(li, qr, kr, v_slot, lambda c0, c1: visible[:, :, c0:c1, :c1], merge[:, 0])
-            saved.append((merge, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start))
+            qkv = model.qkv(layer, x).view(n, nh + 2 * cfg.num_kv_heads, cfg.head_dim)
+            if fast:
+                qk, v_slot, merge, visible, feat, sums, run_start = dmc_tree_slots_cpu(
+                    qkv, cos, sin, parents, depth, cache.win_k[li, :, 0], cache.win_v[li, :, 0],
+                    cache.win_w[li, :, 0], cache.run[li, 0], start, self.init_val, nh)
+            else:
+                qk, v_slot, merge, visible, feat, sums, run_start = self._tree_slots(li, qkv, cos, sin, tix, prep)
+            visible = visible[None]  # [1, Hkv, N, N]
+            attn = self._prefill_attention(li, qk[None, :, :nh], qk[None, :, nh:], v_slot[None],
+                                           lambda c0, c1: visible[:, :, c0:c1, :c1], merge[None, 0])
+            saved.append((merge, qk[:, nh:], v_slot, feat, sums, run_start))
             x = layer.o(attn, residual=x)
             x = model.mlp(layer, x)
         self._tree = saved
         return model.final_norm(x[0])
 
+    def _tree_slots_prep(self, tix: dict, depth: torch.Tensor) -> dict:
+        """What ``_tree_slots`` reads in every layer of one tree pass."""
+        cache, start, win = self.cache, self.cache.length, self.window
+        back = min(start, win - 1)  # cached tokens a window can reach
+        src, held = tix["windows"][back]
+        prep = {"back": back, "src": src,
+                # the position of the token at window offset o above node i; -1 (below every run) where none
+                "at": torch.where(held, start + tix["rel"], -1)[:, :, None],  # [W, N, 1]
+                "up_pos": (start + tix["up_depth"])[:, :, None],  # [A, N, 1]
+                "oldest": (start + depth - (win - 1))[:, None],  # [N, 1]: the first position a window reaches
+                "run_before": start - cache.run[:, 0].long()}  # [L, Hkv]: where the cached open run began
+        if back:  # the window buffer's last ``back`` tokens as feature rows, all layers: [L, back, Hkv, 2D+1]
+            hist = [(start - back + j) % win for j in range(back)]
+            prep["history"] = torch.cat([cache.win_k[:, hist, 0], cache.win_v[:, hist, 0],
+                                         cache.win_w[:, hist, 0, :, None]], dim=-1)
+        return prep
+
+    def _tree_slots(self, li: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tix: dict, prep: dict):
+        """One layer's slots of the tree's nodes with PyTorch operations: what kernels/dmc.py's
+        ``dmc_tree_slots_cpu`` returns (see there). A node's weighted key, value and weight are
+        one feature row per KV head [k * w (dim D-1 zeroed) | v * w | w], so that its slot's
+        window sums are one gather and one sum over the window offsets."""
+        cfg = self.model.cfg
+        n, nh, nkv, d = qkv.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        last = qkv[:, :, d - 1].float()  # the weight (q) and decision (k) neurons
+        merge = last[:, nh:nh + nkv] > self.init_val  # [N, Hkv]
+        if self.cache.length == 0:
+            merge[0] = False
+        w = torch.sigmoid(last[:, :nh].view(n, nkv, nh // nkv).mean(-1) + self.init_val) + WEIGHT_EPS
+        kv = qkv[:, nh:].view(n, 2, nkv, d).transpose(1, 2).reshape(n, nkv, 2 * d)
+        feat = torch.cat([kv.float() * (w[..., None] * self._kv_keep), w[..., None]], dim=-1)  # [N, Hkv, 2D+1]
+        # a node's run starts at its nearest ancestor-or-self that appends (else in the cache)
+        run_start = torch.where(merge[tix["up"]] | tix["not_up"], prep["run_before"][li], prep["up_pos"]).amax(0)
+        ext = torch.cat([prep["history"][li], feat]) if prep["back"] else feat
+        take = (prep["at"] >= torch.maximum(run_start, prep["oldest"])).to(feat.dtype)  # [W, N, Hkv]
+        sums = (ext[prep["src"]] * take[..., None]).sum(0)  # [N, Hkv, 2D+1]
+        kv_slot = (sums[..., :2 * d] / sums[..., 2 * d:]).to(qkv.dtype)
+        qk = self._rotate(torch.cat([qkv[:, :nh], kv_slot[..., :d]], dim=1), cos[:, None], sin[:, None])
+        # node i sees ancestor j's slot iff the child of j on i's path appends; and its own
+        visible = (tix["eye"] | (tix["strict"] & ~merge[tix["child"]])).permute(2, 0, 1)  # [Hkv, N, N]
+        return qk, kv_slot[..., d:], merge, visible, feat, sums, run_start
+
     @torch.inference_mode()
     def commit(self, path: torch.Tensor) -> None:
         """Keep the nodes ``path`` [A] (node ids from the root down) of the last ``tree_hidden``:
-        their slots and state enter the cache as A token-by-token steps would leave them."""
-        cache = self.cache
+        their slots and state enter the cache, all layers at once, as A token-by-token steps
+        would leave them."""
         if len(path) == 0:
             self._tree = None
             return
-        for li, state in enumerate(self._tree):
-            merge, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start = (t.index_select(1, path) for t in state)
-            final = torch.ones_like(merge)
-            final[:, :-1] = ~merge[:, 1:]
-            self._store_prefill(li, merge, final, kr, v_slot, kw, vw, w, ksum, vsum, wsum, run_start)
-        cache.length += len(path)
+        d = self.model.cfg.head_dim
+        merge, kr, v_slot, feat, sums, run_start = (torch.stack(f).index_select(1, path)[:, None]
+                                                    for f in zip(*self._tree))  # [L, 1, A, ...]
+        self._store(slice(None), merge, kr, v_slot, feat[..., :d], feat[..., d:2 * d], feat[..., 2 * d],
+                    sums[..., :d], sums[..., d:2 * d], sums[..., 2 * d], run_start)
+        self.cache.length += len(path)
         self._tree = None
 
 

@@ -1,14 +1,17 @@
 """DMC kernels: the update reference against a plain per-head loop over many tokens (merges,
 appends, window overflow), the Triton kernels against the references in Triton's interpreter
-(on machines without a GPU) at small shapes, and decode attention against a per-head softmax."""
+(on machines without a GPU) at small shapes, and decode and tree attention against a per-head
+softmax."""
 
 import math
 
 import pytest
 import torch
 
-from kernels.dmc import (dmc_decode_attention_reference, dmc_decode_attention_triton, dmc_update_reference,
-                         dmc_update_triton)
+from kernels import cpu_ops
+from kernels.dmc import (dmc_decode_attention, dmc_decode_attention_reference, dmc_decode_attention_triton,
+                         dmc_tree_attention, dmc_tree_attention_cpu, dmc_tree_attention_reference,
+                         dmc_tree_attention_triton, dmc_update_reference, dmc_update_triton)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 WINDOW = 4  # small, so that runs overflow it within a short test
@@ -180,3 +183,106 @@ def test_decode_attention_kernel_half_precision(dtype):
     got = dmc_decode_attention_triton(*args, scale=0.2)
     want = naive_attention(args[0], dense, 4, 2, scale=0.2)
     torch.testing.assert_close(got.double().cpu(), want, atol=3e-2, rtol=3e-2)
+
+
+# ---- tree attention: M queries over a ragged paged cache plus N new slots under a mask ---------
+def tree_operands(b, h, hkv, d, lens, m, n, dtype=torch.float32, seed=0):
+    """paged_operands' cache (NaN in every row no head holds), M queries, N new slots, and a
+    random visibility mask in which query i always sees new slot i + (n - m) (its own)."""
+    (q1, k_pages, v_pages, table, n_cached), dense = paged_operands(b, h, hkv, d, lens, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    to = dict(device=DEV, dtype=dtype)
+    q = torch.randn(b, h, m, d, generator=g).to(**to)
+    k_new = torch.randn(b, hkv, n, d, generator=g).to(**to)
+    v_new = torch.randn(b, hkv, n, d, generator=g).to(**to)
+    visible = torch.rand(b, hkv, m, n, generator=g) < 0.4
+    visible[:, :, torch.arange(m), torch.arange(m) + (n - m)] = True
+    return (q, k_new, v_new, visible.to(DEV), k_pages, v_pages, table, n_cached), dense
+
+
+def naive_tree_attention(args, dense, scale=None):
+    q, k_new, v_new, visible = args[:4]
+    dense_k, dense_v = dense
+    b, h, m, d = q.shape
+    hkv = k_new.shape[1]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    out = torch.empty(b, h, m, d, dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            kv = hi // (h // hkv)
+            for i in range(m):
+                seen = visible[bi, kv, i].cpu()
+                kk = torch.cat([dense_k[bi, kv].double(), k_new[bi, kv].double().cpu()[seen]])
+                vv = torch.cat([dense_v[bi, kv].double(), v_new[bi, kv].double().cpu()[seen]])
+                out[bi, hi, i] = (q[bi, hi, i].double().cpu() @ kk.T * scale).softmax(-1) @ vv
+    return out
+
+
+TREE_CASES = [(1, 2, 2, 16, [1, 16], 5, 5), (2, 4, 2, 16, [17, 0, 40, 33], 7, 7), (1, 6, 2, 8, [5, 70], 3, 9),
+              (1, 9, 3, 16, [0, 0, 0], 11, 11), (1, 4, 4, 12, [2, 9, 31, 16], 40, 40)]
+
+
+@pytest.mark.parametrize("b,h,hkv,d,lens,m,n", TREE_CASES)
+def test_tree_attention_reference_is_per_head_softmax(b, h, hkv, d, lens, m, n):
+    args, dense = tree_operands(b, h, hkv, d, lens, m, n)
+    got = dmc_tree_attention_reference(*args)
+    assert got.shape == (b, h, m, d)
+    torch.testing.assert_close(got.double().cpu(), naive_tree_attention(args, dense), atol=1e-5, rtol=1e-5)
+    # told how many table columns the cache uses, it reads no count back and gives the same
+    pages = -(-max(lens) // 16)
+    torch.testing.assert_close(dmc_tree_attention(*args, cached_pages=pages), got)
+
+
+@pytest.mark.parametrize("b,h,hkv,d,lens,m,n", TREE_CASES)
+def test_tree_attention_kernel_matches_reference(b, h, hkv, d, lens, m, n):
+    args, _ = tree_operands(b, h, hkv, d, lens, m, n, seed=3)
+    want = dmc_tree_attention_reference(*args)
+    got = dmc_tree_attention_triton(*args)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tree_attention_kernel_half_precision(dtype):
+    args, dense = tree_operands(1, 6, 2, 16, [20, 37], 9, 9, dtype=dtype, seed=4)
+    got = dmc_tree_attention_triton(*args, scale=0.2)
+    want = naive_tree_attention(args, dense, scale=0.2)
+    torch.testing.assert_close(got.double().cpu(), want, atol=3e-2, rtol=3e-2)
+
+
+cpu_kernels = pytest.mark.skipif(not cpu_ops.available(), reason=f"CPU kernels: {cpu_ops.why_not()}")
+
+
+@cpu_kernels
+@pytest.mark.parametrize("b,h,hkv,d,lens,m,n", TREE_CASES + [(1, 9, 3, 64, [100, 3, 57], 6, 6)])
+def test_tree_attention_cpu_kernel_matches_reference(b, h, hkv, d, lens, m, n):
+    args, dense = tree_operands(b, h, hkv, d, lens, m, n, seed=5)
+    args = tuple(a.cpu() for a in args)
+    got = dmc_tree_attention_cpu(*args)
+    assert got.shape == (b, h, m, d) and got.transpose(1, 2).is_contiguous()  # laid out [B, M, H, D]
+    torch.testing.assert_close(got, dmc_tree_attention_reference(*args), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.double(), naive_tree_attention(args, dense), atol=1e-5, rtol=1e-5)
+    # strided operands (the engine passes permuted views) read as their values
+    q, k_new, v_new, visible = args[:4]
+    views = (q.transpose(1, 2).contiguous().transpose(1, 2), k_new.transpose(2, 3).contiguous().transpose(2, 3),
+             v_new, visible.transpose(2, 3).contiguous().transpose(2, 3))
+    torch.testing.assert_close(dmc_tree_attention_cpu(*views, *args[4:], scale=0.3),
+                               dmc_tree_attention_reference(*args, scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("b,h,hkv,d,lens", CASES)
+def test_decode_attention_on_cpu_matches_reference(b, h, hkv, d, lens):
+    args, _ = paged_operands(b, h, hkv, d, lens, seed=6)
+    args = tuple(a.cpu() for a in args)
+    torch.testing.assert_close(dmc_decode_attention(*args), dmc_decode_attention_reference(*args),
+                               atol=1e-5, rtol=1e-5)
+
+
+@cpu_kernels
+def test_tree_attention_cpu_kernel_refuses_a_count_beyond_its_table():
+    args, _ = tree_operands(1, 2, 2, 16, [3, 20], 2, 2)
+    args = [a.cpu() for a in args]
+    args[7] = torch.tensor([[3, 200]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="n_cached beyond the block table"):
+        dmc_tree_attention_cpu(*args)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu_gemm
+from kernels import cpu_ops
 
 from engine.errors import EngineError
 from engine.decoding.dmc import DMCForward
@@ -63,7 +63,7 @@ def _cost_key(model, name: str) -> str:
     dev = model.device
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     lin = model.layers[0].qkv
-    kind = type(lin).__name__ + (f"/panels-v{cpu_gemm.VERSION}" if getattr(lin, "packed", None) is not None else "")
+    kind = type(lin).__name__ + (f"/panels-v{cpu_ops.VERSION}" if getattr(lin, "packed", None) is not None else "")
     return f"{name}|{where}|{str(model.dtype).removeprefix('torch.')}|{kind}"
 
 

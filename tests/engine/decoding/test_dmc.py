@@ -389,12 +389,21 @@ def path_of(tree, node: int) -> list[int]:
     return path[::-1]
 
 
+@pytest.mark.parametrize("slots", ["cpu kernel", "pytorch"])
 @pytest.mark.parametrize("held, seed", [(1, 0), (18, 1), (23, 2), (40, 3)])
-def test_a_tree_over_the_dmc_cache_sees_what_sequential_decoding_would(dmc_model, held, seed):
+def test_a_tree_over_the_dmc_cache_sees_what_sequential_decoding_would(dmc_model, held, seed, slots, monkeypatch):
     """Every node's logits are those of stepping its root-to-node path token by token; the
     accepted path's commit leaves the cache as those steps do (held=18: in row 0's 20-token merge
-    run, 15 tokens in, past the window)."""
+    run, 15 tokens in, past the window). The nodes' slots from the C++ kernel and from PyTorch
+    operations."""
+    import engine.decoding.dmc as dmc_module
     from engine.decoding.medusa.tree import build_tree
+    from kernels import cpu_ops
+
+    if slots == "cpu kernel" and not cpu_ops.available():
+        pytest.skip(f"CPU kernels: {cpu_ops.why_not()}")
+    if slots == "pytorch":
+        monkeypatch.setattr(dmc_module, "use_cpu_tree_slots", lambda device, dtype: False)
 
     tree = build_tree(TREE_CHOICES)
     prompt = prompts()[:1, :held]
