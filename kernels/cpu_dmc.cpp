@@ -9,6 +9,8 @@
 // reading the pages in place: the scores of every visible slot (fp32 dot products in 8 lanes),
 // their max, the exponentials and their sum, then the weighted sum of the values.
 //
+// dmc_update: one token's DMC cache update for one layer (the decode step's), in place.
+//
 // dmc_tree_slots: one layer's DMC slots of a tree's N nodes, each as token-by-token decoding of
 // its root-to-node path would make it (what DMCForward.tree_hidden computes with PyTorch
 // operations; see there and kernels/dmc.py for the rules).
@@ -189,6 +191,80 @@ at::Tensor dmc_tree_attention(const at::Tensor& q_in, const at::Tensor& k_new_in
   return out.transpose(1, 2);
 }
 
+// One token's DMC update for one layer, in place (kernels/dmc.py's dmc_update_reference, whose
+// arithmetic it follows operation for operation): q [B, H, D], k, v [B, Hkv, D] float32 (any
+// strides but the last); the state ksum, vsum [B, Hkv, D], wsum [B, Hkv], win_k, win_v
+// [W, B, Hkv, D], win_w [W, B, Hkv] float32 and run, lens [B, Hkv] int32, all contiguous.
+// Returns k_slot, v_slot [B, Hkv, D] (pre-RoPE) and slot [B, Hkv] int32.
+std::vector<at::Tensor> dmc_update(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                   at::Tensor ksum, at::Tensor vsum, at::Tensor wsum, at::Tensor win_k,
+                                   at::Tensor win_v, at::Tensor win_w, at::Tensor run, at::Tensor lens, int64_t ptr,
+                                   bool first, double init_val, int64_t window) {
+  TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && k_in.sizes() == v_in.sizes() &&
+                  q_in.scalar_type() == at::kFloat && k_in.scalar_type() == at::kFloat &&
+                  v_in.scalar_type() == at::kFloat,
+              "dmc_update: q [B, H, D], k, v [B, Hkv, D] float32");
+  auto inner = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  const at::Tensor q = inner(q_in), k = inner(k_in), v = inner(v_in);
+  const int64_t b = q.size(0), h = q.size(1), d = q.size(2), hkv = k.size(1);
+  TORCH_CHECK(k.size(0) == b && k.size(2) == d && h % hkv == 0, "dmc_update: q does not fit k");
+  for (const at::Tensor* t : {&ksum, &vsum, &wsum, &win_k, &win_v, &win_w})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "dmc_update: sums and window: contiguous float32");
+  for (const at::Tensor* t : {&run, &lens})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->numel() == b * hkv,
+                "dmc_update: run, lens: [B, Hkv] int32");
+  TORCH_CHECK(ksum.numel() == b * hkv * d && vsum.numel() == b * hkv * d && wsum.numel() == b * hkv &&
+                  win_k.numel() == window * b * hkv * d && win_v.numel() == win_k.numel() &&
+                  win_w.numel() == window * b * hkv && ptr >= 0 && ptr < window,
+              "dmc_update: state shapes do not fit k");
+  at::Tensor k_slot = at::empty({b, hkv, d}, k.options()), v_slot = at::empty({b, hkv, d}, v.options());
+  at::Tensor slot = at::empty({b, hkv}, lens.options());
+  const int64_t groups = h / hkv;
+  const float init = static_cast<float>(init_val);
+  float* ks = ksum.data_ptr<float>();
+  float* vs = vsum.data_ptr<float>();
+  float* ws = wsum.data_ptr<float>();
+  float* wk = win_k.data_ptr<float>() + ptr * b * hkv * d;
+  float* wv = win_v.data_ptr<float>() + ptr * b * hkv * d;
+  float* ww = win_w.data_ptr<float>() + ptr * b * hkv;
+  int32_t* rn = run.data_ptr<int32_t>();
+  int32_t* ln = lens.data_ptr<int32_t>();
+  for (int64_t bi = 0; bi < b; ++bi) {
+    for (int64_t kv = 0; kv < hkv; ++kv) {
+      const int64_t r = bi * hkv + kv;
+      const float* kr = k.data_ptr<float>() + bi * k.stride(0) + kv * k.stride(1);
+      const float* vr = v.data_ptr<float>() + bi * v.stride(0) + kv * v.stride(1);
+      const bool merge = kr[d - 1] > init && !first;
+      float qsum = 0.0f;
+      for (int64_t g = 0; g < groups; ++g)
+        qsum += q.data_ptr<float>()[bi * q.stride(0) + (kv * groups + g) * q.stride(1) + (d - 1)];
+      const float w = 1.0f / (1.0f + std::exp(-(qsum / static_cast<float>(groups) + init))) + 0.0078125f;
+      rn[r] = merge ? rn[r] + 1 : 1;
+      const float keep = merge ? 1.0f : 0.0f, drop = rn[r] > window ? 1.0f : 0.0f;
+      float* ksr = ks + r * d;
+      float* vsr = vs + r * d;
+      for (int64_t j = 0; j < d; ++j) {
+        const float kw = (j == d - 1 ? 0.0f : kr[j]) * w, vw = vr[j] * w;
+        ksr[j] = ksr[j] * keep - drop * wk[r * d + j] + kw;
+        vsr[j] = vsr[j] * keep - drop * wv[r * d + j] + vw;
+        wk[r * d + j] = kw;
+        wv[r * d + j] = vw;
+      }
+      ws[r] = ws[r] * keep - drop * ww[r] + w;
+      ww[r] = w;
+      slot.data_ptr<int32_t>()[r] = ln[r] - (merge ? 1 : 0);
+      ln[r] = slot.data_ptr<int32_t>()[r] + 1;
+      float* kso = k_slot.data_ptr<float>() + r * d;
+      float* vso = v_slot.data_ptr<float>() + r * d;
+      for (int64_t j = 0; j < d; ++j) {
+        kso[j] = ksr[j] / ws[r];
+        vso[j] = vsr[j] / ws[r];
+      }
+    }
+  }
+  return {k_slot, v_slot, slot};
+}
+
 // The DMC slots of a tree's N nodes for one layer. qkv [N, H + 2 Hkv, D] float32 (the layer's
 // unrotated q | k | v heads per node); cos, sin [N, D] (RoPE at each node's position, the sin
 // table signed for rotate-half as a roll by D/2); parents [N] (-1: the root; a parent before
@@ -336,6 +412,9 @@ std::vector<at::Tensor> dmc_tree_slots(const at::Tensor& qkv_in, const at::Tenso
 TORCH_LIBRARY_FRAGMENT(chatapp_cpu, m) {
   m.def("dmc_tree_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor visible, Tensor k_pages, Tensor v_pages, "
         "Tensor block_table, Tensor n_cached, float scale) -> Tensor");
+  m.def("dmc_update(Tensor q, Tensor k, Tensor v, Tensor(a!) ksum, Tensor(b!) vsum, Tensor(c!) wsum, "
+        "Tensor(d!) win_k, Tensor(e!) win_v, Tensor(f!) win_w, Tensor(g!) run, Tensor(h!) lens, int ptr, bool first, "
+        "float init_val, int window) -> Tensor[]");
   m.def("dmc_tree_slots(Tensor qkv, Tensor cos, Tensor sin, Tensor parents, Tensor depth, Tensor win_k, "
         "Tensor win_v, Tensor win_w, Tensor run, int start, float init_val, int heads) -> Tensor[]");
 }
@@ -343,4 +422,5 @@ TORCH_LIBRARY_FRAGMENT(chatapp_cpu, m) {
 TORCH_LIBRARY_IMPL(chatapp_cpu, CPU, m) {
   m.impl("dmc_tree_attention", &dmc_tree_attention);
   m.impl("dmc_tree_slots", &dmc_tree_slots);
+  m.impl("dmc_update", &dmc_update);
 }

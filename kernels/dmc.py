@@ -375,11 +375,26 @@ def dmc_tree_attention_triton(q, k_new, v_new, visible, k_pages, v_pages, block_
 
 
 # ---- dispatch ------------------------------------------------------------------------------
+def dmc_update_cpu(q, k, v, ksum, vsum, wsum, win_k, win_v, win_w, run, lens, ptr: int, first: bool,
+                   init_val: float = 5.0, window: int = 12):
+    """The C++ kernel (kernels/cpu_dmc.cpp; float32 CPU tensors, ``cpu_ops.available()``)."""
+    _check_update(q, k, v, ksum, win_k)
+    assert cpu_ops.available(), f"the CPU kernels: {cpu_ops.why_not()}"
+    return tuple(torch.ops.chatapp_cpu.dmc_update(q, k, v, ksum, vsum, wsum, win_k, win_v, win_w, run, lens, int(ptr),
+                                                  bool(first), float(init_val), int(window)))
+
+
 def dmc_update(q, k, v, ksum, vsum, wsum, win_k, win_v, win_w, run, lens, ptr: int, first: bool,
                init_val: float = 5.0, window: int = 12):
     """One token's DMC cache update for one layer (see the module docstring); returns k_slot,
-    v_slot [B, Hkv, D] (pre-RoPE) and the slot index each (b, KV head) writes, [B, Hkv] int32."""
-    fn = dmc_update_triton if use_triton(k) else dmc_update_reference
+    v_slot [B, Hkv, D] (pre-RoPE) and the slot index each (b, KV head) writes, [B, Hkv] int32.
+    Triton on CUDA, the C++ kernel on a CPU (float32), the PyTorch reference otherwise."""
+    if use_triton(k):
+        fn = dmc_update_triton
+    elif k.device.type == "cpu" and k.dtype == torch.float32 and cpu_ops.available():
+        fn = dmc_update_cpu
+    else:
+        fn = dmc_update_reference
     return fn(q, k, v, ksum, vsum, wsum, win_k, win_v, win_w, run, lens, ptr, first, init_val, window)
 
 

@@ -11,7 +11,7 @@ import torch
 from kernels import cpu_ops
 from kernels.dmc import (dmc_decode_attention, dmc_decode_attention_reference, dmc_decode_attention_triton,
                          dmc_tree_attention, dmc_tree_attention_cpu, dmc_tree_attention_reference,
-                         dmc_tree_attention_triton, dmc_update_reference, dmc_update_triton)
+                         dmc_tree_attention_triton, dmc_update_cpu, dmc_update_reference, dmc_update_triton)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 WINDOW = 4  # small, so that runs overflow it within a short test
@@ -286,3 +286,20 @@ def test_tree_attention_cpu_kernel_refuses_a_count_beyond_its_table():
     args[7] = torch.tensor([[3, 200]], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="n_cached beyond the block table"):
         dmc_tree_attention_cpu(*args)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("h,hkv,d", [(2, 2, 16), (6, 2, 8), (4, 1, 12), (9, 3, 64)])
+def test_update_cpu_kernel_matches_reference(h, hkv, d):
+    b, n = 2, 14
+    ref_state, cpu_state = new_state(b, hkv, d), new_state(b, hkv, d)
+    ref_state, cpu_state = ({k: v.cpu() for k, v in st.items()} for st in (ref_state, cpu_state))
+    for t, (q, k, v) in enumerate(token_stream(n, b, h, hkv, d, seed=d + 1)):
+        q, k, v = q.cpu(), k.cpu().transpose(0, 1).contiguous().transpose(0, 1), v.cpu()  # any strides
+        want = dmc_update_reference(q, k, v, **ref_state, ptr=t % WINDOW, first=t == 0, window=WINDOW)
+        got = dmc_update_cpu(q, k, v, **cpu_state, ptr=t % WINDOW, first=t == 0, window=WINDOW)
+        assert torch.equal(got[2], want[2])
+        for a, b_ in zip(got[:2], want[:2]):
+            torch.testing.assert_close(a, b_, atol=1e-6, rtol=1e-6)
+        for name in ref_state:
+            torch.testing.assert_close(cpu_state[name], ref_state[name], atol=1e-6, rtol=1e-6)

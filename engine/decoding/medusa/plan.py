@@ -67,12 +67,17 @@ def _cost_key(model, name: str) -> str:
     return f"{name}|{where}|{str(model.dtype).removeprefix('torch.')}|{kind}"
 
 
-def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 1, reps: int = 3,
+def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 1, reps: int = 5,
                     context: int = 256, dmc: dict | None = None) -> dict[int, float]:
-    """Median time of one verify step (heads included) per tree size, with ``context`` tokens
-    already in a scratch cache; size 0 is a one-token decode step. ``dmc``: the DMC settings
-    {"init_val", "window"} when the tree is verified over a DMC cache (which grows by what each
-    measured step keeps: merges cannot be undone), else over a dense cache."""
+    """Time of one verify step (heads included) per tree size, with ``context`` tokens already
+    in a scratch cache; size 0 is a one-token decode step. ``dmc``: the DMC settings {"init_val",
+    "window"} when the tree is verified over a DMC cache (which grows by what each measured step
+    keeps: merges cannot be undone), else over a dense cache.
+
+    The sizes are timed in rounds, each size once per round, so that a busy spell of the
+    machine falls on all of them alike; per size the median of ``reps`` rounds, then the trees'
+    times made non-decreasing in their size (a bigger tree does no less work: a smaller time
+    measured for it is noise), by pooling adjacent sizes that are out of order."""
     zero = torch.zeros(1, 1, dtype=torch.long, device=model.device)
     room = max(sizes) + (warmup + reps) * (len(sizes) + 1) * (heads.num_heads + 1) + 1
     if dmc is not None:
@@ -83,21 +88,19 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
         cache = model.new_cache(context + room)
         model.last_hidden(torch.zeros(1, context, dtype=torch.long, device=model.device), cache, 0)
         target, one_token = DenseTarget(model, cache), lambda: model.forward(zero, cache, context)
-    out = {}
-    with torch.inference_mode():
-        for n in (0, *sizes):
-            if n == 0:
-                step = one_token
-            else:
-                paths = profile.tree_paths(n, heads.num_heads) if profile else CARD_CHOICES[:n - 1]
-                tree = build_tree(paths or [[0]], heads.num_heads).to(model.device)
-                hidden = torch.zeros(model.cfg.hidden_size, device=model.device, dtype=model.dtype)
-                graph = TreeGraph.for_device(model, tree, cache) if dmc is None else None  # as decoding runs it
+    hidden = torch.zeros(model.cfg.hidden_size, device=model.device, dtype=model.dtype)
 
-                def step():  # the heads' proposals and the verify pass
-                    verify(model, tree, target, 0, heads.propose(hidden, model, tree, 0), graph=graph).keep(target)
-            times = []
-            for i in range(warmup + reps):
+    def tree_step(n: int):
+        paths = profile.tree_paths(n, heads.num_heads) if profile else CARD_CHOICES[:n - 1]
+        tree = build_tree(paths or [[0]], heads.num_heads).to(model.device)
+        graph = TreeGraph.for_device(model, tree, cache) if dmc is None else None  # as decoding runs it
+        return lambda: verify(model, tree, target, 0, heads.propose(hidden, model, tree, 0), graph=graph).keep(target)
+
+    times: dict[int, list[float]] = {n: [] for n in (0, *sizes)}
+    with torch.inference_mode():
+        steps = {n: one_token if n == 0 else tree_step(n) for n in times}
+        for r in range(warmup + reps):
+            for n, step in steps.items():
                 if dmc is None:
                     cache.length = context
                 if model.device.type == "cuda":
@@ -106,10 +109,24 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
                 step()
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
-            out[n] = sorted(times)[len(times) // 2] * 1000
-    return out
+                if r >= warmup:
+                    times[n].append(time.perf_counter() - t0)
+    median = {n: sorted(t)[len(t) // 2] * 1000 for n, t in times.items()}
+    trees = sorted(sizes)
+    return {0: median[0], **dict(zip(trees, non_decreasing([median[n] for n in trees])))}
+
+
+def non_decreasing(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool-adjacent-violators): each run of
+    values that goes down is replaced by its mean."""
+    blocks: list[list[float]] = []  # [sum, count] of each pooled run
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(count)]
 
 
 def step_costs(model, heads, name: str, sizes, profile: Profile | None, dmc: dict | None = None) -> dict[int, float]:

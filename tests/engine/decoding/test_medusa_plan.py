@@ -194,3 +194,13 @@ def test_auto_falls_back_to_plain_where_no_tree_pays(monkeypatch, tiny_checkpoin
     monkeypatch.setattr(medusa_plan, "step_costs", lambda *a: costly)
     p = plan(model, FakeHeads(), "tiny", None, PROFILE)
     assert p.tree is None and p.choices.startswith("auto (plain")
+
+
+def test_measured_tree_costs_are_made_non_decreasing_by_pooling():
+    from engine.decoding.medusa.plan import non_decreasing
+
+    assert non_decreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert non_decreasing([30.0, 40.0, 36.0, 50.0]) == [30.0, 38.0, 38.0, 50.0]
+    assert non_decreasing([5.0, 4.0, 3.0]) == [4.0, 4.0, 4.0]
+    got = non_decreasing([45.0, 51.0, 48.0, 48.0, 70.0, 66.0, 61.0, 76.0])
+    assert all(a <= b for a, b in zip(got, got[1:])) and sum(got) == pytest.approx(465.0)
