@@ -190,6 +190,25 @@ async def test_stats_panel_shows_the_reply_figures():
         assert not app.stats.display
 
 
+async def test_stats_panel_shows_tokens_per_step_and_kv_compression_side_by_side():
+    """Medusa over a DMC cache: the panel shows the set-up, the accepted tokens per step and the
+    KV cache's compression, live and at the end of the reply."""
+    from engine.events import LoadModel
+
+    app, _ = new_app(max_tokens=12, interval=0.4, accepted=3, kv_compression=2.5)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "ready", 5, "the model to load")
+        app.switch_model(LoadModel(decoding="medusa+dmc"))
+        await wait_for(pilot, lambda: "decoding    medusa+dmc" in app.stats.text, 5, "the set-up")
+        await send(pilot, "Hi")
+        await wait_for(pilot, lambda: "smaller than" in app.stats.text, 3, "the live figures")
+        live = app.stats.text
+        assert "tokens/step 3.00 mean of last" in live and "2.5x smaller than" in live
+        await wait_for(pilot, lambda: "19.5 tok/s" in app.stats.text, 5, "the final figures")
+        text = app.stats.text
+        assert "tokens/step 3.00 mean over 4 steps" in text and "KV cache    12.0 KiB (2.5x smaller)" in text
+
+
 async def test_new_chat_and_the_command_palette():
     app, _ = new_app(max_tokens=2, interval=0.01)
     async with app.run_test(size=SIZE) as pilot:

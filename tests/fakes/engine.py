@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import zlib
@@ -22,13 +23,14 @@ class FakeWorker:
     ``per_decoding`` scripts set-ups apart (compare mode): {"medusa": {"accepted": 3, ...}} overrides
     these settings for a LoadModel with that decoding and the Generates after it. Keys: load_error,
     generate_error (sent after three tokens, every time), max_tokens, interval, token, accepted,
-    decode_tokens_per_s, load_gate."""
+    decode_tokens_per_s, load_gate, kv_compression (a plain cache's bytes over the cache's: DMC's)."""
 
     def __init__(self, load_error: str | None = None, generate_error: str | None = None,
                  max_tokens: int = 400, interval: float = 0.05, load_gate: threading.Event | None = None,
                  token: str = "word{} ", accepted: int = 1, decode_tokens_per_s: float = 19.5,
-                 per_decoding: dict[str, dict] | None = None):
+                 per_decoding: dict[str, dict] | None = None, kv_compression: float = 1.0):
         self.load_error = load_error
+        self.kv_compression = kv_compression
         self.load_gate = load_gate  # loading waits for it when given
         self.generate_error = generate_error  # sent after three tokens, by the first Generate only
         self.max_tokens = max_tokens
@@ -66,7 +68,7 @@ class FakeWorker:
             if gate is not None:
                 gate.wait(timeout=10)
             error = setting("load_error")
-            sink(Error(error) if error else Loaded(INFO))
+            sink(Error(error) if error else Loaded(dataclasses.replace(INFO, decoding=decoding)))
             return
         words: list[str] = []
         ids: list[int] = []
@@ -90,12 +92,15 @@ class FakeWorker:
             ids += new_ids
             accepted.append(len(new))
             sink(Token("".join(new), new_ids, len(new)))
-            sink(Step(len(new), 20.0, 3 * 2**29, 8 * 2**30, 1024))
+            sink(Step(len(new), 20.0, 3 * 2**29, 8 * 2**30, 1024 * len(words),
+                      int(1024 * len(words) * setting("kv_compression"))))
         stats = GenerationStats(
             text="".join(words), token_ids=ids, n_prompt_tokens=5, n_generated=len(words),
             time_to_first_token_s=0.05, decode_tokens_per_s=setting("decode_tokens_per_s"), steps=len(accepted),
             accepted_per_step=accepted, peak_memory_bytes=2**30, device="cpu", model="fake-model",
-            decoding=decoding, kv_cache_bytes=1024 * len(words), kv_cache_bytes_dense=1024 * len(words))
+            decoding=decoding, kv_cache_bytes=1024 * len(words),
+            kv_cache_bytes_dense=int(1024 * len(words) * setting("kv_compression")),
+            kv_compression=setting("kv_compression"))
         sink(Done("cancelled" if cancel.is_set() else "length", stats))
 
 
