@@ -24,7 +24,7 @@ import torch
 from engine import memory
 from engine.config import load_config
 from engine.decoding.base import Decoder
-from engine.decoding.dmc import DMCDecoder, dmc_settings
+from engine.decoding.dmc import DMCDecoder, calibration_pass, dmc_settings
 from engine.decoding.medusa.decoder import MedusaDecoder
 from engine.decoding.medusa.heads import load_heads, shipped_heads
 from engine.decoding.medusa.plan import plan
@@ -98,7 +98,10 @@ def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
         if req.quantize and fmt is not None:
             raise EngineError(f"--quantize {req.quantize}: the checkpoint is already quantized ({fmt.name} FP8)")
     weights.prepare_cpu_kernel(device, None, progress)
-    method = gptq.Fp8OnLoad(cfg, src) if req.quantize == "fp8" else None
+    method = None
+    if req.quantize == "fp8":  # calibrated as it will decode: with DMC, through the compressed cache
+        method = gptq.Fp8OnLoad(cfg, src) if dmc is None else \
+            gptq.Fp8OnLoad(cfg, src, calibration_pass(dmc), f"dmc {dmc['init_val']!r} {dmc['window']}")
     model = weights.from_source(cfg, src, device, None, fmt, method)
     if method is not None:
         method.after_loading(model, progress)

@@ -302,53 +302,62 @@ class DMCForward:
         return torch.stack(out, dim=1) if all_logits else out[-1]
 
     def _prefill_parallel(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        """Final-normed hidden states of the last token (all, with ``all_logits``). Per layer, for
-        all T new tokens at once: the decisions and weights; each token's slot content, the weighted mean of the last <= W tokens of its merge run (a banded sum over
-        the window buffer's tokens and the new ones); attention of token i over the cached slots
-        still there (all but the last, which a merge of the first new token replaces), the new
-        slots final by then (tokens j < i whose next token appends) and its own; then the slots
-        and the state of the last token, as T token-by-token steps would leave them."""
-        model, cfg, cache = self.model, self.model.cfg, self.cache
-        bsz, t = ids.shape
-        start = cache.length
-        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        groups, win = nh // nkv, self.window
-        dev = model.device
-        cos, sin = model.rope(start + t)
-        cos, sin = cos[start:start + t, None], sin[start:start + t, None]  # [T, 1, D]
-        pos = torch.arange(start, start + t, device=dev)[None, :, None]  # [1, T, 1]
+        """Final-normed hidden states of the last token (all, with ``all_logits``): every layer's
+        ``layer_prefill`` in turn."""
+        model, cache = self.model, self.cache
         x = F.embedding(ids, model.embed)
         for li, layer in enumerate(model.layers):
-            qkv = model.qkv(layer, x).view(bsz, t, nh + 2 * nkv, d)
-            q, k, v = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv], qkv[:, :, nh + nkv:]
-            merge = k[..., d - 1].float() > self.init_val  # [B, T, Hkv]
-            if start == 0:
-                merge[:, 0] = False
-            w = torch.sigmoid(q[..., d - 1].float().view(bsz, t, nkv, groups).mean(-1) + self.init_val) + WEIGHT_EPS
-            kw = k.float().masked_fill(self._last_dim, 0) * w[..., None]
-            vw = v.float() * w[..., None]
-            # first token (absolute position) of each token's merge run, and of its window
-            old_start = (start - cache.run[li].long())[:, None]  # [B, 1, Hkv]; unused when start == 0
-            run_start = torch.where(merge, -1, pos).cummax(dim=1).values
-            run_start = torch.where(run_start < 0, old_start, run_start)
-            lo = torch.maximum(run_start, pos - (win - 1))
-            ksum, vsum, wsum = self._window_sums(li, kw, vw, w, lo)
-            k_slot = (ksum / wsum[..., None]).to(k.dtype)
-            v_slot = (vsum / wsum[..., None]).to(v.dtype)
-            qk = self._rotate(torch.cat([q, k_slot], dim=2), cos, sin)
-            qr, kr = qk[:, :, :nh], qk[:, :, nh:]
-            # slot of token j is still there for token i > j iff token j+1 appends
-            final = torch.ones_like(merge)
-            final[:, :-1] = ~merge[:, 1:]
-            attn = self._prefill_attention(li, qr, kr, v_slot, self._chain_visible(final), merge[:, 0])
-            self._store(slice(li, li + 1), *(t[None] for t in (merge, kr, v_slot, kw, vw, w, ksum, vsum, wsum,
-                                                                run_start)))
-            x = layer.o(attn, residual=x)
-            x = model.mlp(layer, x)
-        cache.length = start + t
+            x = self.layer_prefill(li, layer, x)
+        cache.length += ids.shape[1]
         if not all_logits:
             x = x[:, -1]
         return model.final_norm(x)
+
+    def layer_prefill(self, li: int, layer, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``x`` [B, T, H] of T new tokens (after the cache's ``length``) through
+        ``layer`` in the place of layer ``li``, whose slots and state it stores; the caller
+        advances ``length`` once every layer has run (FP8 calibration runs it one layer at a
+        time, engine/model/gptq.py). Per layer, for all T new tokens at once: the decisions and
+        weights; each token's slot content, the weighted mean of the last <= W tokens of its merge
+        run (a banded sum over the window buffer's tokens and the new ones); attention of token i
+        over the cached slots still there (all but the last, which a merge of the first new token
+        replaces), the new slots final by then (tokens j < i whose next token appends) and its
+        own; then the slots and the state of the last token, as T token-by-token steps would
+        leave them."""
+        model, cfg, cache = self.model, self.model.cfg, self.cache
+        bsz, t = x.shape[:2]
+        start = cache.length
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        groups, win = nh // nkv, self.window
+        cos, sin = model.rope(start + t)
+        cos, sin = cos[start:start + t, None], sin[start:start + t, None]  # [T, 1, D]
+        pos = torch.arange(start, start + t, device=x.device)[None, :, None]  # [1, T, 1]
+        qkv = model.qkv(layer, x).view(bsz, t, nh + 2 * nkv, d)
+        q, k, v = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv], qkv[:, :, nh + nkv:]
+        merge = k[..., d - 1].float() > self.init_val  # [B, T, Hkv]
+        if start == 0:
+            merge[:, 0] = False
+        w = torch.sigmoid(q[..., d - 1].float().view(bsz, t, nkv, groups).mean(-1) + self.init_val) + WEIGHT_EPS
+        kw = k.float().masked_fill(self._last_dim, 0) * w[..., None]
+        vw = v.float() * w[..., None]
+        # first token (absolute position) of each token's merge run, and of its window
+        old_start = (start - cache.run[li].long())[:, None]  # [B, 1, Hkv]; unused when start == 0
+        run_start = torch.where(merge, -1, pos).cummax(dim=1).values
+        run_start = torch.where(run_start < 0, old_start, run_start)
+        lo = torch.maximum(run_start, pos - (win - 1))
+        ksum, vsum, wsum = self._window_sums(li, kw, vw, w, lo)
+        k_slot = (ksum / wsum[..., None]).to(k.dtype)
+        v_slot = (vsum / wsum[..., None]).to(v.dtype)
+        qk = self._rotate(torch.cat([q, k_slot], dim=2), cos, sin)
+        qr, kr = qk[:, :, :nh], qk[:, :, nh:]
+        # slot of token j is still there for token i > j iff token j+1 appends
+        final = torch.ones_like(merge)
+        final[:, :-1] = ~merge[:, 1:]
+        attn = self._prefill_attention(li, qr, kr, v_slot, self._chain_visible(final), merge[:, 0])
+        self._store(slice(li, li + 1), *(a[None] for a in (merge, kr, v_slot, kw, vw, w, ksum, vsum, wsum,
+                                                            run_start)))
+        x = layer.o(attn, residual=x)
+        return model.mlp(layer, x)
 
     def _window_sums(self, li: int, kw: torch.Tensor, vw: torch.Tensor, w: torch.Tensor, lo: torch.Tensor):
         """For each new token (position start + i), the sums of kw, vw [B, T, Hkv, D] and w
@@ -582,6 +591,20 @@ class DMCForward:
                     sums[..., :d], sums[..., d:2 * d], sums[..., 2 * d], run_start)
         self.cache.length += len(path)
         self._tree = None
+
+
+def calibration_pass(settings: dict):
+    """For FP8 calibration with DMC (engine/model/gptq.py's ``layer_pass``): text carried
+    through one layer at a time as DMC decodes it, its attention over the compressed slots (the
+    layer inputs the quantized weights will see). ``settings``: DMCForward's init_val, window."""
+    def make(model, batch: int, length: int):
+        dmc = DMCForward(model, batch, length, **settings)
+
+        def run(li: int, layer, x: torch.Tensor) -> torch.Tensor:
+            dmc.reset()  # each call is the whole text through one layer, from an empty cache
+            return dmc.layer_prefill(li, layer, x)
+        return run
+    return make
 
 
 class DMCDecoder(Decoder):

@@ -169,9 +169,13 @@ class Fp8OnLoad(RoundToNearest):
     model loads rounded to nearest and ``after_loading`` calibrates it (a pass over the loaded
     model, one layer's high-precision weights in memory at a time) and caches the result."""
 
-    def __init__(self, cfg: ModelConfig, src: TensorSource):
+    def __init__(self, cfg: ModelConfig, src: TensorSource, layer_pass=None, pass_name: str = "dense"):
+        """``layer_pass(model, batch, length)``: the pass that carries calibration text through
+        one layer at a time, as the model will decode (``fn(li, layer, x) -> x``; default: dense
+        attention, LlamaModel.layer_pass); ``pass_name`` names it in the cache key."""
         self.cfg, self.src = cfg, src
-        self.path = cache_dir() / "fp8" / f"{cache_key(cfg, src)}.safetensors"
+        self.layer_pass, self.pass_name = layer_pass, pass_name
+        self.path = cache_dir() / "fp8" / f"{cache_key(cfg, src, pass_name)}.safetensors"
         self.cached = _read_cached(self.path, cfg) if self.path.is_file() else None
 
     def linear(self, key, weight, bias, device):
@@ -185,25 +189,30 @@ class Fp8OnLoad(RoundToNearest):
             return
         progress("FP8 calibration: rounding the weights with error compensation (once for this checkpoint)")
         t0 = time.time()
-        tensors = calibrate(model, self.src, progress)
+        tensors = calibrate(model, self.src, progress, self.layer_pass)
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({n: t.cpu().contiguous() for n, t in tensors.items()}, str(tmp),
-                  metadata={"method": METHOD, "samples": str(SAMPLES), "length": str(LENGTH), "seed": str(SEED),
+                  metadata={"method": METHOD, "pass": self.pass_name, "samples": str(SAMPLES), "length": str(LENGTH),
+                            "seed": str(SEED),
                             "source": str(self.src.model_dir), "seconds": f"{time.time() - t0:.1f}"})
         tmp.replace(path)
         progress(f"FP8 calibration done in {time.time() - t0:.0f} s; cached in {path}")
 
 
-def calibrate(model, src: TensorSource, progress=lambda msg: None) -> dict[str, torch.Tensor]:
+def calibrate(model, src: TensorSource, progress=lambda msg: None, layer_pass=None) -> dict[str, torch.Tensor]:
     """Round ``model``'s block linears (FP8, rounded to nearest) again with GPTQ, from the
     high-precision weights in ``src``; replaces them in the model and returns them as
-    ``{<linear>.weight, <linear>.weight_scale}``."""
+    ``{<linear>.weight, <linear>.weight_scale}``. ``layer_pass``: see Fp8OnLoad."""
     cfg, dev = model.cfg, model.device
     ids = sample_ids(model, SAMPLES, LENGTH, SEED)
     out: dict[str, torch.Tensor] = {}
-    cache = model.new_cache(ids.shape[1], batch=ids.shape[0])
+    if layer_pass is None:
+        cache = model.new_cache(ids.shape[1], batch=ids.shape[0])
+        run = lambda li, layer, x: model.layer_pass(li, layer, x, cache)  # noqa: E731
+    else:
+        run = layer_pass(model, ids.shape[0], ids.shape[1])
     with torch.inference_mode():
         x = torch.nn.functional.embedding(ids, model.embed)
         for li, layer in enumerate(model.layers):
@@ -212,21 +221,23 @@ def calibrate(model, src: TensorSource, progress=lambda msg: None) -> dict[str, 
             field = {key: key.rsplit(".", 1)[1] for key in linears}  # model.layers.N.qkv -> qkv
             bias = {key: getattr(layer, field[key]).bias for key in linears}
             rec = {key: _Recorder(Linear(w.to(model.dtype).t(), bias[key])) for key, w in weights.items()}
-            model.layer_pass(li, replace(layer, **{field[key]: r for key, r in rec.items()}), x, cache)
+            run(li, replace(layer, **{field[key]: r for key, r in rec.items()}), x)
             new = {}
             for key, w in weights.items():
                 q, scale = gptq_fp8(w, rec[key].h)
                 out[key + ".weight"], out[key + ".weight_scale"] = q, scale
                 new[field[key]] = Fp8Linear(q, scale, None, bias[key])
             model.layers[li] = layer = replace(layer, **new)
-            x = model.layer_pass(li, layer, x, cache)
+            x = run(li, layer, x)
             progress(f"FP8 calibration: layer {li + 1}/{cfg.num_layers}")
     return out
 
 
-def cache_key(cfg: ModelConfig, src: TensorSource) -> str:
+def cache_key(cfg: ModelConfig, src: TensorSource, pass_name: str = "dense") -> str:
     """Names the checkpoint's weights and config and the calibration settings."""
     h = hashlib.sha256(f"{METHOD} {SAMPLES} {LENGTH} {SEED} {DAMP} {BLOCK}\n".encode())
+    if pass_name != "dense":  # (the dense pass's keys are those of before there was a choice)
+        h.update(f"pass {pass_name}\n".encode())
     config = src.model_dir / "config.json"
     if config.is_file():
         h.update(config.read_bytes())

@@ -430,3 +430,24 @@ def test_a_tree_over_the_dmc_cache_sees_what_sequential_decoding_would(dmc_model
         assert_same_cache(b.cache, a.cache)
         nxt = torch.tensor([7])
         torch.testing.assert_close(a.step(nxt), b.step(nxt), atol=2e-4, rtol=2e-4)
+
+
+def test_the_fp8_calibration_pass_is_dmc_decoding_one_layer_at_a_time(dmc_model):
+    """FP8 calibration with DMC carries its text through one layer at a time as DMC decodes it:
+    all layers in turn give the parallel prefill's hidden states (and not dense attention's)."""
+    from engine.decoding.dmc import calibration_pass
+
+    ids = prompts()
+    run = calibration_pass({"init_val": 5.0, "window": 12})(dmc_model, ids.shape[0], ids.shape[1])
+    x = F.embedding(ids, dmc_model.embed)
+    with torch.inference_mode():
+        for li, layer in enumerate(dmc_model.layers):
+            y = run(li, layer, x)
+            # calibration passes each layer twice (recording, then quantized): the same each time
+            torch.testing.assert_close(run(li, layer, x), y, atol=0, rtol=0)
+            x = y
+        want = DMCForward(dmc_model, batch=ids.shape[0], max_len=ids.shape[1]).prefill(ids, all_logits=True)
+        dense = dmc_model.forward_all(ids, dmc_model.new_cache(ids.shape[1], batch=ids.shape[0]), 0)
+    got = dmc_model.logits(dmc_model.final_norm(x))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - dense).abs().max() > 1e-2  # the merges change what the layers see

@@ -251,3 +251,33 @@ def test_megatron_checkpoint_with_a_sentencepiece_tokenizer(dmc_checkpoint, tmp_
         Session.load(LoadModel(str(root), "cpu", decoding="dmc", tokenizer=str(bad)))
     with pytest.raises(EngineError, match="tokenizer file not found"):
         Session.load(LoadModel(str(root), "cpu", decoding="dmc", tokenizer=str(tmp_path / "missing.model")))
+
+
+def test_dmc_with_fp8_calibrates_through_the_dmc_cache(dmc_checkpoint, tmp_path, monkeypatch):
+    """``--decoding dmc --quantize fp8``: the FP8 layers are calibrated on DMC's layer inputs (a
+    cache file of their own, apart from the dense calibration of the same checkpoint), then it
+    decodes, with the cache compressed."""
+    import engine.decoding.dmc as dmc_module
+    import engine.model.gptq as gptq
+    from engine.model.linear import Fp8Linear
+
+    monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(gptq, "SAMPLES", 4)
+    monkeypatch.setattr(gptq, "LENGTH", 24)
+    passes = []
+    real = dmc_module.DMCForward.layer_prefill
+    monkeypatch.setattr(dmc_module.DMCForward, "layer_prefill",
+                        lambda self, li, layer, x: passes.append(li) or real(self, li, layer, x))
+    session = Session.load(LoadModel(str(dmc_checkpoint), "cpu", decoding="dmc", quantize="fp8"))
+    assert passes[:4] == [0, 0, 1, 1]  # each layer: recorded, then run quantized, through DMC
+    assert all(isinstance(ly.qkv, Fp8Linear) for ly in session.model.layers)
+    [dmc_file] = (tmp_path / "cache" / "fp8").glob("*.safetensors")
+    Session.load(LoadModel(str(dmc_checkpoint), "cpu", quantize="fp8"))  # dense: calibrated apart
+    assert len(list((tmp_path / "cache" / "fp8").glob("*.safetensors"))) == 2
+    from safetensors import safe_open
+
+    with safe_open(str(dmc_file), framework="pt") as f:
+        assert f.metadata()["pass"] == "dmc 5.0 12"
+    stats = list(session.generate([{"role": "user", "content": "Count to ten."}],
+                                  SamplingParams(max_new_tokens=12, ignore_eos=True)))[-1].stats
+    assert stats.n_generated == 12 and stats.kv_compression > 1.2
