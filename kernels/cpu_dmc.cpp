@@ -88,6 +88,15 @@ inline float exp_shifted(float* p, int64_t count, float top) {
   return sum;
 }
 
+// The tensor itself when its innermost dimension is contiguous, else a contiguous copy.
+inline at::Tensor inner_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// A token's importance weight from the sum of its KV head's query-head q[D-1]: the sigmoid of
+// their mean plus init_val, plus 2**-7.
+inline float importance_weight(float qsum, int64_t groups, float init) {
+  return 1.0f / (1.0f + std::exp(-(qsum / static_cast<float>(groups) + init))) + 0.0078125f;
+}
+
 inline void axpy(float p, const float* x, float* y, int64_t d) {
   const __m256 pv = _mm256_set1_ps(p);
   int64_t i = 0;
@@ -117,8 +126,7 @@ at::Tensor dmc_tree_attention(const at::Tensor& q_in, const at::Tensor& k_new_in
                   n_cached_in.dim() == 2 && n_cached_in.size(0) == b && n_cached_in.size(1) == hkv,
               "dmc_tree_attention: block_table [B, Hkv, max_pages], n_cached [B, Hkv]");
   // the innermost dimension contiguous (a copy where it is not); any other strides
-  auto inner = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
-  const at::Tensor q = inner(q_in), k_new = inner(k_new_in), v_new = inner(v_new_in);
+  const at::Tensor q = inner_contiguous(q_in), k_new = inner_contiguous(k_new_in), v_new = inner_contiguous(v_new_in);
   const at::Tensor k_pages = k_pages_in.contiguous(), v_pages = v_pages_in.contiguous();
   const at::Tensor table = block_table_in.to(at::kInt), n_cached = n_cached_in.to(at::kInt);
   const int64_t groups = h / hkv;
@@ -204,8 +212,7 @@ std::vector<at::Tensor> dmc_update(const at::Tensor& q_in, const at::Tensor& k_i
                   q_in.scalar_type() == at::kFloat && k_in.scalar_type() == at::kFloat &&
                   v_in.scalar_type() == at::kFloat,
               "dmc_update: q [B, H, D], k, v [B, Hkv, D] float32");
-  auto inner = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
-  const at::Tensor q = inner(q_in), k = inner(k_in), v = inner(v_in);
+  const at::Tensor q = inner_contiguous(q_in), k = inner_contiguous(k_in), v = inner_contiguous(v_in);
   const int64_t b = q.size(0), h = q.size(1), d = q.size(2), hkv = k.size(1);
   TORCH_CHECK(k.size(0) == b && k.size(2) == d && h % hkv == 0, "dmc_update: q does not fit k");
   for (const at::Tensor* t : {&ksum, &vsum, &wsum, &win_k, &win_v, &win_w})
@@ -238,7 +245,7 @@ std::vector<at::Tensor> dmc_update(const at::Tensor& q_in, const at::Tensor& k_i
       float qsum = 0.0f;
       for (int64_t g = 0; g < groups; ++g)
         qsum += q.data_ptr<float>()[bi * q.stride(0) + (kv * groups + g) * q.stride(1) + (d - 1)];
-      const float w = 1.0f / (1.0f + std::exp(-(qsum / static_cast<float>(groups) + init))) + 0.0078125f;
+      const float w = importance_weight(qsum, groups, init);
       rn[r] = merge ? rn[r] + 1 : 1;
       const float keep = merge ? 1.0f : 0.0f, drop = rn[r] > window ? 1.0f : 0.0f;
       float* ksr = ks + r * d;
@@ -353,7 +360,7 @@ std::vector<at::Tensor> dmc_tree_slots(const at::Tensor& qkv_in, const at::Tenso
       mp[i * hkv + kv] = k[d - 1] > init && !(start == 0 && i == 0);
       float qsum = 0.0f;
       for (int64_t g = 0; g < groups; ++g) qsum += xi[(kv * groups + g) * d + d - 1];
-      const float w = 1.0f / (1.0f + std::exp(-(qsum / static_cast<float>(groups) + init))) + 0.0078125f;
+      const float w = importance_weight(qsum, groups, init);
       float* fr = fp + (i * hkv + kv) * f;
       for (int64_t j = 0; j < d; ++j) fr[j] = (j == d - 1 ? 0.0f : k[j]) * w;
       for (int64_t j = 0; j < d; ++j) fr[d + j] = v[j] * w;

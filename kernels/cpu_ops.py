@@ -1,6 +1,7 @@
 """The C++ kernels for x86 CPUs (AVX2 + FMA): one library, ``torch.ops.chatapp_cpu``, of
-cpu_gemm.cpp (the small-M GEMM, kernels/cpu_gemm.py) and cpu_dmc.cpp (a Medusa tree's DMC slots,
-and attention over a DMC cache for a decode step or a tree, kernels/dmc.py).
+cpu_gemm.cpp (the small-M GEMM, kernels/cpu_gemm.py) and cpu_dmc.cpp (DMC's per-token update,
+a Medusa tree's DMC slots, and attention over a DMC cache for a decode step or a tree,
+kernels/dmc.py).
 
 The sources are compiled on first use with PyTorch's extension builder (a C++ compiler is
 needed) and cached in PyTorch's extension folder; ``available()`` says whether they could be,
@@ -39,6 +40,12 @@ def available() -> bool:
         return bool(_state["ok"])
 
 
+def serves(device, dtype) -> bool:
+    """Whether the kernels serve tensors of this device and dtype: float32 on a CPU, with the
+    library usable."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and available()
+
+
 def why_not() -> str | None:
     available()
     return None if _state["ok"] else str(_state["why"])
@@ -57,6 +64,7 @@ def _build() -> tuple[bool, str | None]:
         torch.ops.chatapp_cpu.small_gemm  # noqa: B018 (registered by the library just loaded)
         torch.ops.chatapp_cpu.dmc_tree_attention  # noqa: B018
         torch.ops.chatapp_cpu.dmc_tree_slots  # noqa: B018
+        torch.ops.chatapp_cpu.dmc_update  # noqa: B018
         return True, None
     except Exception as e:  # no compiler, no ninja, a failed build: PyTorch it is
         return False, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"

@@ -31,10 +31,11 @@ Hkv, M, N] (bool) allows: for a tree, a node sees its own slot and those of its 
 stay slots on its path; for a chain, token i sees the earlier tokens' final slots. Each query must
 see at least one slot. Returns [B, H, M, D].
 
-The Triton kernels run one program per (b, KV head): the update loads one row of each state
-tensor; the attention stacks the G query heads of a KV head as the rows of one tile and folds
-the pages in with an online softmax in fp32 (as kernels/tree_attention.py does), reading each
-page of K/V once per KV head."""
+The Triton kernels: the update runs one program per (b, KV head) and loads one row of each state
+tensor; tree attention (decode attention is its case of one query and no new slots) runs one
+program per (block of query rows, KV head, b), stacks the G query heads of a KV head as the rows
+of one tile and folds the pages, then the new slots, in with an online softmax in fp32 (as
+kernels/tree_attention.py does), reading each page of K/V once per row block."""
 
 from __future__ import annotations
 
@@ -212,44 +213,6 @@ if triton is not None:
         tl.store(vs_ptr + state, (vsum / wsum).to(vs_ptr.dtype.element_ty), mask=d_ok)
 
     @triton.jit
-    def _dmc_decode_attention_kernel(q_ptr, kp_ptr, vp_ptr, bt_ptr, lens_ptr, out_ptr, groups, qk_scale,
-                                     sqb, sqh, sqd, skp, skl, skd, svp, svl, svd, sbb, sbh, sbp,
-                                     slb, slh, sob, soh, sod,
-                                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                                     PAGE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        kvh = tl.program_id(0).to(tl.int64)
-        b = tl.program_id(1).to(tl.int64)
-        rows = tl.arange(0, BLOCK_M)
-        row_ok = rows < groups
-        head = kvh * groups + rows.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
-        q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + offs_d[None, :] * sqd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-
-        length = tl.load(lens_ptr + b * slb + kvh * slh)
-        offs_n = tl.arange(0, PAGE)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for n0 in range(0, length, PAGE):
-            page = tl.load(bt_ptr + b * sbb + kvh * sbh + (n0 // PAGE) * sbp).to(tl.int64)
-            col_ok = (n0 + offs_n) < length
-            k = tl.load(kp_ptr + page * skp + offs_n[None, :] * skl + offs_d[:, None] * skd,
-                        mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-            v = tl.load(vp_ptr + page * svp + offs_n[:, None] * svl + offs_d[None, :] * svd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            s = _dot(q, k, PRECISION, UPCAST) * qk_scale
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION, UPCAST)
-
-        l_i = tl.where(l_i > 0, l_i, 1.0)
-        out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + b * sob + head[:, None] * soh + offs_d[None, :] * sod, out,
-                 mask=row_ok[:, None] & d_ok[None, :])
-
-
-    @triton.jit
     def _dmc_tree_attention_kernel(q_ptr, kn_ptr, vn_ptr, vis_ptr, kp_ptr, vp_ptr, bt_ptr, nc_ptr, out_ptr,
                                    M, N, groups, qk_scale,
                                    sqb, sqh, sqm, sqd, sknb, sknh, sknn, sknd, svnb, svnh, svnn, svnd,
@@ -332,20 +295,20 @@ def dmc_update_triton(q, k, v, ksum, vsum, wsum, win_k, win_v, win_w, run, lens,
 
 
 def dmc_decode_attention_triton(q, k_pages, v_pages, block_table, lens, scale: float | None = None):
-    b, h, hkv, d, page = _check_attention(q, k_pages, v_pages, block_table, lens)
-    assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {q.dtype}"
+    """The tree attention Triton kernel with one query and no new slots."""
+    _check_attention(q, k_pages, v_pages, block_table, lens)
     assert k_pages.dtype == q.dtype and v_pages.dtype == q.dtype, "q and the pages must share a dtype"
-    assert page >= 16 and page & (page - 1) == 0, "page size: a power of two, at least 16"
-    groups = h // hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
-    _dmc_decode_attention_kernel[(hkv, b)](
-        q, k_pages, v_pages, block_table, lens, out, groups, scale * math.log2(math.e),
-        *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(), *lens.stride(), *out.stride(),
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=max(16, triton.next_power_of_2(groups)),
-        PAGE=page, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.dtype == torch.bfloat16 and not q.is_cuda, num_warps=4)
-    return out
+    return _one_query(dmc_tree_attention_triton, q, k_pages, v_pages, block_table, lens, scale)
+
+
+def _one_query(tree_attention, q, k_pages, v_pages, block_table, lens, scale):
+    """Decode attention (q [B, H, D]) as a tree attention of one query per head over the cached
+    slots and no new ones."""
+    b, h, d = q.shape
+    hkv = block_table.shape[1]
+    none = q.new_empty(b, hkv, 0, d)
+    nothing = torch.empty(b, hkv, 1, 0, dtype=torch.bool, device=q.device)
+    return tree_attention(q[:, :, None], none, none, nothing, k_pages, v_pages, block_table, lens, scale)[:, :, 0]
 
 
 def dmc_tree_attention_triton(q, k_new, v_new, visible, k_pages, v_pages, block_table, n_cached,
@@ -391,7 +354,7 @@ def dmc_update(q, k, v, ksum, vsum, wsum, win_k, win_v, win_w, run, lens, ptr: i
     Triton on CUDA, the C++ kernel on a CPU (float32), the PyTorch reference otherwise."""
     if use_triton(k):
         fn = dmc_update_triton
-    elif k.device.type == "cpu" and k.dtype == torch.float32 and cpu_ops.available():
+    elif cpu_ops.serves(k.device, k.dtype):
         fn = dmc_update_cpu
     else:
         fn = dmc_update_reference
@@ -404,12 +367,9 @@ def dmc_decode_attention(q, k_pages, v_pages, block_table, lens, scale: float | 
     attention kernel, with one query and no new slots."""
     if use_triton(q):
         return dmc_decode_attention_triton(q, k_pages, v_pages, block_table, lens, scale)
-    if q.device.type == "cpu" and q.dtype == torch.float32 and cpu_ops.available():
-        b, h, d = q.shape
-        hkv = block_table.shape[1]
-        none = q.new_empty(b, hkv, 0, d)
-        return dmc_tree_attention_cpu(q[:, :, None], none, none, torch.empty(b, hkv, 1, 0, dtype=torch.bool),
-                                      k_pages, v_pages, block_table, lens, scale)[:, :, 0]
+    if cpu_ops.serves(q.device, q.dtype):
+        _check_attention(q, k_pages, v_pages, block_table, lens)
+        return _one_query(dmc_tree_attention_cpu, q, k_pages, v_pages, block_table, lens, scale)
     return dmc_decode_attention_reference(q, k_pages, v_pages, block_table, lens, scale)
 
 
@@ -426,7 +386,7 @@ def dmc_tree_attention_cpu(q, k_new, v_new, visible, k_pages, v_pages, block_tab
 
 def use_cpu_tree_slots(device, dtype) -> bool:
     """Whether ``dmc_tree_slots_cpu`` serves tensors of this device and dtype."""
-    return torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_ops.available()
+    return cpu_ops.serves(device, dtype)
 
 
 def dmc_tree_slots_cpu(qkv, cos, sin, parents, depth, win_k, win_v, win_w, run, start: int, init_val: float,
@@ -458,7 +418,7 @@ CPU_KERNEL_ROWS = 64  # query tokens up to which the C++ kernel is used on a CPU
 def _tree_attention_fn(q):
     if use_triton(q):
         return dmc_tree_attention_triton
-    if q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[2] <= CPU_KERNEL_ROWS and cpu_ops.available():
+    if q.shape[2] <= CPU_KERNEL_ROWS and cpu_ops.serves(q.device, q.dtype):
         return dmc_tree_attention_cpu
     return dmc_tree_attention_reference
 

@@ -143,6 +143,10 @@ class DMCCache:
         self._pages_per_row += extra
         self.pages_used += n
 
+    def pages_held(self, layer: int) -> int:
+        """The most pages a head of one layer holds (from the host copy: no read-back)."""
+        return int(self._pages_per_row[layer].max())
+
     def pool(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K and V page pools (allocated, at their smallest, before the first token)."""
         if self.k_pages is None:
@@ -410,7 +414,7 @@ class DMCForward:
         # every cached slot but the last; the last too unless the first new token merges into it
         n_cached = cache.lens[li] - first_merges.to(torch.int32)
         k_pages, v_pages = cache.pool()
-        pages = int(cache._pages_per_row[li].max()) if cache.length else 0  # host copy: no read-back
+        pages = cache.pages_held(li) if cache.length else 0
         args = (k_pages, v_pages, cache.block_table[li], n_cached)
         if t <= self.prefill_chunk:
             out = dmc_tree_attention(qh, kh, vh, visible_new(0, t), *args, cached_pages=pages)
@@ -486,9 +490,10 @@ class DMCForward:
             src = torch.where(ups[:win] >= 0, back + ups[:win], back - above_root)
             there = (src >= 0) & ((ups[:win] >= 0) | (above_root <= back))
             windows.append((src.clamp(min=0), there))
+        eye = torch.eye(n, dtype=torch.bool, device=dev)
         index = {"up": anc.clamp(min=0), "not_up": (anc < 0)[:, :, None], "up_depth": depth[anc.clamp(min=0)],
-                 "child": child, "strict": strict[:, :, None], "eye": torch.eye(n, dtype=torch.bool, device=dev)[:, :, None],
-                 "windows": windows, "rel": -above_root}
+                 "child": child, "strict": strict[:, :, None], "eye": eye[:, :, None], "windows": windows,
+                 "rel": -above_root}
         self._tree_index_of = (parents, index)  # one tree at a time is verified
         return index
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu_gemm
+from kernels import cpu_gemm, cpu_ops
 from kernels.fp8_gemm import fp8_gemm
 from kernels.fp8_quant import quantize_rows, quantize_static
 
@@ -27,7 +27,7 @@ class Linear:
         k, n = weight_t.shape
         self.in_features, self.out_features, self.bias = k, n, bias
         self.packed = None
-        if weight_t.device.type == "cpu" and weight_t.dtype == torch.float32 and cpu_gemm.available():
+        if cpu_ops.serves(weight_t.device, weight_t.dtype):
             self.packed, self.weight, self.splits = cpu_gemm.pack(weight_t), None, 1
             return
         if n % splits:
