@@ -52,6 +52,7 @@ from engine.errors import EngineError
 
 INIT_VAL = 5.0  # --dmc-init-val of the released checkpoints
 WINDOW = 12  # --dmc-window-size of the released checkpoints (the reference kernel hard-codes 12)
+TREE_INDEXES_KEPT = 32  # trees whose gather indices a DMCForward keeps (see _tree_index)
 PREFILL_CHUNK = 256  # query tokens per attention call in the parallel prefill
 
 
@@ -225,7 +226,7 @@ class DMCForward:
         self._last_dim = torch.arange(cfg.head_dim, device=model.device) == cfg.head_dim - 1
         self._kv_keep = torch.cat([~self._last_dim, torch.ones_like(self._last_dim)]).float()  # [k | v]: k's D-1 out
         self.prefill_chunk = PREFILL_CHUNK
-        self._tree_index_of = None  # (the tree's parents tensor, its index tensors): see _tree_index
+        self._tree_indexes: dict[int, tuple] = {}  # id(parents) -> (parents, index tensors): see _tree_index
         self._tree = None  # the last tree pass's nodes, for commit
 
     @property
@@ -467,8 +468,9 @@ class DMCForward:
         tokens a window reaches: per window offset o < W, where the token o above node i is in
         [the window buffer's last ``back`` tokens, the nodes] and whether it is there at all;
         ``rel`` [W, N], that token's position after the root (depth - o)."""
-        if self._tree_index_of is not None and self._tree_index_of[0] is parents:
-            return self._tree_index_of[1]
+        known = self._tree_indexes.get(id(parents))
+        if known is not None and known[0] is parents:
+            return known[1]
         n, win, dev = parents.numel(), self.window, parents.device
         levels = int(depth.max()) + 1
         up = [torch.arange(n, device=dev)]
@@ -494,7 +496,11 @@ class DMCForward:
         index = {"up": anc.clamp(min=0), "not_up": (anc < 0)[:, :, None], "up_depth": depth[anc.clamp(min=0)],
                  "child": child, "strict": strict[:, :, None], "eye": eye[:, :, None], "windows": windows,
                  "rel": -above_root}
-        self._tree_index_of = (parents, index)  # one tree at a time is verified
+        # decoding verifies one tree; choosing it times a dozen in turn, each with its index kept
+        # (built in every call, it would be counted in the smaller trees' step times)
+        if len(self._tree_indexes) >= TREE_INDEXES_KEPT:
+            self._tree_indexes.pop(next(iter(self._tree_indexes)))
+        self._tree_indexes[id(parents)] = (parents, index)
         return index
 
     @torch.inference_mode()

@@ -32,6 +32,7 @@ from engine.paths import cache_dir
 
 PRESETS = ("auto", "card")
 TREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+TIMING = 2  # of how step times are measured: those measured another way are measured again
 
 
 @dataclass
@@ -64,7 +65,7 @@ def _cost_key(model, name: str) -> str:
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     lin = model.layers[0].qkv
     kind = type(lin).__name__ + (f"/panels-v{cpu_ops.VERSION}" if getattr(lin, "packed", None) is not None else "")
-    return f"{name}|{where}|{str(model.dtype).removeprefix('torch.')}|{kind}"
+    return f"{name}|{where}|{str(model.dtype).removeprefix('torch.')}|{kind}|t{TIMING}"
 
 
 def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 1, reps: int = 5,
