@@ -83,6 +83,7 @@ def main() -> int:
                                        max(1, sum(st.kv_cache_bytes for st in stats)), 3),
                "tokens": tokens}
         if d in BASE_OF:
+            row["tree"] = sessions[d, q].decoder.setup  # the plan's choice, e.g. "auto (5 nodes)"
             base = runs[BASE_OF[d], q]
             row["identical_to_" + BASE_OF[d]] = sum(a.token_ids == b.token_ids for a, b in zip(stats, base))
             row["speedup_vs_" + BASE_OF[d]] = round(row["decode_tokens_per_s"] / (

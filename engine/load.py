@@ -143,7 +143,8 @@ def _medusa(name: str, path: Path, base: Decoder, src: TensorSource, fmt: Fp8For
     heads = load_heads(path, cfg.medusa, src, cfg.hidden_size, cfg.vocab_size, model.device, model.dtype, fmt)
     profile = None
     if heads is None:
-        heads, profile = shipped_heads(name, cfg, model.device, model.dtype)
+        heads, profile = shipped_heads(name, cfg, model.device, model.dtype,
+                                       "dmc" if isinstance(base, DMCDecoder) else "plain")
     if heads is None:
         raise EngineError(f"{name}: the checkpoint has no Medusa heads (config.json 'medusa' entry or "
                           "medusa_lm_head.safetensors) and chatapp ships none for it")

@@ -24,6 +24,18 @@ Outputs, beside each other (``--out``, default assets/medusa/<model>):
 
     python -m training.medusa                # the embedded model, CPU: about 20 minutes
     python -m training.medusa --device cuda --prompts 780 --epochs 6
+
+The held-out profile of training is measured on replies to training prompts of held-out
+subjects (192 tokens each), over the dense cache the heads were trained on. ``--profile-over CACHE`` measures the
+shipped heads' profile over a cache ("plain": the dense one; "dmc": the DMC cache of the shipped
+retrofit, where the heads read the DMC model's hidden states and must match its greedy tokens), on
+that model's own greedy replies to chat prompts on subjects in no training prompt (questions and
+requests as much as topics: training/prompts.py's ``profile_prompts``), and adds it to
+``<model>.json`` under ``profiles``. The engine plans the trees over each cache from the profile
+over it (the training profile where there is none):
+
+    python -m training.medusa --profile-over plain    # the embedded model, CPU: about 4 minutes
+    python -m training.medusa --profile-over dmc      # about 5 minutes
 """
 
 from __future__ import annotations
@@ -38,15 +50,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from engine.decoding.dmc import DMCForward
 from engine.decoding.medusa.heads import output_rows
+from engine.events import LoadModel
 from engine.hub.resolve import resolve
 from engine.model.llama import LlamaModel
 from engine.model.weights import from_dir
 from engine.paths import ASSETS, cache_dir
+from engine.session import Session
 from engine.tokenizer import ChatTokenizer
-from training.prompts import subjects, training_prompts
+from training.prompts import profile_prompts, subjects, training_prompts
 
 MAX_RANK = 10  # ranks per head kept in the acceptance profile
 PROFILE_PATHS = 96  # paths kept in the profile (more than any tree the engine builds)
@@ -304,6 +319,119 @@ def acceptance_profile(r: torch.Tensor) -> list[tuple[list[int], float]]:
     return [(list(p), c / n) for p, c in best]
 
 
+# ---- 5. the profile over another cache ---------------------------------------------------------
+def read_heads(path: Path, model: LlamaModel) -> tuple[Heads, torch.Tensor]:
+    """Heads this script wrote (``<model>.safetensors``) as a ``Heads`` module, and their token_ids."""
+    t = load_file(str(path))
+    token_ids = t["token_ids"]
+    num_heads = 1 + max(int(k.split(".")[0]) for k in t if k.split(".")[0].isdigit())
+    heads = Heads(num_heads, model.cfg.hidden_size, output_rows(model.lm_head, token_ids).float().cpu(),
+                  model.embed.float().cpu(), any(".path." in k for k in t))
+    with torch.no_grad():
+        for k in range(num_heads):
+            heads.linears[k].weight.copy_(t[f"{k}.0.linear.weight"])
+            heads.linears[k].bias.copy_(t[f"{k}.0.linear.bias"])
+            heads.roots[k].weight.copy_(t[f"{k}.root.weight"])
+            for j, proj in enumerate(heads.paths[k], start=1):
+                proj.weight.copy_(t[f"{k}.path.{j}.weight"])
+    return heads, token_ids
+
+
+def dmc_greedy_batch(model: LlamaModel, settings: dict, prompts: list[list[int]], max_new_tokens: int,
+                     eos_ids) -> list[list[int]]:
+    """``greedy_batch`` over a DMC cache (``settings``: DMCForward's init_val and window): each
+    row is decoded as it would be alone (a row that has ended goes on, unread, to the end)."""
+    fwd = DMCForward(model, len(prompts), len(prompts[0]) + max_new_tokens + 1, **settings)
+    replies: list[list[int]] = [[] for _ in prompts]
+    ended = [False] * len(prompts)
+    with torch.inference_mode():
+        logits = fwd.prefill(torch.tensor(prompts, device=model.device))
+        for _ in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            for r, t in enumerate(nxt.tolist()):
+                if not ended[r]:
+                    replies[r].append(t)
+                    ended[r] = t in eos_ids
+            if all(ended):
+                break
+            logits = fwd.step(nxt)
+    fwd.free()
+    return replies
+
+
+def dmc_hidden_states(model: LlamaModel, settings: dict, data: list[dict], num_heads: int):
+    """``hidden_states`` through a DMC cache: each prompt + reply prefilled in parallel (the same
+    slots and merges as decoding it token by token)."""
+    hs, targets = [], []
+    agree = total = 0
+    fwd = DMCForward(model, 1, max(len(d["prompt_ids"]) + len(d["reply_ids"]) for d in data), **settings)
+    with torch.inference_mode():
+        for d in data:
+            seq = d["prompt_ids"] + d["reply_ids"]
+            first = len(d["prompt_ids"]) - 1
+            fwd.reset()
+            logits, hidden = fwd.prefill(torch.tensor([seq], device=model.device), all_logits=True, with_hidden=True)
+            nxt = logits[0, first:-1].argmax(-1).cpu()
+            agree += int((nxt == torch.tensor(seq[first + 1:])).sum())
+            total += len(seq) - 1 - first
+            hs.append(hidden[0, first:-1].float().cpu())
+            targets.append(torch.tensor([[seq[t + k + 2] if t + k + 2 < len(seq) else -1 for k in range(num_heads)]
+                                         for t in range(first, len(seq) - 1)], dtype=torch.long))
+    fwd.free()
+    return torch.cat(hs), torch.cat(targets), agree / max(total, 1)
+
+
+def profile_over(cache: str, model_id: str | None, device: str, prompts: int, max_new_tokens: int, batch: int,
+                 out: Path | None) -> dict:
+    """The acceptance profile of the heads in ``out`` (default assets/medusa) over ``cache``
+    ("dmc": the model's DMC cache, the shipped retrofit or a Megatron DMC checkpoint; "plain": the
+    dense one), on its own greedy replies to ``profile_prompts(prompts)``; added to
+    ``<model>.json`` under ``profiles``, and returned."""
+    session = Session.load(LoadModel(model=model_id, device=device, decoding=cache), log)
+    model, tok, name = session.model, session.tokenizer, session.name
+    folder = out or ASSETS / "medusa"
+    heads, token_ids = read_heads(folder / f"{name}.safetensors", model)
+    settings = ({"init_val": session.decoder.dmc.init_val, "window": session.decoder.dmc.window}
+                if cache == "dmc" else None)
+    asked = profile_prompts(prompts)
+    by_len: dict[int, list[tuple[str, list[int]]]] = {}
+    for p in asked:
+        ids = tok.encode_chat([{"role": "user", "content": p}])
+        by_len.setdefault(len(ids), []).append((p, ids))
+    data, t0 = [], time.time()
+    for _, group in sorted(by_len.items()):
+        for i in range(0, len(group), batch):
+            part = group[i:i + batch]
+            ids = [x for _, x in part]
+            replies = (dmc_greedy_batch(model, settings, ids, max_new_tokens, tok.eos_ids) if settings else
+                       greedy_batch(model, ids, max_new_tokens, tok.eos_ids))
+            data += [{"prompt": p, "prompt_ids": x, "reply_ids": r} for (p, x), r in zip(part, replies)]
+        log(f"replies {len(data)}/{len(asked)} over the {cache} cache")
+    t_gen = time.time() - t0
+    num_heads = len(heads.linears)
+    if settings:
+        x, y, agree = dmc_hidden_states(model, settings, data, num_heads)
+    else:
+        x, y, _, agree = hidden_states(model, data, num_heads)
+    remap = torch.full((model.cfg.vocab_size + 1,), -1, dtype=torch.long)
+    remap[token_ids] = torch.arange(len(token_ids))
+    r = ranks(heads, x, root_tokens(data), y, remap[y])
+    entry = {
+        "replies": f"greedy over the {cache} cache", "prompts": len(data), "positions": len(x),
+        "max_new_tokens": max_new_tokens, "subjects": "in no training prompt (training/prompts.py profile_prompts)",
+        "engine_agreement": round(agree, 4), "generation_s": round(t_gen),
+        "top1": [round((r[:, k] == 0).float().mean().item(), 4) for k in range(num_heads)],
+        "profile": [{"path": path, "freq": round(f, 5)} for path, f in acceptance_profile(r)],
+    }
+    meta_path = folder / f"{name}.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("profiles", {})[cache] = entry
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    log(f"{meta_path}: profile over the {cache} cache, {len(x)} positions, top-1 per head {entry['top1']}")
+    session.close()
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.medusa", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="base model (default: the embedded model)")
@@ -327,9 +455,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of subjects (topics, everyday requests) whose replies are kept out for the profile")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--profile-over", choices=("dmc", "plain"), default=None,
+                   help="train nothing: measure the shipped heads' acceptance profile over this cache")
+    p.add_argument("--profile-prompts", type=int, default=240, help="prompts answered for --profile-over")
+    p.add_argument("--profile-tokens", type=int, default=128, help="tokens per reply for --profile-over")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile_over:
+        profile_over(args.profile_over, args.model, args.device, args.profile_prompts, args.profile_tokens,
+                     args.gen_batch, args.out)
+        return 0
     torch.manual_seed(0)
     t0 = time.time()
     name, model_dir = resolve(args.model, log)

@@ -232,3 +232,56 @@ def training_prompts(n: int | None = None, seed: int = 0) -> list[str]:
     prompts = [p for pair in zip(topics, everyday) for p in pair]
     prompts = list(dict.fromkeys(prompts + topics[len(everyday):] + everyday[len(topics):]))
     return prompts[:n] if n else prompts
+
+
+# ---- prompts for measuring an acceptance profile ------------------------------------------------
+# Subjects in no training prompt (and not in the benchmark's prompts): the heads' acceptance
+# over a cache other than the one they were trained on (training/medusa.py --profile-over) is
+# measured on replies to these, on subjects the heads never saw.
+PROFILE_TOPICS = [
+    "lightning", "the Silk Road", "origami", "submarines", "the Amazon River", "octopuses", "windmills",
+    "the telescope", "fermentation", "the Aztecs", "tsunamis", "kites", "bamboo", "the metric system",
+    "sign language", "fireflies", "the Sahara", "hot air balloons", "caves", "tornadoes", "mushrooms",
+    "the violin", "knitting", "the Arctic", "crossword puzzles", "pottery", "the Titanic", "dolphins",
+    "lighthouse keepers", "the human eye", "circuses", "marathons", "wolves", "canals", "the Andes",
+    "salt", "glassblowing", "parrots", "moss", "the piano", "astronauts", "castles", "frogs", "quilts",
+    "the postal service", "geysers", "typewriters", "the Northern Lights",
+]
+
+PROFILE_REQUESTS = [
+    ("How do I {x}?", [
+        "polish leather shoes", "repot an orchid", "make a paper lantern", "fix a dripping tap", "clean a keyboard",
+        "wrap a present neatly", "start journaling", "patch a hole in drywall", "choose running shoes",
+        "keep a sourdough starter alive", "sew on a button", "teach a child to ride a bike", "store fresh herbs",
+        "make pancakes from scratch", "calm down before an exam", "pick a ripe avocado", "clean a microwave",
+        "care for a goldfish",
+    ]),
+    ("Can you recommend {x}?", [
+        "a card game for two people", "a science fiction novel for a teenager", "a quiet place to read in a city",
+        "a warm drink for a cold night", "a simple workout for a busy week", "a present for a ten-year-old",
+    ]),
+    ("Write a {x}.", [
+        "haiku about a foggy harbor", "short poem about a red umbrella", "limerick about a clumsy penguin",
+        "note thanking a bus driver", "short story about a forgotten library book", "postcard from a seaside town",
+    ]),
+    ("Why {x}?", [
+        "do onions make people cry", "is the sea salty", "do leaves change color in the fall",
+        "do soap bubbles pop", "do kettles whistle", "does bread go stale",
+    ]),
+    ("What is the difference between {x}?", [
+        "a hare and a rabbit", "a violin and a viola", "a virus and a bacterium", "a harbor and a port",
+        "an alligator and a crocodile", "a stew and a soup",
+    ]),
+]
+
+
+def profile_prompts(n: int | None = None, seed: int = 0) -> list[str]:
+    """Prompts on PROFILE_TOPICS (the topic templates) and the PROFILE_REQUESTS (in every
+    style), each set shuffled, then taken in turn from both (a profile of chat replies: questions
+    and requests as much as topics); the first ``n``."""
+    topics = [t.format(t=topic) for topic in PROFILE_TOPICS for t in TOPIC_TEMPLATES]
+    requests = [style.format(p=tpl.format(x=x)) for tpl, slots in PROFILE_REQUESTS for x in slots for style in STYLES]
+    random.Random(seed).shuffle(topics)
+    random.Random(seed + 1).shuffle(requests)
+    out = [p for pair in zip(topics, requests) for p in pair] + topics[len(requests):]
+    return out[:n] if n else out

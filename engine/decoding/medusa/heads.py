@@ -132,11 +132,15 @@ class Profile:
     paths: list[tuple[tuple[int, ...], float]]
 
     @classmethod
-    def read(cls, path: Path) -> "Profile":
+    def read(cls, path: Path, cache: str = "plain") -> "Profile":
+        """The profile measured over ``cache`` ("plain": the dense KV cache, "dmc"): the one under
+        ``profiles`` when the file has one for it (training/medusa.py --profile-over), else the
+        held-out profile of training (over the dense cache the heads were trained on)."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-            return cls([(tuple(int(r) for r in e["path"]), float(e["freq"])) for e in data["profile"]])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            entries = data.get("profiles", {}).get(cache, data)["profile"]
+            return cls([(tuple(int(r) for r in e["path"]), float(e["freq"])) for e in entries])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise EngineError(f"{path}: not a Medusa acceptance profile ({e})") from None
 
     def tree_paths(self, num_nodes: int, num_heads: int) -> list[tuple[int, ...]]:
@@ -216,15 +220,16 @@ def output_rows(lm_head: Linear, token_ids: torch.Tensor) -> torch.Tensor:
     return lm_head.dense().t()[token_ids.to(lm_head.device)]  # [len(token_ids), hidden]
 
 
-def shipped_heads(name: str, cfg, device, dtype):
+def shipped_heads(name: str, cfg, device, dtype, cache: str = "plain"):
     """The heads chatapp ships for a model (assets/medusa/<name>.safetensors, trained by
-    training/medusa.py) and their acceptance profile, or (None, None)."""
+    training/medusa.py) and their acceptance profile over ``cache`` (see ``Profile.read``), or
+    (None, None)."""
     path = layout.shipped_medusa(name)
     if path is None:
         return None, None
     heads = load_fasterdecoding(path, cfg.hidden_size, cfg.vocab_size, device, dtype)
     profile_path = path.with_suffix(".json")
-    return heads, (Profile.read(profile_path) if profile_path.exists() else None)
+    return heads, (Profile.read(profile_path, cache) if profile_path.exists() else None)
 
 
 def load_heads(model_dir: Path, medusa: dict | None, src: TensorSource, hidden: int, vocab: int, device, dtype,

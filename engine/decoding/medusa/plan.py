@@ -32,7 +32,8 @@ from engine.paths import cache_dir
 
 PRESETS = ("auto", "card")
 TREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
-TIMING = 2  # of how step times are measured: those measured another way are measured again
+TIMING = 3  # of how step times are measured: those measured another way are measured again
+CLOSE, CLOSE_REPS = 2.0, 10  # the sizes timed again (up to CLOSE one-token steps), and how often
 
 
 @dataclass
@@ -69,25 +70,35 @@ def _cost_key(model, name: str) -> str:
 
 
 def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 1, reps: int = 5,
-                    context: int = 256, dmc: dict | None = None) -> dict[int, float]:
+                    context: int = 256, dmc: dict | None = None, close_reps: int = CLOSE_REPS) -> dict[int, float]:
     """Time of one verify step (heads included) per tree size, with ``context`` tokens already
     in a scratch cache; size 0 is a one-token decode step. ``dmc``: the DMC settings {"init_val",
     "window"} when the tree is verified over a DMC cache (which grows by what each measured step
     keeps: merges cannot be undone), else over a dense cache.
 
     The sizes are timed in rounds, each size once per round, so that a busy spell of the
-    machine falls on all of them alike; per size the median of ``reps`` rounds, then the trees'
-    times made non-decreasing in their size (a bigger tree does no less work: a smaller time
-    measured for it is noise), by pooling adjacent sizes that are out of order."""
+    machine falls on all of them alike. The sizes among which the choice is made (those whose
+    step costs at most CLOSE times a one-token step: on a CPU the small trees, whose times lie a
+    few percent apart, as their tokens per step do) are then timed ``close_reps`` rounds more.
+    Per size the median of its rounds, then the trees' times made non-decreasing in their size (a
+    bigger tree does no less work: a smaller time measured for it is noise), by pooling adjacent
+    sizes that are out of order.
+
+    The scratch cache holds ``context`` seeded random tokens, not one token repeated: over a
+    DMC cache, a repeated token is never merged (a cache as long as a dense one, where text is
+    compressed about 2x) and the trees' attention over it costs several times what it does in
+    decoding. Random tokens are merged less than text, so the DMC times stay on the high side."""
     zero = torch.zeros(1, 1, dtype=torch.long, device=model.device)
-    room = max(sizes) + (warmup + reps) * (len(sizes) + 1) * (heads.num_heads + 1) + 1
+    room = max(sizes) + (warmup + reps + close_reps) * (len(sizes) + 1) * (heads.num_heads + 1) + 1
+    text = torch.randint(0, model.cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    text = text.to(model.device)
     if dmc is not None:
         scratch = DMCForward(model, 1, context + room, **dmc)
-        scratch.prefill(torch.zeros(1, context, dtype=torch.long, device=model.device))
+        scratch.prefill(text)
         target, one_token = DMCTarget(scratch), lambda: scratch.step(zero[0])
     else:
         cache = model.new_cache(context + room)
-        model.last_hidden(torch.zeros(1, context, dtype=torch.long, device=model.device), cache, 0)
+        model.last_hidden(text, cache, 0)
         target, one_token = DenseTarget(model, cache), lambda: model.forward(zero, cache, context)
     hidden = torch.zeros(model.cfg.hidden_size, device=model.device, dtype=model.dtype)
 
@@ -98,10 +109,10 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
         return lambda: verify(model, tree, target, 0, heads.propose(hidden, model, tree, 0), graph=graph).keep(target)
 
     times: dict[int, list[float]] = {n: [] for n in (0, *sizes)}
-    with torch.inference_mode():
-        steps = {n: one_token if n == 0 else tree_step(n) for n in times}
-        for r in range(warmup + reps):
-            for n, step in steps.items():
+
+    def rounds(count: int, which: dict, first: int = 0):
+        for r in range(count):
+            for n, step in which.items():
                 if dmc is None:
                     cache.length = context
                 if model.device.type == "cuda":
@@ -110,9 +121,18 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
                 step()
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
-                if r >= warmup:
+                if r >= first:
                     times[n].append(time.perf_counter() - t0)
-    median = {n: sorted(t)[len(t) // 2] * 1000 for n, t in times.items()}
+
+    def median() -> dict[int, float]:
+        return {n: sorted(t)[len(t) // 2] * 1000 for n, t in times.items()}
+
+    with torch.inference_mode():
+        steps = {n: one_token if n == 0 else tree_step(n) for n in times}
+        rounds(warmup + reps, steps, warmup)
+        so_far = median()
+        rounds(close_reps, {n: step for n, step in steps.items() if so_far[n] <= CLOSE * so_far[0]})
+    median = median()
     trees = sorted(sizes)
     return {0: median[0], **dict(zip(trees, non_decreasing([median[n] for n in trees])))}
 

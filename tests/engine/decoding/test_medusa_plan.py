@@ -204,3 +204,19 @@ def test_measured_tree_costs_are_made_non_decreasing_by_pooling():
     assert non_decreasing([5.0, 4.0, 3.0]) == [4.0, 4.0, 4.0]
     got = non_decreasing([45.0, 51.0, 48.0, 48.0, 70.0, 66.0, 61.0, 76.0])
     assert all(a <= b for a, b in zip(got, got[1:])) and sum(got) == pytest.approx(465.0)
+
+
+def test_a_profile_is_read_for_the_cache_the_tree_is_verified_over(tmp_path):
+    """A heads file's profile over a DMC cache (training/medusa.py --profile-over dmc) is the one
+    a tree over a DMC cache is planned from; without one, the training profile serves every cache."""
+    path = tmp_path / "heads.json"
+    trained = [{"path": [0], "freq": 0.5}, {"path": [0, 0], "freq": 0.3}]
+    path.write_text(json.dumps({"profile": trained}))
+    assert Profile.read(path, "dmc").paths == Profile.read(path).paths == [((0,), 0.5), ((0, 0), 0.3)]
+    path.write_text(json.dumps({"profile": trained, "profiles": {"dmc": {"profile": [
+        {"path": [0], "freq": 0.4}, {"path": [1], "freq": 0.2}]}}}))
+    assert Profile.read(path, "dmc").paths == [((0,), 0.4), ((1,), 0.2)]
+    assert Profile.read(path, "plain").paths == [((0,), 0.5), ((0, 0), 0.3)]
+    path.write_text(json.dumps({"profile": trained, "profiles": {"dmc": [1, 2]}}))
+    with pytest.raises(EngineError, match="not a Medusa acceptance profile"):
+        Profile.read(path, "dmc")
