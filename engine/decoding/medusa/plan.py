@@ -85,7 +85,7 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
     sizes that are out of order.
 
     The scratch cache holds ``context`` seeded random tokens, not one token repeated: over a
-    DMC cache, a repeated token is never merged (a cache as long as a dense one, where text is
+    DMC cache, a repeated token is hardly ever merged (a cache nearly as long as a dense one; text is
     compressed about 2x) and the trees' attention over it costs several times what it does in
     decoding. Random tokens are merged less than text, so the DMC times stay on the high side."""
     zero = torch.zeros(1, 1, dtype=torch.long, device=model.device)
@@ -124,15 +124,15 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
                 if r >= first:
                     times[n].append(time.perf_counter() - t0)
 
-    def median() -> dict[int, float]:
+    def medians() -> dict[int, float]:
         return {n: sorted(t)[len(t) // 2] * 1000 for n, t in times.items()}
 
     with torch.inference_mode():
         steps = {n: one_token if n == 0 else tree_step(n) for n in times}
         rounds(warmup + reps, steps, warmup)
-        so_far = median()
+        so_far = medians()
         rounds(close_reps, {n: step for n, step in steps.items() if so_far[n] <= CLOSE * so_far[0]})
-    median = median()
+    median = medians()
     trees = sorted(sizes)
     return {0: median[0], **dict(zip(trees, non_decreasing([median[n] for n in trees])))}
 

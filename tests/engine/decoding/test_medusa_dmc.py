@@ -2,6 +2,7 @@
 greedy Medusa+DMC output is token-identical to greedy DMC output, with several tokens per step
 and the same KV compression."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,12 @@ PROMPTS = (Path(__file__).resolve().parents[3] / "bench" / "data" / "chat_prompt
 
 
 @pytest.fixture(scope="module")
-def sessions():
+def sessions(tmp_path_factory):
     dmc = Session.load(LoadModel(device="cpu", decoding="dmc"))
-    both = Session.load(LoadModel(device="cpu", decoding="dmc,medusa"))  # any spelling, any order
+    # a fixed tree (the plan's choice depends on this machine's timings): the DMC profile's 6 nodes
+    tree = tmp_path_factory.mktemp("tree") / "tree.json"
+    tree.write_text(json.dumps([[0], [0, 0], [1], [0, 0, 0], [2]]))
+    both = Session.load(LoadModel(device="cpu", decoding="dmc,medusa", medusa_choices=str(tree)))  # any spelling
     yield dmc, both
     dmc.close()
     both.close()
