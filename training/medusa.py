@@ -26,8 +26,8 @@ Outputs, beside each other (``--out``, default assets/medusa/<model>):
     python -m training.medusa --device cuda --prompts 780 --epochs 6
 
 The held-out profile of training is measured on replies to training prompts of held-out
-subjects (192 tokens each), over the dense cache the heads were trained on. ``--profile-over CACHE`` measures the
-shipped heads' profile over a cache ("plain": the dense one; "dmc": the DMC cache of the shipped
+subjects (192 tokens each), over the dense cache the heads were trained on. ``--profile-over
+CACHE`` measures the shipped heads' profile over a cache ("plain": the dense one; "dmc": the DMC cache of the shipped
 retrofit, where the heads read the DMC model's hidden states and must match its greedy tokens), on
 that model's own greedy replies to chat prompts on subjects in no training prompt (questions and
 requests as much as topics: training/prompts.py's ``profile_prompts``), and adds it to
@@ -85,14 +85,8 @@ def generate_replies(model: LlamaModel, tok: ChatTokenizer, prompts: list[str], 
     is done, and a rerun goes on from there."""
     out = read_replies(path)
     done = {d["prompt"] for d in out}
-    by_len: dict[int, list[tuple[str, list[int]]]] = {}
-    for p in prompts:
-        if p not in done:
-            ids = tok.encode_chat([{"role": "user", "content": p}])
-            by_len.setdefault(len(ids), []).append((p, ids))
-    groups = [g[i:i + batch] for _, g in sorted(by_len.items()) for i in range(0, len(g), batch)]
     t0, made = time.time(), 0
-    for group in groups:
+    for group in length_groups(tok, [p for p in prompts if p not in done], batch):
         replies = greedy_batch(model, [ids for _, ids in group], max_new_tokens, tok.eos_ids)
         with path.open("a") as f:
             for (prompt, ids), reply in zip(group, replies):
@@ -101,6 +95,16 @@ def generate_replies(model: LlamaModel, tok: ChatTokenizer, prompts: list[str], 
         made += sum(len(r) for r in replies)
         log(f"replies {len(out)}/{len(prompts)} ({made / (time.time() - t0):.0f} tokens/s)")
     return out
+
+
+def length_groups(tok: ChatTokenizer, prompts: list[str], batch: int) -> list[list[tuple[str, list[int]]]]:
+    """(prompt, chat token ids) of prompts of the same length in tokens, up to ``batch`` together
+    (decoded as one batch with no padding, each row is computed as it would be alone)."""
+    by_len: dict[int, list[tuple[str, list[int]]]] = {}
+    for p in prompts:
+        ids = tok.encode_chat([{"role": "user", "content": p}])
+        by_len.setdefault(len(ids), []).append((p, ids))
+    return [g[i:i + batch] for _, g in sorted(by_len.items()) for i in range(0, len(g), batch)]
 
 
 def greedy_batch(model: LlamaModel, prompts: list[list[int]], max_new_tokens: int, eos_ids) -> list[list[int]]:
@@ -144,20 +148,30 @@ def load_or_generate(model_name: str, model: LlamaModel, tok: ChatTokenizer, arg
 
 
 # ---- 2. hidden states and targets -------------------------------------------------------------
-def hidden_states(model: LlamaModel, data: list[dict], num_heads: int):
+def hidden_states(model: LlamaModel, data: list[dict], num_heads: int, dmc: dict | None = None):
     """Per reply position t (from the last prompt token on): the final-normed hidden state and
     the tokens at t + 2 ... t + 1 + num_heads (-1 past the end). Also the share of positions
     where our engine's greedy choice is the reply's next token (replies from an older cache may have
-    been made by another decoder)."""
+    been made by another decoder). ``dmc``: DMCForward's settings, to run each prompt + reply
+    through a DMC cache (prefilled in parallel: the slots and merges of decoding it token by
+    token) rather than the dense one."""
     hs, targets, convo = [], [], []
     agree = total = 0
-    cache = model.new_cache(max(len(d["prompt_ids"]) + len(d["reply_ids"]) for d in data))
+    longest = max(len(d["prompt_ids"]) + len(d["reply_ids"]) for d in data)
+    fwd = DMCForward(model, 1, longest, **dmc) if dmc is not None else None
+    cache = model.new_cache(longest) if dmc is None else None
     with torch.inference_mode():
         for n, d in enumerate(data):
             seq = d["prompt_ids"] + d["reply_ids"]
             first = len(d["prompt_ids"]) - 1
-            hidden = model.hidden(torch.tensor([seq], device=model.device), cache, 0)
-            nxt = model.logits(hidden[0, first:-1]).argmax(-1).cpu()
+            ids = torch.tensor([seq], device=model.device)
+            if fwd is not None:
+                fwd.reset()
+                logits, hidden = fwd.prefill(ids, all_logits=True, with_hidden=True)
+                nxt = logits[0, first:-1].argmax(-1).cpu()
+            else:
+                hidden = model.hidden(ids, cache, 0)
+                nxt = model.logits(hidden[0, first:-1]).argmax(-1).cpu()
             agree += int((nxt == torch.tensor(seq[first + 1:])).sum())
             total += len(seq) - 1 - first
             hs.append(hidden[0, first:-1].float().cpu())
@@ -170,6 +184,8 @@ def hidden_states(model: LlamaModel, data: list[dict], num_heads: int):
             convo.append(torch.full((len(seq) - 1 - first,), n))
             if n % 50 == 0:
                 log(f"hidden states {n}/{len(data)}")
+    if fwd is not None:
+        fwd.free()
     return torch.cat(hs), torch.cat(targets), torch.cat(convo), agree / max(total, 1)
 
 
@@ -359,28 +375,6 @@ def dmc_greedy_batch(model: LlamaModel, settings: dict, prompts: list[list[int]]
     return replies
 
 
-def dmc_hidden_states(model: LlamaModel, settings: dict, data: list[dict], num_heads: int):
-    """``hidden_states`` through a DMC cache: each prompt + reply prefilled in parallel (the same
-    slots and merges as decoding it token by token)."""
-    hs, targets = [], []
-    agree = total = 0
-    fwd = DMCForward(model, 1, max(len(d["prompt_ids"]) + len(d["reply_ids"]) for d in data), **settings)
-    with torch.inference_mode():
-        for d in data:
-            seq = d["prompt_ids"] + d["reply_ids"]
-            first = len(d["prompt_ids"]) - 1
-            fwd.reset()
-            logits, hidden = fwd.prefill(torch.tensor([seq], device=model.device), all_logits=True, with_hidden=True)
-            nxt = logits[0, first:-1].argmax(-1).cpu()
-            agree += int((nxt == torch.tensor(seq[first + 1:])).sum())
-            total += len(seq) - 1 - first
-            hs.append(hidden[0, first:-1].float().cpu())
-            targets.append(torch.tensor([[seq[t + k + 2] if t + k + 2 < len(seq) else -1 for k in range(num_heads)]
-                                         for t in range(first, len(seq) - 1)], dtype=torch.long))
-    fwd.free()
-    return torch.cat(hs), torch.cat(targets), agree / max(total, 1)
-
-
 def profile_over(cache: str, model_id: str | None, device: str, prompts: int, max_new_tokens: int, batch: int,
                  out: Path | None) -> dict:
     """The acceptance profile of the heads in ``out`` (default assets/medusa) over ``cache``
@@ -394,25 +388,16 @@ def profile_over(cache: str, model_id: str | None, device: str, prompts: int, ma
     settings = ({"init_val": session.decoder.dmc.init_val, "window": session.decoder.dmc.window}
                 if cache == "dmc" else None)
     asked = profile_prompts(prompts)
-    by_len: dict[int, list[tuple[str, list[int]]]] = {}
-    for p in asked:
-        ids = tok.encode_chat([{"role": "user", "content": p}])
-        by_len.setdefault(len(ids), []).append((p, ids))
     data, t0 = [], time.time()
-    for _, group in sorted(by_len.items()):
-        for i in range(0, len(group), batch):
-            part = group[i:i + batch]
-            ids = [x for _, x in part]
-            replies = (dmc_greedy_batch(model, settings, ids, max_new_tokens, tok.eos_ids) if settings else
-                       greedy_batch(model, ids, max_new_tokens, tok.eos_ids))
-            data += [{"prompt": p, "prompt_ids": x, "reply_ids": r} for (p, x), r in zip(part, replies)]
+    for group in length_groups(tok, asked, batch):
+        ids = [x for _, x in group]
+        replies = (dmc_greedy_batch(model, settings, ids, max_new_tokens, tok.eos_ids) if settings else
+                   greedy_batch(model, ids, max_new_tokens, tok.eos_ids))
+        data += [{"prompt": p, "prompt_ids": x, "reply_ids": r} for (p, x), r in zip(group, replies)]
         log(f"replies {len(data)}/{len(asked)} over the {cache} cache")
     t_gen = time.time() - t0
     num_heads = len(heads.linears)
-    if settings:
-        x, y, agree = dmc_hidden_states(model, settings, data, num_heads)
-    else:
-        x, y, _, agree = hidden_states(model, data, num_heads)
+    x, y, _, agree = hidden_states(model, data, num_heads, settings)
     remap = torch.full((model.cfg.vocab_size + 1,), -1, dtype=torch.long)
     remap[token_ids] = torch.arange(len(token_ids))
     r = ranks(heads, x, root_tokens(data), y, remap[y])
