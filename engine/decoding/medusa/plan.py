@@ -5,9 +5,11 @@ which that node's path of ranks is entirely right (the heads' acceptance profile
 held-out replies when the heads were trained: the matching nodes form one chain). It costs one
 verify step, whose time depends on N and on the device: on a GPU 64 nodes cost about what one
 does, on a CPU each node adds a sizeable share of a step. So the best tree is the one with the
-most expected tokens per second of measured step time, and it differs per device. Where no
-tree beats a plain decoding step (a CPU on which a two-token pass costs much more than a
-one-token one, with weak heads), the plan is plain decoding.
+most expected tokens per second of measured step time (of the trees within TIE of the most, the
+biggest: the timing cannot order them, while the bigger tree's extra tokens per step are no
+noise), and it differs per device. Where no tree beats a plain decoding step (a CPU on which a
+two-token pass costs much more than a one-token one, with weak heads), the plan is plain
+decoding.
 
 ``--medusa-choices`` overrides the choice: a preset (``auto``, ``card``) or a JSON file with a
 list of paths."""
@@ -34,6 +36,10 @@ PRESETS = ("auto", "card")
 TREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 TIMING = 3  # of how step times are measured: those measured another way are measured again
 CLOSE, CLOSE_REPS = 2.0, 10  # the sizes timed again (up to CLOSE one-token steps), and how often
+# expected tokens/s this close to the best's are a tie, which the bigger tree wins: on a 2-core CPU the
+# small trees' rates (relative to a one-token step) moved by up to 10 % between four measurements
+# in a row, and their order with them, while each tree's tokens per step are fixed by the profile
+TIE = 0.03
 
 
 @dataclass
@@ -192,6 +198,8 @@ def plan(model, heads, name: str, choices: str | None, profile: Profile | None, 
     if rate(best) <= 1.0 / costs[0]:
         return Plan(None, f"auto (plain: no tree beats plain decoding here; best {best} nodes, "
                           f"{rate(best) * costs[0]:.2f}x)", 1.0, costs[0], costs[0])
+    tie = max((1 - TIE) * rate(best), 1.0 / costs[0])
+    best = max(n for n in sizes if rate(n) >= tie)  # of the ties, the most tokens per step
     paths = profile.tree_paths(best, heads.num_heads)
     return Plan(build_tree(paths, heads.num_heads).to(model.device), f"auto ({best} nodes)",
                 profile.expected_tokens(paths), costs[best], costs[0])

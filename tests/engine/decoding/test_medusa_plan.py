@@ -43,6 +43,14 @@ def test_auto_picks_the_most_tokens_per_second(monkeypatch, tiny_checkpoint):
     assert max(rates, key=rates.get) not in (2, 7)  # the case is not trivial
     best = max(rates, key=rates.get)
     assert p.tree.num_nodes == best and p.choices == f"auto ({best} nodes)"
+    # rates within TIE of the best are a tie, won by the bigger tree
+    tied = dict(costs)
+    for n in (5, 6, 7):
+        tied[n] = PROFILE.expected_tokens(PROFILE.tree_paths(n, 3)) / (rates[best] * (1 - medusa_plan.TIE / 2))
+    monkeypatch.setattr(medusa_plan, "step_costs", lambda *a: tied)
+    assert plan(model, FakeHeads(), "tiny", None, PROFILE).tree.num_nodes == 7
+    tied[7] = PROFILE.expected_tokens(PROFILE.tree_paths(7, 3)) / (rates[best] * (1 - 2 * medusa_plan.TIE))
+    assert plan(model, FakeHeads(), "tiny", None, PROFILE).tree.num_nodes == 6
     # a GPU-like cost: nodes are nearly free, so the whole profile goes in
     flat = {n: 10.0 + 0.01 * n for n in range(65)}
     monkeypatch.setattr(medusa_plan, "step_costs", lambda *a: flat)
