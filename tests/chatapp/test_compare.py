@@ -391,6 +391,38 @@ async def test_screen_on_the_embedded_model_shows_the_dmc_error_and_goes_on(tiny
         client.close()
 
 
+async def test_screen_on_the_embedded_model_compares_dmc_with_medusa_over_dmc(tmp_path):
+    """A: DMC; B: Medusa over the DMC cache (a fixed tree: the plan's choice depends on the
+    machine's timings). Both panes finish, B in fewer steps, with the same text and compression."""
+    from engine.serving.worker import Worker
+
+    tree = tmp_path / "tree.json"
+    tree.write_text(json.dumps([[0], [0, 0], [1], [0, 0, 0], [2]]))
+    client = EngineClient(Worker())
+    screen = CompareScreen(client, parse_setup("dmc", device="cpu", max_new_tokens=24),
+                           parse_setup(f"medusa,dmc,medusa-choices={tree}", device="cpu", max_new_tokens=24),
+                           "Give me three tips for cooking rice.")
+    app = _App(screen)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: finished(screen), 180, "the comparison")
+            assert screen.outcome == {"a": "done", "b": "done"}
+            assert header(screen, "b").startswith(f"B: medusa,dmc,medusa-choices={tree}")
+            rows = table_rows(screen)
+            assert rows["tokens generated"] == ["24", "24", "1.00x"] and rows["same text"][2] == "identical"
+            steps_a, steps_b = int(rows["steps"][0]), int(rows["steps"][1])
+            assert steps_a == 24 and steps_b < steps_a
+            # the same compression (B's cache also holds its last token, which A has not run yet)
+            compression = [float(c.rstrip("x")) for c in rows["KV compression"][:2]]
+            assert compression[0] > 1.5 and compression[1] == pytest.approx(compression[0], abs=0.02)
+            assert rows["decode tok/s"][2].endswith("x")
+            assert screen.summary_text.endswith("greedy texts identical")
+            assert screen.pane("a").reply.source == screen.pane("b").reply.source
+    finally:
+        client.close()
+
+
 def test_cli_compare_bad_spec(capsys):
     from chatapp.cli import main
 
