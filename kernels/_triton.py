@@ -6,6 +6,8 @@ TRITON_INTERPRET=1 set before triton is imported."""
 
 from __future__ import annotations
 
+import os
+
 try:
     import triton
     import triton.language as tl
@@ -16,3 +18,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 def use_triton(x) -> bool:
     return triton is not None and x.is_cuda
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1), not compiled."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

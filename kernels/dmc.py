@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_ops
-from ._triton import tl, triton, use_triton
+from ._triton import interpreting, tl, triton, use_triton
 
 WEIGHT_EPS = 2.0 ** -7  # added to the importance weight (bfloat16's eps in the reference code)
 
@@ -161,7 +161,7 @@ def dmc_tree_attention_reference(q, k_new, v_new, visible, k_pages, v_pages, blo
 if triton is not None:
     from .tree_attention import _dot, _online_softmax_step
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["ptr_off_d", "ptr_off_w", "first"])  # new values every token
     def _dmc_update_kernel(q_ptr, k_ptr, v_ptr, ksum_ptr, vsum_ptr, wsum_ptr, wk_ptr, wv_ptr, ww_ptr,
                            run_ptr, lens_ptr, ks_ptr, vs_ptr, slot_ptr,
                            sqb, sqh, sqd, skb, skh, skd, svb, svh, svd,
@@ -212,7 +212,7 @@ if triton is not None:
         tl.store(ks_ptr + state, (ksum / wsum).to(ks_ptr.dtype.element_ty), mask=d_ok)
         tl.store(vs_ptr + state, (vsum / wsum).to(vs_ptr.dtype.element_ty), mask=d_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "N"])
     def _dmc_tree_attention_kernel(q_ptr, kn_ptr, vn_ptr, vis_ptr, kp_ptr, vp_ptr, bt_ptr, nc_ptr, out_ptr,
                                    M, N, groups, qk_scale,
                                    sqb, sqh, sqm, sqd, sknb, sknh, sknn, sknd, svnb, svnh, svnn, svnd,
@@ -333,7 +333,7 @@ def dmc_tree_attention_triton(q, k_new, v_new, visible, k_pages, v_pages, block_
         *block_table.stride(), *n_cached.stride(), *out.stride(),
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=32, PAGE=page,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.dtype == torch.bfloat16 and not q.is_cuda, num_warps=4 if block_m * d <= 64 * 64 else 8)
+        UPCAST=q.dtype == torch.bfloat16 and interpreting(), num_warps=4 if block_m * d <= 64 * 64 else 8)
     return out
 
 

@@ -11,7 +11,8 @@ compressed-tensors); scale_w: scalar or [N, 1] (per-channel); output bf16 (or fp
 Two launch shapes of one kernel: decode (M <= 16) uses a 16-row tile and split-K, so that a
 weight-read-bound GEMV spreads over all SMs; prefill uses large tiles. With split-K the partial
 sums go to an fp32 buffer and a second kernel reduces them and applies the epilogue
-(deterministic, unlike atomics). On a GPU each problem shape's launch configuration is timed
+(deterministic, unlike atomics). The split factor is a run-time argument of both kernels (the
+GEMM compiles once for split and once for unsplit launches, not once per factor). On a GPU each problem shape's launch configuration is timed
 among a few candidates the first time it runs (``tuned_config``); the heuristic pick is the
 fallback."""
 
@@ -57,11 +58,13 @@ if triton is not None:
         ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
 
-    @triton.jit
+    # M is not specialized on (its value 1 or its divisibility by 16 would each compile another
+    # variant of the kernel: a tree or prompt of a new size would stall a step on the compiler)
+    @triton.jit(do_not_specialize=["M"])
     def _fp8_gemm_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, out_ptr, part_ptr,
                          M, N, K, stride_am, stride_wn, stride_om, k_per_split,
                          SA_ROWS: tl.constexpr, SW_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -90,23 +93,23 @@ if triton is not None:
             acc = tl.dot(a, w, acc, out_dtype=tl.float32)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        if SPLIT_K == 1:
+        if not PARTIAL:
             _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, out_ptr, stride_om,
                       SA_ROWS, SW_COLS, HAS_BIAS)
         else:
             ptrs = (part_ptr + split.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :])
             tl.store(ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
-    @triton.jit
-    def _reduce_kernel(part_ptr, sa_ptr, sw_ptr, bias_ptr, out_ptr, M, N, stride_om,
+    @triton.jit(do_not_specialize=["M"])
+    def _reduce_kernel(part_ptr, sa_ptr, sw_ptr, bias_ptr, out_ptr, M, N, stride_om, splits,
                        SA_ROWS: tl.constexpr, SW_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         ptrs = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in range(SPLIT_K):
+        for s in range(splits):
             acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
         _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, out_ptr, stride_om,
                   SA_ROWS, SW_COLS, HAS_BIAS)
@@ -147,18 +150,30 @@ def fp8_gemm_triton(a: torch.Tensor, w: torch.Tensor, scale_a: torch.Tensor, sca
     part = torch.empty((split, m, n), dtype=torch.float32, device=a.device) if split > 1 else out
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
     _fp8_gemm_kernel[grid](a, w, sa, sw, bias_arg, out, part, m, n, k, a.stride(0), w.stride(0), out.stride(0),
-                           k_per_split, SPLIT_K=split, **flags, **cfg)
+                           k_per_split, PARTIAL=split > 1, **flags, **cfg)
     if split > 1:
         rgrid = (triton.cdiv(m, 16), triton.cdiv(n, 128))
-        _reduce_kernel[rgrid](part, sa, sw, bias_arg, out, m, n, out.stride(0), SPLIT_K=split, BLOCK_M=16,
-                              BLOCK_N=128, **flags)
+        _reduce_kernel[rgrid](part, sa, sw, bias_arg, out, m, n, out.stride(0), split, BLOCK_M=16, BLOCK_N=128,
+                              **flags)
     return out
 
 
-def candidate_configs(m: int, n: int, k: int, num_sms: int = 132) -> list[dict]:
+# the most shared memory one block may use, per compute capability (CUDA programming guide)
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+                100: 227 * 1024, 120: 99 * 1024}
+
+
+def shared_bytes(cfg: dict) -> int:
+    """An upper bound of a configuration's shared memory: num_stages buffers of an fp8 A tile and
+    W tile (Triton keeps num_stages of them with wgmma, one fewer with mma.sync)."""
+    return cfg["num_stages"] * (cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_N"])
+
+
+def candidate_configs(m: int, n: int, k: int, num_sms: int = 132, capability: int = 90) -> list[dict]:
     """The launch configurations timed for a problem (the heuristic pick first): for decode,
-    N tiles, K blocks and split-K factors around the pick; for prefill, tile shapes that fit
-    Hopper's shared memory (228 KB per SM) with 3-4 pipeline stages."""
+    N tiles, K blocks and split-K factors around the pick; for prefill, tile shapes with 3-4
+    pipeline stages. Those whose shared memory may exceed what the architecture (compute
+    capability, e.g. 90 for Hopper, 89 for Ada) gives one block are left out."""
     pick = pick_config(m, n, k, num_sms)
     out = [pick]
     if m <= 16:
@@ -174,9 +189,10 @@ def candidate_configs(m: int, n: int, k: int, num_sms: int = 132) -> list[dict]:
             if bm <= max(64, triton.next_power_of_2(m)):
                 out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, GROUP_M=8, num_warps=warps,
                                 num_stages=stages))
+    limit = SHARED_LIMIT.get(capability, min(SHARED_LIMIT.values()))
     unique = []
     for c in out:
-        if c not in unique:
+        if c not in unique and shared_bytes(c) <= limit:
             unique.append(c)
     return unique
 
@@ -200,6 +216,7 @@ def tuned_config(a, w, scale_a, scale_w, bias, out_dtype, timer=None) -> dict:
     if key in _tuned:
         return _tuned[key]
     sms = _num_sms(a.device)
+    cap = _capability(a.device)
     tunable = timer is not None or (AUTOTUNE and a.device.type == "cuda" and not torch.cuda.is_current_stream_capturing())
     if not tunable:
         return pick_config(m, n, k, sms)
@@ -209,7 +226,7 @@ def tuned_config(a, w, scale_a, scale_w, bias, out_dtype, timer=None) -> dict:
         def timer(fn):
             return do_bench(fn, warmup=5, rep=20)
     best, best_ms = None, float("inf")
-    for cfg in candidate_configs(m, n, k, sms):
+    for cfg in candidate_configs(m, n, k, sms, cap):
         try:
             ms = timer(lambda cfg=cfg: fp8_gemm_triton(a, w, scale_a, scale_w, bias, out_dtype, config=cfg))
         except Exception:  # a configuration this GPU cannot run (e.g. out of shared memory)
@@ -218,6 +235,13 @@ def tuned_config(a, w, scale_a, scale_w, bias, out_dtype, timer=None) -> dict:
             best, best_ms = cfg, ms
     _tuned[key] = best = best or pick_config(m, n, k, sms)
     return best
+
+
+def _capability(device: torch.device) -> int:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90  # the interpreter runs the candidates of an H100
 
 
 def _num_sms(device: torch.device) -> int:

@@ -25,7 +25,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton, use_triton
+from ._triton import interpreting, tl, triton, use_triton
 
 
 def _check(q, k_cache, v_cache, start, tree_mask):
@@ -100,7 +100,7 @@ if triton is not None:
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         return m_new, l_i, acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["start"])  # the cache length: a new value every step
     def _tree_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, start, T, groups, qk_scale,
                                sqb, sqh, sqt, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                                smi, smj, sob, soh, sot, sod,
@@ -164,7 +164,9 @@ if triton is not None:
 def pick_config(rows: int, head_dim: int) -> dict:
     """Tile sizes for ``rows`` query rows per KV head (query heads per KV head x tree nodes)."""
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4 if block_m * head_dim <= 64 * 64 else 8, num_stages=2)
+    # 128-wide heads take 32-slot blocks: with 64 a 16- or 32-row tile spills registers on sm_90a
+    return dict(BLOCK_M=block_m, BLOCK_N=64 if head_dim <= 64 else 32,
+                num_warps=4 if block_m * head_dim <= 64 * 64 else 8, num_stages=2)
 
 
 def tree_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
@@ -186,7 +188,7 @@ def tree_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask.stride(), *out.stride(),
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.dtype == torch.bfloat16 and not q.is_cuda, **cfg)  # off CUDA, Triton runs its interpreter
+        UPCAST=q.dtype == torch.bfloat16 and interpreting(), **cfg)
     return out
 
 
