@@ -16,6 +16,11 @@ except ImportError:  # pragma: no cover - depends on the install
     tl = None
 
 
+# the most shared memory one block may use, per compute capability (CUDA programming guide)
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+                100: 227 * 1024, 120: 99 * 1024}
+
+
 def use_triton(x) -> bool:
     return triton is not None and x.is_cuda
 

@@ -12,9 +12,9 @@ Two launch shapes of one kernel: decode (M <= 16) uses a 16-row tile and split-K
 weight-read-bound GEMV spreads over all SMs; prefill uses large tiles. With split-K the partial
 sums go to an fp32 buffer and a second kernel reduces them and applies the epilogue
 (deterministic, unlike atomics). The split factor is a run-time argument of both kernels (the
-GEMM compiles once for split and once for unsplit launches, not once per factor). On a GPU each problem shape's launch configuration is timed
-among a few candidates the first time it runs (``tuned_config``); the heuristic pick is the
-fallback."""
+GEMM compiles once for split and once for unsplit launches, not once per factor). On a GPU each
+problem shape's launch configuration is timed among a few candidates the first time it runs
+(``tuned_config``); the heuristic pick is the fallback."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from ._triton import tl, triton, use_triton
+from ._triton import SHARED_LIMIT, tl, triton, use_triton
 
 
 # ---- reference -----------------------------------------------------------------------------
@@ -156,11 +156,6 @@ def fp8_gemm_triton(a: torch.Tensor, w: torch.Tensor, scale_a: torch.Tensor, sca
         _reduce_kernel[rgrid](part, sa, sw, bias_arg, out, m, n, out.stride(0), split, BLOCK_M=16, BLOCK_N=128,
                               **flags)
     return out
-
-
-# the most shared memory one block may use, per compute capability (CUDA programming guide)
-SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
-                100: 227 * 1024, 120: 99 * 1024}
 
 
 def shared_bytes(cfg: dict) -> int:

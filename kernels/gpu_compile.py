@@ -18,26 +18,23 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._triton import triton
+from ._triton import SHARED_LIMIT, triton
 
-# per architecture: Triton's target (compute capability) and the most shared memory one block may
-# use (CUDA programming guide, compute capabilities table: 227 KB on sm_90, 99 KB on sm_89)
-ARCHS = {"sm_90a": (90, 227 * 1024), "sm_89": (89, 99 * 1024)}
+ARCHS = {"sm_90a": 90, "sm_89": 89}  # the architectures checked, and their compute capability
 # PTX instructions that say how a kernel computes and loads
 INSTRUCTIONS = {"wgmma": r"\bwgmma\.mma_async", "mma": r"\bmma\.sync", "cp_async": r"\bcp\.async\.(?:ca|cg)",
                 "tma": r"\bcp\.async\.bulk\.tensor", "ld_global": r"\bld\.global"}
 
 
 def shared_limit(arch: str) -> int:
-    return ARCHS[arch][1]
+    return SHARED_LIMIT[capability(arch)]
 
 
 def capability(arch: str) -> int:
-    return ARCHS[arch][0]
+    return ARCHS[arch]
 
 
 def _ptxas(arch: str) -> str:
@@ -89,13 +86,13 @@ class Launch:
         PTX."""
         if self._resources is None:
             ptx = self.compiled.asm["ptx"]
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-                f.write(ptx)
-                f.flush()
-                out = subprocess.run([_ptxas(self.arch), "-v", f"--gpu-name={self.arch}", f.name, "-o", f.name + ".cubin"],
-                                     capture_output=True, text=True)
-                if out.returncode:
-                    raise RuntimeError(f"ptxas on {self.kernel} for {self.arch}: {out.stderr.strip()}")
+            with tempfile.TemporaryDirectory() as tmp:
+                src = Path(tmp) / "kernel.ptx"
+                src.write_text(ptx)
+                out = subprocess.run([_ptxas(self.arch), "-v", f"--gpu-name={self.arch}", str(src), "-o",
+                                      str(src.with_suffix(".cubin"))], capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"ptxas on {self.kernel} for {self.arch}: {out.stderr.strip()}")
             info = out.stdout + out.stderr
             regs = re.search(r"Used (\d+) registers", info)
             stores = re.search(r"(\d+) bytes spill stores", info)
@@ -192,9 +189,3 @@ def launched(module, name: str) -> bool:
     source = Path(module.__file__).read_text(encoding="utf-8")
     return f"{name}[" in source
 
-
-def instruction_counts(launches) -> Counter:
-    total = Counter()
-    for launch in launches:
-        total.update({k: v for k, v in launch.resources().items() if k in INSTRUCTIONS})
-    return total

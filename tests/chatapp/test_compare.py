@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import asynccontextmanager
 
 import pytest
 from textual.app import App
@@ -366,61 +367,58 @@ def test_cli_compare_json_reports_a_failed_setup_and_runs_the_other(capsys, tiny
     assert f"[dmc,model={tiny_checkpoint}] error:" in out.err
 
 
-async def test_screen_on_the_embedded_model_shows_the_dmc_error_and_goes_on(tiny_checkpoint):
-    """A: DMC on a model that has none (an error in its pane); B: Medusa on the embedded model."""
+@asynccontextmanager
+async def real_comparison(a: str, b: str, prompt: str, max_new_tokens: int, timeout: float):
+    """The compare screen over a real engine worker, A and B run to the end: (app, pilot, screen)."""
     from engine.serving.worker import Worker
 
     client = EngineClient(Worker())
-    screen = CompareScreen(client, parse_setup(f"dmc,model={tiny_checkpoint}", device="cpu", max_new_tokens=8),
-                           parse_setup("medusa", device="cpu", max_new_tokens=8), "What is the capital of France?")
+    screen = CompareScreen(client, parse_setup(a, device="cpu", max_new_tokens=max_new_tokens),
+                           parse_setup(b, device="cpu", max_new_tokens=max_new_tokens), prompt)
     app = _App(screen)
     try:
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("enter")
-            await wait_for(pilot, lambda: finished(screen), 120, "the comparison")
-            assert screen.outcome == {"a": "error", "b": "done"}
-            [message] = screen.pane("a").errors
-            assert "no DMC" in message and message in header(screen, "a")
-            assert "SmolLM2-135M-Instruct on cpu" in header(screen, "b") and "done ·" in header(screen, "b")
-            assert "Paris" in screen.pane("b").reply.source
-            assert screen.summary_text == "no comparison: A failed"
-            await pilot.press("q")
-            await wait_for(pilot, lambda: app.dismissed, 2, "the screen to close")
-            assert app.dismissed == [True]
+            await wait_for(pilot, lambda: finished(screen), timeout, "the comparison")
+            yield app, pilot, screen
     finally:
         client.close()
+
+
+async def test_screen_on_the_embedded_model_shows_the_dmc_error_and_goes_on(tiny_checkpoint):
+    """A: DMC on a model that has none (an error in its pane); B: Medusa on the embedded model."""
+    async with real_comparison(f"dmc,model={tiny_checkpoint}", "medusa", "What is the capital of France?", 8,
+                               120) as (app, pilot, screen):
+        assert screen.outcome == {"a": "error", "b": "done"}
+        [message] = screen.pane("a").errors
+        assert "no DMC" in message and message in header(screen, "a")
+        assert "SmolLM2-135M-Instruct on cpu" in header(screen, "b") and "done ·" in header(screen, "b")
+        assert "Paris" in screen.pane("b").reply.source
+        assert screen.summary_text == "no comparison: A failed"
+        await pilot.press("q")
+        await wait_for(pilot, lambda: app.dismissed, 2, "the screen to close")
+        assert app.dismissed == [True]
 
 
 async def test_screen_on_the_embedded_model_compares_dmc_with_medusa_over_dmc(tmp_path):
     """A: DMC; B: Medusa over the DMC cache (a fixed tree: the plan's choice depends on the
     machine's timings). Both panes finish, B in fewer steps, with the same text and compression."""
-    from engine.serving.worker import Worker
-
     tree = tmp_path / "tree.json"
     tree.write_text(json.dumps([[0], [0, 0], [1], [0, 0, 0], [2]]))
-    client = EngineClient(Worker())
-    screen = CompareScreen(client, parse_setup("dmc", device="cpu", max_new_tokens=24),
-                           parse_setup(f"medusa,dmc,medusa-choices={tree}", device="cpu", max_new_tokens=24),
-                           "Give me three tips for cooking rice.")
-    app = _App(screen)
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await pilot.press("enter")
-            await wait_for(pilot, lambda: finished(screen), 180, "the comparison")
-            assert screen.outcome == {"a": "done", "b": "done"}
-            assert header(screen, "b").startswith(f"B: medusa,dmc,medusa-choices={tree}")
-            rows = table_rows(screen)
-            assert rows["tokens generated"] == ["24", "24", "1.00x"] and rows["same text"][2] == "identical"
-            steps_a, steps_b = int(rows["steps"][0]), int(rows["steps"][1])
-            assert steps_a == 24 and steps_b < steps_a
-            # the same compression (B's cache also holds its last token, which A has not run yet)
-            compression = [float(c.rstrip("x")) for c in rows["KV compression"][:2]]
-            assert compression[0] > 1.5 and compression[1] == pytest.approx(compression[0], abs=0.02)
-            assert rows["decode tok/s"][2].endswith("x")
-            assert screen.summary_text.endswith("greedy texts identical")
-            assert screen.pane("a").reply.source == screen.pane("b").reply.source
-    finally:
-        client.close()
+    async with real_comparison("dmc", f"medusa,dmc,medusa-choices={tree}", "Give me three tips for cooking rice.", 24,
+                               180) as (app, pilot, screen):
+        assert screen.outcome == {"a": "done", "b": "done"}
+        assert header(screen, "b").startswith(f"B: medusa,dmc,medusa-choices={tree}")
+        rows = table_rows(screen)
+        assert rows["tokens generated"] == ["24", "24", "1.00x"] and rows["same text"][2] == "identical"
+        steps_a, steps_b = int(rows["steps"][0]), int(rows["steps"][1])
+        assert steps_a == 24 and steps_b < steps_a
+        # the same compression (B's cache also holds its last token, which A has not run yet)
+        compression = [float(c.rstrip("x")) for c in rows["KV compression"][:2]]
+        assert compression[0] > 1.5 and compression[1] == pytest.approx(compression[0], abs=0.02)
+        assert rows["decode tok/s"][2].endswith("x")
+        assert screen.summary_text.endswith("greedy texts identical")
+        assert screen.pane("a").reply.source == screen.pane("b").reply.source
 
 
 def test_cli_compare_bad_spec(capsys):
