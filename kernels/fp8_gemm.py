@@ -167,8 +167,8 @@ def shared_bytes(cfg: dict) -> int:
 def candidate_configs(m: int, n: int, k: int, num_sms: int = 132, capability: int = 90) -> list[dict]:
     """The launch configurations timed for a problem (the heuristic pick first): for decode,
     N tiles, K blocks and split-K factors around the pick; for prefill, tile shapes with 3-4
-    pipeline stages. Those whose shared memory may exceed what the architecture (compute
-    capability, e.g. 90 for Hopper, 89 for Ada) gives one block are left out."""
+    pipeline stages. Those that cannot run well on the architecture (compute capability, e.g. 90
+    for Hopper, 89 for Ada) are left out: see ``fits``."""
     pick = pick_config(m, n, k, num_sms)
     out = [pick]
     if m <= 16:
@@ -184,12 +184,28 @@ def candidate_configs(m: int, n: int, k: int, num_sms: int = 132, capability: in
             if bm <= max(64, triton.next_power_of_2(m)):
                 out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, GROUP_M=8, num_warps=warps,
                                 num_stages=stages))
-    limit = SHARED_LIMIT.get(capability, min(SHARED_LIMIT.values()))
     unique = []
     for c in out:
-        if c not in unique and shared_bytes(c) <= limit:
+        if c not in unique and fits(c, capability):
             unique.append(c)
     return unique
+
+
+# fp32 accumulator values per thread an mma.sync tile may hold: with more, the operands no longer
+# fit in 255 registers and ptxas spills (bench/gpu_static.py on sm_89: 128 per thread spilled
+# 600-690 bytes in every such tile, 64 none)
+MMA_SYNC_ACCUMULATORS = 64
+
+
+def fits(cfg: dict, capability: int) -> bool:
+    """Whether a configuration runs on the architecture without exceeding one block's shared
+    memory or spilling registers. Before Hopper (capability < 90) the tile's MMA is mma.sync, whose
+    accumulator lives in each thread's registers; Hopper's wgmma compiles the same tiles cleanly."""
+    limit = SHARED_LIMIT.get(capability, min(SHARED_LIMIT.values()))
+    if shared_bytes(cfg) > limit:
+        return False
+    per_thread = cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
+    return capability >= 90 or per_thread <= MMA_SYNC_ACCUMULATORS
 
 
 AUTOTUNE = os.environ.get("CHATAPP_FP8_AUTOTUNE", "1") != "0"

@@ -164,9 +164,10 @@ if triton is not None:
 def pick_config(rows: int, head_dim: int) -> dict:
     """Tile sizes for ``rows`` query rows per KV head (query heads per KV head x tree nodes)."""
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    # 128-wide heads take 32-slot blocks: with 64 a 16- or 32-row tile spills registers on sm_90a
+    # 128-wide heads take 32-slot blocks: with 64 a 16- or 32-row tile spills registers on sm_90a;
+    # a 64-row tile takes 8 warps: with 4, 64-wide heads spill on sm_89 (bench/gpu_static.py)
     return dict(BLOCK_M=block_m, BLOCK_N=64 if head_dim <= 64 else 32,
-                num_warps=4 if block_m * head_dim <= 64 * 64 else 8, num_stages=2)
+                num_warps=4 if block_m * head_dim < 64 * 64 else 8, num_stages=2)
 
 
 def tree_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,

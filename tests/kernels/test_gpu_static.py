@@ -101,11 +101,17 @@ print(json.dumps(out))
 
 
 def test_candidates_fit_the_architecture_they_are_timed_on():
-    """A configuration that may not fit one block's shared memory is never a candidate there."""
+    """A configuration that may not fit one block's shared memory, or (before Hopper) whose
+    mma.sync accumulator would spill registers, is never a candidate there."""
     for capability, limit in ((90, 227 * 1024), (89, 99 * 1024), (80, 163 * 1024)):
         for m in (1, 16, 64, 512):
             configs = fp8_gemm.candidate_configs(m, 4096, 4096, 132, capability)
             assert configs and all(fp8_gemm.shared_bytes(c) <= limit for c in configs)
+            assert configs[0] == fp8_gemm.pick_config(m, 4096, 4096, 132)  # the heuristic pick runs everywhere
+            if capability < 90:
+                assert all(c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c["num_warps"] for c in configs)
     hopper = fp8_gemm.candidate_configs(512, 4096, 4096, 132, 90)
     ada = fp8_gemm.candidate_configs(512, 4096, 4096, 132, 89)
     assert len(ada) < len(hopper) and all(c in hopper for c in ada)
+    spills_on_ada = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8, num_warps=4, num_stages=4)
+    assert spills_on_ada in hopper and spills_on_ada not in ada
