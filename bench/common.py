@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -11,7 +12,19 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where --save appends: bench/results/, or the folder a prepared run (bench/gpu_run.sh) names
+RESULTS = Path(os.environ.get("CHATAPP_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+# set by bench/gpu_run.sh --dry-run: each benchmark parses its arguments and exits
+DRY_RUN = "CHATAPP_BENCH_DRY_RUN"
+
+
+def parse_args(ap):
+    """``ap.parse_args()``; in a dry run, exits (0) once the arguments have parsed."""
+    args = ap.parse_args()
+    if os.environ.get(DRY_RUN):
+        print(f"{Path(sys.argv[0]).name}: arguments parse: {vars(args)}")
+        raise SystemExit(0)
+    return args
 
 
 def cpu_model() -> str:
@@ -36,9 +49,12 @@ def device_name() -> str:
 def metadata(bench: str) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    return {"bench": bench, "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
-            "device": device_name(), "torch": torch.__version__,
-            "command": "python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])}
+    out = {"bench": bench, "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+           "device": device_name(), "torch": torch.__version__,
+           "command": "python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])}
+    if torch.cuda.is_available():  # the most the benchmark's tensors held at once
+        out["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+    return out
 
 
 def record(bench: str, result, args=None, save: bool = False) -> dict:

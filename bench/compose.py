@@ -26,7 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import record  # noqa: E402
+from common import parse_args, record  # noqa: E402
 
 from engine.events import LoadModel, SamplingParams  # noqa: E402
 from engine.session import Session  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> int:
     ap.add_argument("--no-fp8", action="store_true", help="only the weights as stored")
     ap.add_argument("--smoke", action="store_true", help="2 prompts, 4 tokens, no fp8: that it runs")
     ap.add_argument("--save", action="store_true", help="append the result to bench/results/compose.jsonl")
-    args = ap.parse_args()
+    args = parse_args(ap)
     if args.smoke:
         args.prompts, args.max_new_tokens, args.no_fp8 = 2, 4, True
     prompts = (ROOT / "bench" / "data" / "chat_prompts.txt").read_text().splitlines()[:args.prompts]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record  # noqa: E402
+from common import parse_args, record  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="2 prompts, 8 tokens, 1 repeat")
     ap.add_argument("--save", action="store_true")
-    args = ap.parse_args()
+    args = parse_args(ap)
     prompts = PROMPTS[:2] if args.smoke else PROMPTS
     n = 8 if args.smoke else args.new_tokens
     repeats = 1 if args.smoke else args.repeats

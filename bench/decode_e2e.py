@@ -16,8 +16,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record  # noqa: E402
+from common import parse_args, record  # noqa: E402
+
+from engine.formats.random_weights import RandomSource  # noqa: E402
 
 LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
@@ -26,33 +29,6 @@ LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=3
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 TINY = dict(LLAMA31_8B, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512)
-
-
-class RandomSource:
-    """Stands in for a checkpoint: random tensors of whatever shape the loader asks for."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __contains__(self, name):
-        return True
-
-    def names(self) -> set[str]:  # whatever is asked for exists; nothing else does
-        return set()
-
-    def get_shaped(self, name, shape):
-        if name.endswith("norm.weight"):
-            return torch.ones(shape, device=self.device, dtype=torch.bfloat16)
-        return torch.randn(shape, device=self.device, dtype=torch.bfloat16) * 0.02
-
-    def file_of(self, name):
-        return "random"
-
-    def claim(self, names) -> None:  # nothing is left unread: there is nothing
-        pass
-
-    def unread(self) -> list[str]:
-        return []
 
 
 def copy_bandwidth(device) -> float:
@@ -131,7 +107,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--context", type=int, default=1024, help="KV cache length (attention runs over all of it)")
     ap.add_argument("--save", action="store_true")
-    args = ap.parse_args()
+    args = parse_args(ap)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         sys.exit("decode_e2e: needs a CUDA GPU (use --smoke to check the script on a CPU)")

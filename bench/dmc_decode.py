@@ -29,8 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import record  # noqa: E402
-from decode_e2e import RandomSource, sync  # noqa: E402
+from common import parse_args, record  # noqa: E402
+from decode_e2e import sync  # noqa: E402
+
+from engine.formats.random_weights import RandomSource  # noqa: E402
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -152,7 +154,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="decoded tokens per measurement")
     ap.add_argument("--smoke", action="store_true", help="tiny model, tiny shapes; runs anywhere")
     ap.add_argument("--save", action="store_true")
-    args = ap.parse_args()
+    args = parse_args(ap)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if args.smoke:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record  # noqa: E402
+from common import parse_args, record  # noqa: E402
 
 # Llama-3.1-8B: hidden 4096, 32 heads / 8 KV heads of 128, MLP 14336, vocab 128256 (N, K)
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -42,8 +42,10 @@ def bench_us(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs without a GPU (Triton interpreter)")
+    ap.add_argument("--ms", type=int, nargs="+", default=MS, help=f"rows (tokens) of the problems (default {MS})")
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--save", action="store_true")
-    args = ap.parse_args()
+    args = parse_args(ap)
     cuda = torch.cuda.is_available()
     if not cuda:
         if not args.smoke:
@@ -53,8 +55,8 @@ def main() -> None:
     from kernels.fp8_quant import quantize_rows
 
     dev = "cuda" if cuda else "cpu"
-    shapes = {"tiny": (64, 128)} if args.smoke else SHAPES
-    ms = [1, 17] if args.smoke else MS
+    shapes = {"tiny": (64, 128)} if args.smoke else {name: SHAPES[name] for name in args.shapes}
+    ms = [1, 17] if args.smoke else args.ms
     rows = []
     for name, (n, k) in shapes.items():
         w_bf16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02

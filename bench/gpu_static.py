@@ -147,7 +147,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", action="append", choices=list(ARCHS), help="(repeatable; default: all)")
     ap.add_argument("--save", action="store_true", help="append the result to bench/results/gpu_static.jsonl")
-    args = ap.parse_args()
+    from common import parse_args, record
+
+    args = parse_args(ap)
     archs = args.arch or list(ARCHS)
     with ProcessPoolExecutor(len(archs), mp_context=get_context("spawn")) as pool:
         results = list(pool.map(check_arch, archs))
@@ -156,8 +158,6 @@ def main() -> int:
         print(line, file=sys.stderr)
     for p in out["problems"]:
         print("problem:", p, file=sys.stderr)
-    from common import record
-
     record("gpu_static", out, args, save=args.save)
     return 1 if out["problems"] else 0
 

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import record  # noqa: E402
+from common import parse_args, record  # noqa: E402
 
 PROMPTS = ROOT / "bench" / "data" / "chat_prompts.txt"
 
@@ -76,11 +76,12 @@ def embedded(args) -> dict:
 def shape_8b(args) -> dict:
     """Verify-step time per tree size at the Llama-3.1-8B shape (random weights) and the speed-up
     it gives with the embedded heads' acceptance profile and with the card's figure."""
-    from decode_e2e import LLAMA31_8B, TINY, RandomSource
+    from decode_e2e import LLAMA31_8B, TINY
 
     from engine.config import config_from_dict
     from engine.decoding.medusa.heads import MedusaHeads, Profile
     from engine.decoding.medusa.plan import TREE_SIZES, measure_step_ms
+    from engine.formats.random_weights import RandomSource
     from engine.hub.layout import SHIPPED_MEDUSA
     from engine.model.gptq import RoundToNearest
     from engine.model.linear import Linear
@@ -122,7 +123,7 @@ def main() -> None:
     ap.add_argument("--quantize", choices=["fp8"], default=None, help="--shape 8b: FP8 weights")
     ap.add_argument("--context", type=int, default=1024, help="--shape 8b: tokens already in the cache")
     ap.add_argument("--save", action="store_true")
-    args = ap.parse_args()
+    args = parse_args(ap)
     if args.shape == "8b":
         if not torch.cuda.is_available() and not args.smoke:
             sys.exit("medusa_decode --shape 8b: needs a CUDA GPU (use --smoke to check the script on a CPU)")

@@ -15,6 +15,15 @@ if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_runtest_setup(item):
+    """Tests marked ``cuda`` run only where torch sees a CUDA GPU."""
+    if item.get_closest_marker("cuda") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+
+
 @pytest.fixture(autouse=True)
 def _user_dirs(tmp_path_factory, monkeypatch):
     """Chat history and settings of each test in folders of its own, never the user's."""
