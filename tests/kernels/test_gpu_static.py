@@ -63,6 +63,10 @@ def test_every_kernel_compiles_for_hopper_and_ada_within_its_limits(check):
         if arch["arch"] == "sm_90a":  # Hopper's warp-group MMA for the prefill tiles
             assert all(r["wgmma"] for r in prefill)
         assert all(r["mma"] and not r["wgmma"] for r in decode)  # 16-row tiles: mma.sync
+        for r in decode:  # their loads are multi-buffered: cp.async into num_stages - 1 buffers of A and W
+            c = r["config"]
+            buffers = r["shared"] / (c["BLOCK_K"] * (c["BLOCK_M"] + c["BLOCK_N"]))
+            assert r["cp_async"] > 0 and buffers >= c["num_stages"] - 1, r
         assert all(r["mma"] for r in prefill) if arch["arch"] == "sm_89" else True
 
 
