@@ -8,10 +8,17 @@
 //
 // Every output element is one sum over k in increasing order, whatever M is: a row's result
 // does not depend on how many other rows were multiplied with it.
+//
+// The panels hold float32, bfloat16 or FP8 (e4m3) weights: narrow ones are read as they are
+// stored (2 or 1 bytes per weight, the bytes decode is bound by) and widened to float32 in
+// registers, exactly (every bf16 and e4m3 value is a float32); the arithmetic is float32.
+// Needs AVX2, FMA and F16C (every AVX2 CPU has F16C). FP8
+// products take the per-row (activation) and per-column (weight) scales in the epilogue.
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -44,11 +51,47 @@ constexpr int MAX_ROWS = 64;  // rows whose accumulators are parked per task (mo
     _mm256_store_ps(acc + (r) * PANEL + 8, a##r##1);                \
   }
 
+// How a panel's row k (16 weights) becomes two registers of 8 float32, per stored type.
+struct F32Weights {
+  using T = float;
+  static inline void load(const float* w, __m256& w0, __m256& w1) {
+    w0 = _mm256_load_ps(w);
+    w1 = _mm256_load_ps(w + 8);
+  }
+};
+
+struct Bf16Weights {  // bf16 is the top half of a float32: widen and shift
+  using T = uint16_t;
+  static inline void load(const uint16_t* w, __m256& w0, __m256& w1) {
+    const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(w));
+    w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+    w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+  }
+};
+
+struct E4m3Weights {
+  // e4m3 (sign, 4 exponent bits of bias 7, 3 mantissa bits) moved into a float16's fields (5
+  // exponent bits of bias 15) reads as the value times 2^-8, normal and subnormal alike; the
+  // hardware widens float16 to float32 exactly (F16C), and the epilogue multiplies by 2^8
+  // (exact). Finite values only: the quantizer saturates at +-448 (e4m3's NaN would read 480).
+  using T = uint8_t;
+  static constexpr float UNSCALE = 256.0f;
+  static inline void load(const uint8_t* w, __m256& w0, __m256& w1) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(w)));
+    const __m256i mag = _mm256_and_si256(_mm256_slli_epi16(v, 7), _mm256_set1_epi16(0x3F80));
+    const __m256i sign = _mm256_and_si256(_mm256_slli_epi16(v, 8), _mm256_set1_epi16(static_cast<short>(0x8000)));
+    const __m256i half = _mm256_or_si256(mag, sign);
+    w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(half));
+    w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(half, 1));
+  }
+};
+
 // R rows times the panel's k in [k0, k1), added to the R rows of accumulators parked at acc
 // ([R][16], 32-byte aligned). Each sum still runs over k in increasing order: parking a float
 // in memory and loading it back changes nothing.
-template <int R>
-void block_rows(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, float* acc, bool prefetch) {
+template <int R, class W>
+void block_rows(const float* x, int64_t ldx, const typename W::T* w, int64_t k0, int64_t k1, float* acc,
+                bool prefetch) {
   __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
   CHATAPP_LOAD(0) CHATAPP_LOAD(1) CHATAPP_LOAD(2) CHATAPP_LOAD(3) CHATAPP_LOAD(4) CHATAPP_LOAD(5)
   for (int64_t k = k0; k < k1; ++k) {
@@ -56,28 +99,41 @@ void block_rows(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t
     // (within the panel and on into the next, which the same task takes next; a prefetch past
     // the end of the weights is harmless)
     if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + (k + PREFETCH) * PANEL), _MM_HINT_T0);
-    const __m256 w0 = _mm256_load_ps(w + k * PANEL);
-    const __m256 w1 = _mm256_load_ps(w + k * PANEL + 8);
+    __m256 w0, w1;
+    W::load(w + k * PANEL, w0, w1);
     CHATAPP_ROW(0) CHATAPP_ROW(1) CHATAPP_ROW(2) CHATAPP_ROW(3) CHATAPP_ROW(4) CHATAPP_ROW(5)
   }
   CHATAPP_PARK(0) CHATAPP_PARK(1) CHATAPP_PARK(2) CHATAPP_PARK(3) CHATAPP_PARK(4) CHATAPP_PARK(5)
 }
 
-void rows_block(int rows, const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, float* acc,
+template <class W>
+void rows_block(int rows, const float* x, int64_t ldx, const typename W::T* w, int64_t k0, int64_t k1, float* acc,
                 bool prefetch) {
   switch (rows) {
-    case 1: block_rows<1>(x, ldx, w, k0, k1, acc, prefetch); break;
-    case 2: block_rows<2>(x, ldx, w, k0, k1, acc, prefetch); break;
-    case 3: block_rows<3>(x, ldx, w, k0, k1, acc, prefetch); break;
-    case 4: block_rows<4>(x, ldx, w, k0, k1, acc, prefetch); break;
-    case 5: block_rows<5>(x, ldx, w, k0, k1, acc, prefetch); break;
-    default: block_rows<6>(x, ldx, w, k0, k1, acc, prefetch); break;
+    case 1: block_rows<1, W>(x, ldx, w, k0, k1, acc, prefetch); break;
+    case 2: block_rows<2, W>(x, ldx, w, k0, k1, acc, prefetch); break;
+    case 3: block_rows<3, W>(x, ldx, w, k0, k1, acc, prefetch); break;
+    case 4: block_rows<4, W>(x, ldx, w, k0, k1, acc, prefetch); break;
+    case 5: block_rows<5, W>(x, ldx, w, k0, k1, acc, prefetch); break;
+    default: block_rows<6, W>(x, ldx, w, k0, k1, acc, prefetch); break;
   }
 }
 
-void finish(const float* acc, float* y, int cols, const float* bias, const float* res) {
+// The scales of an FP8 product (none: 1): per row of x, and per column of W (or one for all).
+struct Scales {
+  float unscale = 1.0f;  // what the weights were read as a fraction of (a power of two)
+  const float* row = nullptr;
+  int64_t row_step = 0;  // 1: one per row; 0: one for all rows
+  const float* col = nullptr;
+  int64_t col_step = 0;
+};
+
+// y = acc (* row scale * column scale, as the reference orders them) (+ bias) (+ residual)
+void finish(const float* acc, float* y, int cols, float unscale, const float* row_scale, const float* col_scale,
+            int64_t col_step, const float* bias, const float* res) {
   for (int c = 0; c < cols; ++c) {
-    float v = acc[c];
+    float v = acc[c] * unscale;
+    if (row_scale) v = v * row_scale[0] * col_scale[c * col_step];
     if (bias) v += bias[c];
     if (res) v += res[c];
     y[c] = v;
@@ -87,8 +143,10 @@ void finish(const float* acc, float* y, int cols, const float* bias, const float
 // One panel times ``rows`` rows of x: the panel is walked once, a block of KBLOCK k at a
 // time, and every row group (as even as possible: 8 rows as 4 + 4, not 6 + 2) uses the block
 // while it is in L1.
-void panel_times_rows(const float* x, int64_t ldx, const float* w, int64_t k_len, int64_t rows, float* acc,
-                      float* y, int64_t ldy, int cols, const float* bias, const float* res, int64_t ldr) {
+template <class W>
+void panel_times_rows(const float* x, int64_t ldx, const typename W::T* w, int64_t k_len, int64_t rows, float* acc,
+                      float* y, int64_t ldy, int cols, const Scales& sc, const float* bias, const float* res,
+                      int64_t ldr) {
   const int64_t groups = (rows + ROWS - 1) / ROWS, per_group = (rows + groups - 1) / groups;
   // with one row the loop waits on memory anyway and the hardware prefetcher keeps up; with
   // more, the arithmetic between loads would let the stream stall (measured with the weights of
@@ -99,23 +157,52 @@ void panel_times_rows(const float* x, int64_t ldx, const float* w, int64_t k_len
     const int64_t k1 = std::min<int64_t>(k_len, k0 + KBLOCK);
     for (int64_t g = 0; g < rows; g += per_group) {
       const int n = static_cast<int>(std::min<int64_t>(per_group, rows - g));
-      rows_block(n, x + g * ldx, ldx, w, k0, k1, acc + g * PANEL, prefetch && g == 0);
+      rows_block<W>(n, x + g * ldx, ldx, w, k0, k1, acc + g * PANEL, prefetch && g == 0);
     }
   }
   for (int64_t r = 0; r < rows; ++r)
-    finish(acc + r * PANEL, y + r * ldy, cols, bias, res ? res + r * ldr : nullptr);
+    finish(acc + r * PANEL, y + r * ldy, cols, sc.unscale, sc.row ? sc.row + r * sc.row_step : nullptr, sc.col,
+           sc.col_step,
+           bias, res ? res + r * ldr : nullptr);
 }
 
-// x [M, K] float32 (rows contiguous), packed [P, K, 16] float32, n <= 16 P; bias [n] or
-// undefined; residual [M, n] (rows contiguous) or undefined. Returns y [M, n].
+template <class W>
+void run_panels(const float* xp, int64_t ldx, const typename W::T* wp, int64_t m, int64_t k_len, int64_t panels,
+                int64_t n, float* yp, const Scales& sc, const float* bp, const float* rp, int64_t ldr) {
+  // panels per task: enough work per task that scheduling costs little, and a few tasks per thread
+  const int64_t grain = std::max<int64_t>(1, panels / (8 * at::get_num_threads()));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    alignas(32) float acc[MAX_ROWS * PANEL];
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c0 = p * PANEL;
+      const int cols = static_cast<int>(std::min<int64_t>(PANEL, n - c0));
+      const typename W::T* w = wp + p * k_len * PANEL;
+      Scales panel = sc;
+      if (panel.col) panel.col += c0 * panel.col_step;
+      for (int64_t r0 = 0; r0 < m; r0 += MAX_ROWS) {
+        const int64_t rows = std::min<int64_t>(MAX_ROWS, m - r0);
+        Scales part = panel;
+        if (part.row) part.row += r0 * part.row_step;
+        panel_times_rows<W>(xp + r0 * ldx, ldx, w, k_len, rows, acc, yp + r0 * n + c0, n, cols, part,
+                            bp ? bp + c0 : nullptr, rp ? rp + r0 * ldr + c0 : nullptr, ldr);
+      }
+    }
+  });
+}
+
+// x [M, K] float32 (rows contiguous); packed [P, K, 16] float32, bfloat16 or float8_e4m3fn,
+// n <= 16 P; bias [n] or undefined; residual [M, n] (rows contiguous) or undefined; for FP8
+// weights row_scale [M] or [1] and col_scale [n] or [1] (float32). Returns y [M, n] float32.
 at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias,
-                      const c10::optional<at::Tensor>& residual) {
+                      const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& row_scale,
+                      const c10::optional<at::Tensor>& col_scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "small_gemm: x must be [M, K] float32");
+  const auto wt = packed.scalar_type();
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == PANEL && packed.is_contiguous() &&
-                  packed.scalar_type() == at::kFloat && packed.size(1) == x.size(1),
-              "small_gemm: packed weight must be [P, K, 16] float32 with K = x.size(1)");
+                  (wt == at::kFloat || wt == at::kBFloat16 || wt == at::kFloat8_e4m3fn) && packed.size(1) == x.size(1),
+              "small_gemm: packed weight must be [P, K, 16] float32, bfloat16 or float8_e4m3fn with K = x.size(1)");
   TORCH_CHECK(n > 0 && n <= packed.size(0) * PANEL && n > (packed.size(0) - 1) * PANEL, "small_gemm: bad n");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr<float>()) % 32 == 0, "small_gemm: packed weight not aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 32 == 0, "small_gemm: packed weight not aligned");
   const int64_t m = x.size(0), k_len = x.size(1), panels = packed.size(0);
   const float* bp = nullptr;
   const float* rp = nullptr;
@@ -130,33 +217,37 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n, 
     rp = residual->data_ptr<float>();
     ldr = residual->stride(0);
   }
+  Scales sc;
+  const bool scaled = row_scale.has_value() && row_scale->defined();
+  TORCH_CHECK(scaled == (col_scale.has_value() && col_scale->defined()), "small_gemm: give both scales or neither");
+  TORCH_CHECK(scaled == (wt == at::kFloat8_e4m3fn), "small_gemm: scales go with FP8 weights, and only with them");
+  if (scaled) {
+    TORCH_CHECK(row_scale->is_contiguous() && row_scale->scalar_type() == at::kFloat &&
+                    (row_scale->numel() == m || row_scale->numel() == 1), "small_gemm: row_scale must be [M] or [1] float32");
+    TORCH_CHECK(col_scale->is_contiguous() && col_scale->scalar_type() == at::kFloat &&
+                    (col_scale->numel() == n || col_scale->numel() == 1), "small_gemm: col_scale must be [n] or [1] float32");
+    sc = Scales{E4m3Weights::UNSCALE, row_scale->data_ptr<float>(), row_scale->numel() == 1 ? 0 : 1,
+                col_scale->data_ptr<float>(), col_scale->numel() == 1 ? 0 : 1};
+  }
   at::Tensor y = at::empty({m, n}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t ldx = x.stride(0);
-  // panels per task: enough work per task that scheduling costs little, and a few tasks per thread
-  const int64_t grain = std::max<int64_t>(1, panels / (8 * at::get_num_threads()));
-  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-    alignas(32) float acc[MAX_ROWS * PANEL];
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t c0 = p * PANEL;
-      const int cols = static_cast<int>(std::min<int64_t>(PANEL, n - c0));
-      const float* w = wp + p * k_len * PANEL;
-      for (int64_t r0 = 0; r0 < m; r0 += MAX_ROWS) {
-        const int64_t rows = std::min<int64_t>(MAX_ROWS, m - r0);
-        panel_times_rows(xp + r0 * ldx, ldx, w, k_len, rows, acc, yp + r0 * n + c0, n, cols, bp ? bp + c0 : nullptr,
-                         rp ? rp + r0 * ldr + c0 : nullptr, ldr);
-      }
-    }
-  });
+  const void* wp = packed.data_ptr();
+  if (wt == at::kFloat)
+    run_panels<F32Weights>(xp, ldx, static_cast<const float*>(wp), m, k_len, panels, n, yp, sc, bp, rp, ldr);
+  else if (wt == at::kBFloat16)
+    run_panels<Bf16Weights>(xp, ldx, static_cast<const uint16_t*>(wp), m, k_len, panels, n, yp, sc, bp, rp, ldr);
+  else
+    run_panels<E4m3Weights>(xp, ldx, static_cast<const uint8_t*>(wp), m, k_len, panels, n, yp, sc, bp, rp, ldr);
   return y;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(chatapp_cpu, m) {
-  m.def("small_gemm(Tensor x, Tensor packed, int n, Tensor? bias, Tensor? residual) -> Tensor");
+  m.def("small_gemm(Tensor x, Tensor packed, int n, Tensor? bias, Tensor? residual, Tensor? row_scale=None, "
+        "Tensor? col_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chatapp_cpu, CPU, m) {

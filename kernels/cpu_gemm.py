@@ -13,31 +13,47 @@ import torch
 from .cpu_ops import available, why_not  # noqa: F401 (the kernel is usable where the CPU library is)
 
 PANEL = 16
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)  # what the panels may hold
 
 
 def pack(weight_t: torch.Tensor) -> torch.Tensor:
-    """W [K, N] -> panels [ceil(N / 16), K, 16] (the last one zero-padded), 32-byte aligned."""
+    """W [K, N] -> panels [ceil(N / 16), K, 16] (the last one zero-padded), 32-byte aligned, in
+    W's dtype (one of WEIGHT_DTYPES)."""
+    assert weight_t.dtype in WEIGHT_DTYPES, f"no CPU kernel for {weight_t.dtype} weights"
     k, n = weight_t.shape
+    w = _bits(weight_t)
     panels = -(-n // PANEL)
     if n % PANEL:
-        weight_t = torch.nn.functional.pad(weight_t, (0, panels * PANEL - n))
-    return weight_t.reshape(k, panels, PANEL).transpose(0, 1).contiguous()
+        w = torch.nn.functional.pad(w, (0, panels * PANEL - n))
+    return w.reshape(k, panels, PANEL).transpose(0, 1).contiguous().view(weight_t.dtype)
 
 
 def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     """panels [P, K, 16] -> W [K, n]."""
-    return packed.transpose(0, 1).reshape(packed.shape[1], -1)[:, :n]
+    w = _bits(packed)
+    return w.transpose(0, 1).reshape(packed.shape[1], -1)[:, :n].view(packed.dtype)
+
+
+def _bits(w: torch.Tensor) -> torch.Tensor:
+    """FP8 as bytes: padding and copies are defined for them everywhere."""
+    return w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w
 
 
 def gemm(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] float32 -> [M, n] float32 (``available()`` must be true)."""
-    return torch.ops.chatapp_cpu.small_gemm(x, packed, n, bias, residual)
+         residual: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
+         col_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 -> [M, n] float32 (``available()`` must be true). FP8 panels take the
+    scales: ``row_scale`` [M] or [1] (x's, per token or per tensor) and ``col_scale`` [n] or [1]
+    (W's, per channel or per tensor), float32; then x holds the quantized activations' values."""
+    return torch.ops.chatapp_cpu.small_gemm(x, packed, n, bias, residual, row_scale, col_scale)
 
 
 def gemm_reference(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
-                   residual: torch.Tensor | None = None) -> torch.Tensor:
-    y = x @ unpack(packed, n)
+                   residual: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
+                   col_scale: torch.Tensor | None = None) -> torch.Tensor:
+    y = x @ unpack(packed, n).float()
+    if row_scale is not None:
+        y = y * row_scale.reshape(-1, 1) * col_scale.reshape(1, -1)
     if bias is not None:
         y = y + bias
     return y if residual is None else y + residual

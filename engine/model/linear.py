@@ -1,7 +1,8 @@
 """The linear layer kinds, the one place a weight format plugs in: ``Linear`` (float weights, our
 CPU kernel or a batched GEMM) and ``Fp8Linear`` (e4m3 weights with per-tensor or per-channel
 scales, activations quantized per token or per tensor, fp32 accumulation: our Triton kernels on
-CUDA, their PyTorch references elsewhere). Both are called as ``lin(x, residual=None)``."""
+CUDA, our CPU kernel on an x86 CPU, the PyTorch reference elsewhere). Both are called as
+``lin(x, residual=None)``."""
 
 from __future__ import annotations
 
@@ -81,19 +82,33 @@ def default_splits(device) -> int:
 
 
 class Fp8Linear:
-    """y = dequant(quant(x) @ W_fp8^T) (+ b) (+ residual); W kept [out, in] as checkpoints store it."""
+    """y = dequant(quant(x) @ W_fp8^T) (+ b) (+ residual); W kept [out, in] as checkpoints store it,
+    or, on an x86 CPU with our kernel (kernels/cpu_gemm), in its 16-column panels as bytes: the
+    activations are quantized per token (or with the static input scale) exactly as on a GPU, the
+    weights widened to float32 in registers and the scales applied after the fp32 sum."""
 
     splits = 1  # one block: see Linear
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None):
         assert weight.dtype == torch.float8_e4m3fn and weight.dim() == 2
-        self.weight = weight  # [N, K] fp8
         self.weight_scale = weight_scale.float().reshape(-1, 1) if weight_scale.numel() > 1 \
             else weight_scale.float().reshape(())
         self.input_scale = None if input_scale is None else input_scale.float().reshape(())
         self.bias = bias
         self.out_features, self.in_features = weight.shape
+        self.packed = None
+        if cpu_ops.serves(weight.device, torch.float32):
+            self.packed, self._weight = cpu_gemm.pack(weight.t()), None
+            self._col_scale = self.weight_scale.reshape(-1).contiguous()
+            self._bias = None if bias is None else bias.float().contiguous()
+        else:
+            self._weight = weight  # [N, K] fp8
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W [out, in] in FP8 (a copy where it is stored in panels)."""
+        return self._weight if self.packed is None else cpu_gemm.unpack(self.packed, self.out_features).t()
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Fp8Linear":
@@ -108,10 +123,15 @@ class Fp8Linear:
             xq, xs = quantize_rows(x2)
         else:
             xq, xs = quantize_static(x2, self.input_scale), self.input_scale
+        if self.packed is not None and x.dtype == torch.float32:
+            r2 = None if residual is None else residual.reshape(x2.shape[0], self.out_features).contiguous()
+            out = cpu_gemm.gemm(xq.float(), self.packed, self.out_features, self._bias, r2,
+                                xs.float().reshape(-1).contiguous(), self._col_scale)
+            return out.view(*x.shape[:-1], self.out_features)
         out = fp8_gemm(xq, self.weight, xs, self.weight_scale, self.bias, out_dtype=x.dtype)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if residual is None else out + residual
 
     def nbytes(self) -> int:
-        n = self.weight.numel() + self.weight_scale.numel() * 4
+        n = self.out_features * self.in_features + self.weight_scale.numel() * 4
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())

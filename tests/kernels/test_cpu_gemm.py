@@ -63,3 +63,73 @@ def test_linear_uses_panels_on_cpu_and_matches_the_dense_product():
     torch.testing.assert_close(lin(x, res), x @ w + b + res, atol=1e-4, rtol=1e-5)
     assert torch.equal(lin.dense(), w)
     assert lin.nbytes() == (96 * 80 + 80) * 4
+
+
+def e4m3_every_value() -> torch.Tensor:
+    """Every finite e4m3 value (both zeros, the subnormals, +-448), as bytes -> float8."""
+    b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    f = b.view(torch.float8_e4m3fn)
+    return f[~f.float().isnan()]
+
+
+def test_fp8_and_bf16_panels_widen_every_value_exactly():
+    """One row of x with a single 1 picks out W's k-th row: every stored value comes back as its
+    float32 value (the panel read widens exactly)."""
+    for values in (e4m3_every_value(), rand(4, 64, seed=13).to(torch.bfloat16).reshape(-1)):
+        n = 16
+        w = torch.nn.functional.pad(values, (0, -len(values) % n)).reshape(-1, n)  # [K, 16]
+        p = cpu_gemm.pack(w)
+        assert p.dtype == values.dtype and torch.equal(cpu_gemm.unpack(p, n).float(), w.float())
+        scales = (torch.ones(1), torch.ones(1)) if values.dtype == torch.float8_e4m3fn else (None, None)
+        for k in range(0, w.shape[0], 7):
+            x = torch.zeros(1, w.shape[0])
+            x[0, k] = 1.0
+            assert torch.equal(cpu_gemm.gemm(x, p, n, None, None, *scales)[0], w[k].float()), k
+
+
+@pytest.mark.parametrize("m", [1, 3, 6, 8, 16, 70])
+@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (64, 40)])
+@pytest.mark.parametrize("scales", ["token_channel", "tensor"])
+def test_fp8_gemm_against_the_dequantized_reference(m, k, n, scales):
+    from kernels.fp8_quant import quantize_rows_reference
+
+    wq, sw = quantize_rows_reference(rand(n, k, seed=14) * 0.05)  # [N, K], per-channel scales
+    xq, sx = quantize_rows_reference(rand(m, k, seed=15))
+    if scales == "tensor":
+        sx, sw = sx.max().reshape(1), sw.max().reshape(1)
+    sx, sw = sx.reshape(-1).float(), sw.reshape(-1).float()
+    p = cpu_gemm.pack(wq.t())
+    b, r = rand(n, seed=16), rand(m, n, seed=17)
+    for bias, res in ((None, None), (b, r)):
+        got = cpu_gemm.gemm(xq.float(), p, n, bias, res, sx, sw)
+        torch.testing.assert_close(got, cpu_gemm.gemm_reference(xq.float(), p, n, bias, res, sx, sw),
+                                   atol=1e-4 * k ** 0.5, rtol=1e-5)
+    # the same as the FP8 GEMM's own reference (the one the GPU kernel is tested against)
+    from kernels.fp8_gemm import fp8_gemm_reference
+
+    want = fp8_gemm_reference(xq, wq, sx, sw, out_dtype=torch.float32)
+    torch.testing.assert_close(cpu_gemm.gemm(xq.float(), p, n, None, None, sx, sw), want, atol=1e-4 * k ** 0.5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_bf16_gemm_against_reference(m):
+    w = rand(576, 1536, seed=18).to(torch.bfloat16)
+    x = rand(m, 576, seed=19)
+    p = cpu_gemm.pack(w)
+    torch.testing.assert_close(cpu_gemm.gemm(x, p, 1536), x @ w.float(), atol=1e-4 * 24, rtol=1e-5)
+
+
+def test_fp8_rows_do_not_depend_on_the_others_and_scales_are_checked():
+    from kernels.fp8_quant import quantize_rows_reference
+
+    wq, sw = quantize_rows_reference(rand(3072, 576, seed=20))
+    xq, sx = quantize_rows_reference(rand(16, 576, seed=21))
+    p, sx, sw = cpu_gemm.pack(wq.t()), sx.reshape(-1).float(), sw.reshape(-1).float()
+    together = cpu_gemm.gemm(xq.float(), p, 3072, None, None, sx, sw)
+    for i in (0, 7, 15):
+        assert torch.equal(cpu_gemm.gemm(xq[i:i + 1].float(), p, 3072, None, None, sx[i:i + 1], sw)[0], together[i])
+    with pytest.raises(RuntimeError, match="scales go with FP8"):
+        cpu_gemm.gemm(xq.float(), p, 3072)
+    with pytest.raises(RuntimeError, match="row_scale"):
+        cpu_gemm.gemm(xq.float(), p, 3072, None, None, sx[:3], sw)
