@@ -25,83 +25,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_kernels.h"
+
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t d) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= d; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
-  float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  for (; i < d; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// e^x for x <= 0 (scores minus their max), 8 lanes: the Cephes single-precision polynomial on
-// x - n ln 2, times 2^n; within 2 ulp of expf, and 0 below -87.
-inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 lowest = _mm256_set1_ps(-87.0f);
-  const __m256 under = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lowest);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
-}
-
-// p[i] = e^(p[i] - top) for i < count; returns their sum.
-inline float exp_shifted(float* p, int64_t count, float top) {
-  const __m256 t = _mm256_set1_ps(top);
-  __m256 total = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= count; i += 8) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + i), t));
-    _mm256_storeu_ps(p + i, e);
-    total = _mm256_add_ps(total, e);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, total);
-  float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  if (i < count) {  // the tail, through the same polynomial
-    alignas(32) float rest[8];
-    for (int j = 0; j < 8; ++j) rest[j] = i + j < count ? p[i + j] - top : -INFINITY;
-    _mm256_store_ps(rest, exp_nonpositive(_mm256_load_ps(rest)));
-    for (int64_t j = 0; i + j < count; ++j) {
-      p[i + j] = rest[j];
-      sum += rest[j];
-    }
-  }
-  return sum;
-}
-
-// The tensor itself when its innermost dimension is contiguous, else a contiguous copy.
-inline at::Tensor inner_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+using namespace chatapp_kernels;
 
 // A token's importance weight from the sum of its KV head's query-head q[D-1]: the sigmoid of
 // their mean plus init_val, plus 2**-7.
 inline float importance_weight(float qsum, int64_t groups, float init) {
   return 1.0f / (1.0f + std::exp(-(qsum / static_cast<float>(groups) + init))) + 0.0078125f;
-}
-
-inline void axpy(float p, const float* x, float* y, int64_t d) {
-  const __m256 pv = _mm256_set1_ps(p);
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < d; ++i) y[i] += p * x[i];
 }
 
 // Returns out [B, H, M, D], laid out as [B, M, H, D] in memory (the order the output

@@ -18,12 +18,18 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <tuple>
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "cpu_kernels.h"
+
+namespace chatapp_kernels {
 namespace {
 
 constexpr int PANEL = 16;  // columns per panel: two AVX registers
@@ -119,15 +125,6 @@ void rows_block(int rows, const float* x, int64_t ldx, const typename W::T* w, i
   }
 }
 
-// The scales of an FP8 product (none: 1): per row of x, and per column of W (or one for all).
-struct Scales {
-  float unscale = 1.0f;  // what the weights were read as a fraction of (a power of two)
-  const float* row = nullptr;
-  int64_t row_step = 0;  // 1: one per row; 0: one for all rows
-  const float* col = nullptr;
-  int64_t col_step = 0;
-};
-
 // y = acc (* row scale * column scale, as the reference orders them) (+ bias) (+ residual)
 void finish(const float* acc, float* y, int cols, float unscale, const float* row_scale, const float* col_scale,
             int64_t col_step, const float* bias, const float* res) {
@@ -168,7 +165,7 @@ void panel_times_rows(const float* x, int64_t ldx, const typename W::T* w, int64
 
 template <class W>
 void run_panels(const float* xp, int64_t ldx, const typename W::T* wp, int64_t m, int64_t k_len, int64_t panels,
-                int64_t n, float* yp, const Scales& sc, const float* bp, const float* rp, int64_t ldr) {
+                int64_t n, float* yp, int64_t ldy, const Scales& sc, const float* bp, const float* rp, int64_t ldr) {
   // panels per task: enough work per task that scheduling costs little, and a few tasks per thread
   const int64_t grain = std::max<int64_t>(1, panels / (8 * at::get_num_threads()));
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
@@ -183,12 +180,59 @@ void run_panels(const float* xp, int64_t ldx, const typename W::T* wp, int64_t m
         const int64_t rows = std::min<int64_t>(MAX_ROWS, m - r0);
         Scales part = panel;
         if (part.row) part.row += r0 * part.row_step;
-        panel_times_rows<W>(xp + r0 * ldx, ldx, w, k_len, rows, acc, yp + r0 * n + c0, n, cols, part,
+        panel_times_rows<W>(xp + r0 * ldx, ldx, w, k_len, rows, acc, yp + r0 * ldy + c0, ldy, cols, part,
                             bp ? bp + c0 : nullptr, rp ? rp + r0 * ldr + c0 : nullptr, ldr);
       }
     }
   });
 }
+
+// v (within +-448) rounded to the nearest e4m3 value, ties to even, as float32 (exact): normal
+// values keep 3 of float32's 23 mantissa bits; below e4m3's smallest normal (2^-6) the step is
+// 2^-9. The same rounding as PyTorch's float8_e4m3fn conversion and our Triton quantizer.
+inline float round_to_e4m3(float v) {
+  if (std::fabs(v) < 0.015625f) return std::nearbyint(v * 512.0f) * (1.0f / 512.0f);
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits = (bits + 0x7FFFFu + ((bits >> 20) & 1u)) & ~0xFFFFFu;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+}  // namespace
+
+void panel_gemm(const float* x, int64_t ldx, int64_t m, const at::Tensor& packed, int64_t n, float* y, int64_t ldy,
+                Scales sc, const float* bias, const float* res, int64_t ldr) {
+  const int64_t k_len = packed.size(1), panels = packed.size(0);
+  const void* wp = packed.data_ptr();
+  const auto wt = packed.scalar_type();
+  if (wt == at::kFloat) {
+    run_panels<F32Weights>(x, ldx, static_cast<const float*>(wp), m, k_len, panels, n, y, ldy, sc, bias, res, ldr);
+  } else if (wt == at::kBFloat16) {
+    run_panels<Bf16Weights>(x, ldx, static_cast<const uint16_t*>(wp), m, k_len, panels, n, y, ldy, sc, bias, res, ldr);
+  } else {
+    sc.unscale = E4m3Weights::UNSCALE;
+    run_panels<E4m3Weights>(x, ldx, static_cast<const uint8_t*>(wp), m, k_len, panels, n, y, ldy, sc, bias, res, ldr);
+  }
+}
+
+void quantize_rows_e4m3(const float* x, int64_t ldx, int64_t m, int64_t k, float* q, float* scale, const float* fixed) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = x + r * ldx;
+    float sc;
+    if (fixed) {
+      sc = fixed[0];
+    } else {
+      float amax = 0.0f;
+      for (int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(row[c]));
+      sc = std::max(amax, 1e-12f) / 448.0f;
+      scale[r] = sc;
+    }
+    for (int64_t c = 0; c < k; ++c) q[r * k + c] = round_to_e4m3(std::min(448.0f, std::max(-448.0f, row[c] / sc)));
+  }
+}
+
+namespace {
 
 // x [M, K] float32 (rows contiguous); packed [P, K, 16] float32, bfloat16 or float8_e4m3fn,
 // n <= 16 P; bias [n] or undefined; residual [M, n] (rows contiguous) or undefined; for FP8
@@ -203,7 +247,7 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n, 
               "small_gemm: packed weight must be [P, K, 16] float32, bfloat16 or float8_e4m3fn with K = x.size(1)");
   TORCH_CHECK(n > 0 && n <= packed.size(0) * PANEL && n > (packed.size(0) - 1) * PANEL, "small_gemm: bad n");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 32 == 0, "small_gemm: packed weight not aligned");
-  const int64_t m = x.size(0), k_len = x.size(1), panels = packed.size(0);
+  const int64_t m = x.size(0);
   const float* bp = nullptr;
   const float* rp = nullptr;
   int64_t ldr = 0;
@@ -226,30 +270,41 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n, 
                     (row_scale->numel() == m || row_scale->numel() == 1), "small_gemm: row_scale must be [M] or [1] float32");
     TORCH_CHECK(col_scale->is_contiguous() && col_scale->scalar_type() == at::kFloat &&
                     (col_scale->numel() == n || col_scale->numel() == 1), "small_gemm: col_scale must be [n] or [1] float32");
-    sc = Scales{E4m3Weights::UNSCALE, row_scale->data_ptr<float>(), row_scale->numel() == 1 ? 0 : 1,
+    sc = Scales{1.0f, row_scale->data_ptr<float>(), row_scale->numel() == 1 ? 0 : 1,
                 col_scale->data_ptr<float>(), col_scale->numel() == 1 ? 0 : 1};
   }
   at::Tensor y = at::empty({m, n}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t ldx = x.stride(0);
-  const void* wp = packed.data_ptr();
-  if (wt == at::kFloat)
-    run_panels<F32Weights>(xp, ldx, static_cast<const float*>(wp), m, k_len, panels, n, yp, sc, bp, rp, ldr);
-  else if (wt == at::kBFloat16)
-    run_panels<Bf16Weights>(xp, ldx, static_cast<const uint16_t*>(wp), m, k_len, panels, n, yp, sc, bp, rp, ldr);
-  else
-    run_panels<E4m3Weights>(xp, ldx, static_cast<const uint8_t*>(wp), m, k_len, panels, n, yp, sc, bp, rp, ldr);
+  panel_gemm(x.data_ptr<float>(), x.stride(0), m, packed, n, y.data_ptr<float>(), n, sc, bp, rp, ldr);
   return y;
 }
 
+// FP8 activations for small_gemm: x [M, K] float32 -> (e4m3 values as float32 [M, K], scale),
+// the scale per row, max(|row|, 1e-12) / 448 ([M]), or the given static one ([1]); q =
+// round(clamp(x / scale, +-448)), in the order of the PyTorch reference (kernels/fp8_quant.py),
+// so both give the same values.
+std::tuple<at::Tensor, at::Tensor> quantize_e4m3(const at::Tensor& x, const c10::optional<at::Tensor>& scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "quantize_e4m3: x must be [M, K] float32");
+  const bool fixed = scale.has_value() && scale->defined();
+  if (fixed)
+    TORCH_CHECK(scale->numel() == 1 && scale->scalar_type() == at::kFloat, "quantize_e4m3: scale must be [1] float32");
+  const int64_t m = x.size(0), k = x.size(1);
+  at::Tensor q = at::empty({m, k}, x.options());
+  at::Tensor s = fixed ? scale->reshape({1}).contiguous() : at::empty({m}, x.options());
+  quantize_rows_e4m3(x.data_ptr<float>(), x.stride(0), m, k, q.data_ptr<float>(), s.data_ptr<float>(),
+                     fixed ? s.data_ptr<float>() : nullptr);
+  return {q, s};
+}
+
 }  // namespace
+}  // namespace chatapp_kernels
 
 TORCH_LIBRARY(chatapp_cpu, m) {
   m.def("small_gemm(Tensor x, Tensor packed, int n, Tensor? bias, Tensor? residual, Tensor? row_scale=None, "
         "Tensor? col_scale=None) -> Tensor");
+  m.def("quantize_e4m3(Tensor x, Tensor? scale=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(chatapp_cpu, CPU, m) {
-  m.impl("small_gemm", &small_gemm);
+  m.impl("small_gemm", &chatapp_kernels::small_gemm);
+  m.impl("quantize_e4m3", &chatapp_kernels::quantize_e4m3);
 }

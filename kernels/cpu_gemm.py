@@ -48,6 +48,13 @@ def gemm(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | Non
     return torch.ops.chatapp_cpu.small_gemm(x, packed, n, bias, residual, row_scale, col_scale)
 
 
+def quantize_activations(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 activations for ``gemm``: x [M, K] float32 -> (e4m3 values as float32 [M, K], scale
+    [M] float32 per row, or the static ``scale`` as [1]): the values and scales of
+    kernels/fp8_quant's ``quantize_rows`` / ``quantize_static``, in one call."""
+    return torch.ops.chatapp_cpu.quantize_e4m3(x, None if scale is None else scale.float().reshape(1))
+
+
 def gemm_reference(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
                    residual: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
                    col_scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The C++ kernels for x86 CPUs (AVX2 + FMA): one library, ``torch.ops.chatapp_cpu``, of
-cpu_gemm.cpp (the small-M GEMM, kernels/cpu_gemm.py) and cpu_dmc.cpp (DMC's per-token update,
-a Medusa tree's DMC slots, and attention over a DMC cache for a decode step or a tree,
-kernels/dmc.py).
+cpu_gemm.cpp (the small-M GEMM and the FP8 activation quantizer, kernels/cpu_gemm.py),
+cpu_layer.cpp (a whole decoder layer for a few tokens, kernels/cpu_layer.py) and cpu_dmc.cpp
+(DMC's per-token update, a Medusa tree's DMC slots, and attention over a DMC cache for a decode
+step or a tree, kernels/dmc.py); cpu_kernels.h is what they share.
 
 The sources are compiled on first use with PyTorch's extension builder (a C++ compiler is
 needed) and cached in PyTorch's extension folder; ``available()`` says whether they could be,
@@ -9,6 +10,7 @@ and callers fall back to PyTorch where not. ``CHATAPP_CPU_KERNELS=0`` turns the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import threading
@@ -16,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-VERSION = 7  # of the kernels: step costs measured with another version are measured again
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_gemm.cpp", "cpu_dmc.cpp")]
+VERSION = 8  # of the kernels: step costs measured with another version are measured again
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_gemm.cpp", "cpu_dmc.cpp", "cpu_layer.cpp")]
+_HEADER = Path(__file__).with_name("cpu_kernels.h")  # included by the sources
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -59,9 +62,14 @@ def _build() -> tuple[bool, str | None]:
     try:
         from torch.utils.cpp_extension import load
 
+        # PyTorch rebuilds when a source or a flag changes, not a header: the header's hash is a flag
+        header = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:16]
         load(name="chatapp_cpu", sources=[str(s) for s in _SOURCES], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"])
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DCHATAPP_HEADER={header}"],
+             extra_ldflags=["-fopenmp"])
         torch.ops.chatapp_cpu.small_gemm  # noqa: B018 (registered by the library just loaded)
+        torch.ops.chatapp_cpu.quantize_e4m3  # noqa: B018
+        torch.ops.chatapp_cpu.decoder_layer  # noqa: B018
         torch.ops.chatapp_cpu.dmc_tree_attention  # noqa: B018
         torch.ops.chatapp_cpu.dmc_tree_slots  # noqa: B018
         torch.ops.chatapp_cpu.dmc_update  # noqa: B018

@@ -70,6 +70,10 @@ class Linear:
             out = out + self.bias
         return out if residual is None else out + residual
 
+    def cpu_panels(self) -> tuple | None:
+        """(panels, bias, None, None) for our CPU kernels (kernels/cpu_layer.py), where stored so."""
+        return None if self.packed is None else (self.packed, self.bias, None, None)
+
     def nbytes(self) -> int:
         w = self.weight if self.packed is None else self.packed
         n = w.numel() * w.element_size()
@@ -102,6 +106,7 @@ class Fp8Linear:
             self.packed, self._weight = cpu_gemm.pack(weight.t()), None
             self._col_scale = self.weight_scale.reshape(-1).contiguous()
             self._bias = None if bias is None else bias.float().contiguous()
+            self._input_scale = None if self.input_scale is None else self.input_scale.reshape(1)
         else:
             self._weight = weight  # [N, K] fp8
 
@@ -119,18 +124,25 @@ class Fp8Linear:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if self.packed is not None and x.dtype == torch.float32:
+            xv, xs = cpu_gemm.quantize_activations(x2.contiguous(), self._input_scale)
+            r2 = None if residual is None else residual.reshape(x2.shape[0], self.out_features).contiguous()
+            out = cpu_gemm.gemm(xv, self.packed, self.out_features, self._bias, r2, xs, self._col_scale)
+            return out.view(*x.shape[:-1], self.out_features)
         if self.input_scale is None:
             xq, xs = quantize_rows(x2)
         else:
             xq, xs = quantize_static(x2, self.input_scale), self.input_scale
-        if self.packed is not None and x.dtype == torch.float32:
-            r2 = None if residual is None else residual.reshape(x2.shape[0], self.out_features).contiguous()
-            out = cpu_gemm.gemm(xq.float(), self.packed, self.out_features, self._bias, r2,
-                                xs.float().reshape(-1).contiguous(), self._col_scale)
-            return out.view(*x.shape[:-1], self.out_features)
         out = fp8_gemm(xq, self.weight, xs, self.weight_scale, self.bias, out_dtype=x.dtype)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if residual is None else out + residual
+
+    def cpu_panels(self) -> tuple | None:
+        """(panels, bias, weight scales, static input scale or None) for our CPU kernels
+        (kernels/cpu_layer.py), where stored so."""
+        if self.packed is None:
+            return None
+        return self.packed, self._bias, self._col_scale, None if self.input_scale is None else self._input_scale
 
     def nbytes(self) -> int:
         n = self.out_features * self.in_features + self.weight_scale.numel() * 4

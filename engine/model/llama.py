@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_layer
 from kernels.tree_attention import tree_attention
 
 from engine.config import ModelConfig
@@ -42,6 +43,9 @@ class Layer:
 
 
 LINEARS = ("qkv", "o", "gate_up", "down")  # a Layer's linear layers
+# tokens up to which a CPU layer runs as one call (kernels/cpu_layer.py): decode steps and Medusa
+# trees; a longer prompt's prefill is left to the GEMM library's large-M kernels
+FUSED_ROWS = 64
 
 
 class LlamaModel:
@@ -171,6 +175,12 @@ class LlamaModel:
         cfg = self.cfg
         bsz, t = x.shape[:2]
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        panels = self._cpu_panels(layer, x, t)
+        if panels is not None:  # the whole layer in one call (kernels/cpu_layer.py)
+            out = cpu_layer.decoder_layer(x[0], [layer.attn_norm, layer.mlp_norm], cfg.rms_norm_eps, panels, nh, nkv,
+                                          cache.k[li, 0], cache.v[li, 0], start, cos[:, 0], sin[:, 0],
+                                          None if tree_mask is None else tree_mask.contiguous())
+            return out[None]
         q, k, v = self.attention_input(layer, x, cos, sin)
         keys, values = cache.write(li, start, k, v)
         if tree_mask is not None:
@@ -187,6 +197,15 @@ class LlamaModel:
         attn = attn.transpose(1, 2).reshape(bsz, t, cfg.q_size)
         x = layer.o(attn, residual=x)
         return self.mlp(layer, x)
+
+    def _cpu_panels(self, layer: Layer, x: torch.Tensor, t: int) -> list[tuple] | None:
+        """The layer's projections as our CPU kernel takes them, where the whole layer can run
+        as one call: batch 1, float32 on a CPU, at most FUSED_ROWS tokens, every projection in
+        the kernel's panels (not while calibrating, whose recorders see each projection's input)."""
+        if t > FUSED_ROWS or x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        panels = [getattr(getattr(layer, name), "cpu_panels", lambda: None)() for name in LINEARS]
+        return None if any(p is None for p in panels) else panels
 
     def _mask(self, start: int, t: int, groups: int) -> torch.Tensor | None:
         """Boolean attention mask for T > 1 new tokens (rows ordered group-major, as the grouped

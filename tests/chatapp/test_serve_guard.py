@@ -143,6 +143,8 @@ def test_a_template_that_runs_long_does_not_stall_the_server(server, embedded_se
         slowest = max(slowest, health_s(server))
         time.sleep(0.05)
     status, _, out = answer["reply"]
-    assert status == 400 and "loops too long" in out["error"]["message"], out
+    # the loop limit trips, or on a busy machine the time limit first: either way a 400 naming the template
+    message = out["error"]["message"]
+    assert status == 400 and "chat template" in message and ("loops too long" in message or "runs too long" in message), out
     assert slowest < 1.0
     assert_responsive(server)

@@ -133,3 +133,23 @@ def test_fp8_rows_do_not_depend_on_the_others_and_scales_are_checked():
         cpu_gemm.gemm(xq.float(), p, 3072)
     with pytest.raises(RuntimeError, match="row_scale"):
         cpu_gemm.gemm(xq.float(), p, 3072, None, None, sx[:3], sw)
+
+
+@pytest.mark.parametrize("m,k", [(1, 576), (7, 1536), (3, 40)])
+def test_activation_quantizer_equals_the_reference(m, k):
+    """The kernel's FP8 activations are the PyTorch quantizer's, value for value: per row (with
+    rows of zeros, tiny values in e4m3's subnormal range and ties) and with a static scale."""
+    from kernels.fp8_quant import quantize_rows_reference, quantize_static_reference
+
+    x = rand(m, k, seed=22) * 3
+    x[0, :8] = torch.tensor([0.0, -0.0, 1e-30, -2e-3, 448.0, 0.0107421875, 0.01171875, 17.0])
+    if m > 1:
+        x[1] = 0.0
+    q, s = cpu_gemm.quantize_activations(x)
+    want_q, want_s = quantize_rows_reference(x)
+    assert torch.equal(s, want_s.reshape(-1)) and torch.equal(q, want_q.float())
+    every = e4m3_every_value().float().sort().values  # values on the grid stay, their midpoints round to even
+    grid = torch.cat([every, (every[1:] + every[:-1]) / 2]).reshape(1, -1)
+    for scale in (torch.tensor(1.0), torch.tensor(0.37)):
+        q, s = cpu_gemm.quantize_activations(grid * scale, scale)
+        assert torch.equal(q, quantize_static_reference(grid * scale, scale).float()) and s.item() == scale.item()

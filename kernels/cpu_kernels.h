@@ -1,0 +1,109 @@
+// What the CPU kernels (cpu_gemm.cpp, cpu_dmc.cpp, cpu_layer.cpp) share: AVX2 helpers for
+// attention (dot products, exponentials, axpy) and the small-M GEMM and FP8 activation
+// quantizer as functions on raw pointers, for kernels that call them inside one operation.
+
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include <ATen/ATen.h>
+
+namespace chatapp_kernels {
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
+  float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// e^x for x <= 0 (scores minus their max), 8 lanes: the Cephes single-precision polynomial on
+// x - n ln 2, times 2^n; within 2 ulp of expf, and 0 below -87.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lowest);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
+}
+
+// p[i] = e^(p[i] - top) for i < count; returns their sum.
+inline float exp_shifted(float* p, int64_t count, float top) {
+  const __m256 t = _mm256_set1_ps(top);
+  __m256 total = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + i), t));
+    _mm256_storeu_ps(p + i, e);
+    total = _mm256_add_ps(total, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, total);
+  float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  if (i < count) {  // the tail, through the same polynomial
+    alignas(32) float rest[8];
+    for (int j = 0; j < 8; ++j) rest[j] = i + j < count ? p[i + j] - top : -INFINITY;
+    _mm256_store_ps(rest, exp_nonpositive(_mm256_load_ps(rest)));
+    for (int64_t j = 0; i + j < count; ++j) {
+      p[i + j] = rest[j];
+      sum += rest[j];
+    }
+  }
+  return sum;
+}
+
+// The tensor itself when its innermost dimension is contiguous, else a contiguous copy.
+inline at::Tensor inner_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+inline void axpy(float p, const float* x, float* y, int64_t d) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += p * x[i];
+}
+
+// The FP8 scales of a product: per row of x ([M], row_step 1) or one ([1], row_step 0), and per
+// column of W or one; none for float weights.
+struct Scales {
+  float unscale = 1.0f;  // what the weights were read as a fraction of (a power of two)
+  const float* row = nullptr;
+  int64_t row_step = 0;  // 1: one per row; 0: one for all rows
+  const float* col = nullptr;
+  int64_t col_step = 0;
+};
+
+// y [M, n] (row stride ldy) = x [M, K] (row stride ldx) @ W (+ bias) (+ residual [M, n], row
+// stride ldr), W in small_gemm's panels (float32, bfloat16 or float8_e4m3fn, checked by the
+// caller); FP8 panels take the scales (``col`` and ``row`` set; ``unscale`` is filled in here).
+void panel_gemm(const float* x, int64_t ldx, int64_t m, const at::Tensor& packed, int64_t n, float* y, int64_t ldy,
+                Scales sc, const float* bias, const float* res, int64_t ldr);
+
+// FP8 activations: rows of x [M, K] -> their e4m3 values as float32 in q [M, K] (contiguous)
+// and their scales in scale [M] (dynamic: max(|row|, 1e-12) / 448), or with the given static
+// scale (``fixed``, then scale is not written).
+void quantize_rows_e4m3(const float* x, int64_t ldx, int64_t m, int64_t k, float* q, float* scale, const float* fixed);
+
+}  // namespace chatapp_kernels
