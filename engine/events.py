@@ -33,7 +33,7 @@ def decoding_parts(decoding: str) -> tuple[str | None, str | None]:
     """(proposer, cache) of a decoding name: "medusa+dmc" -> ("medusa", "dmc"), "plain" -> (None, None)."""
     terms = decoding.split("+")
     return (next((t for t in terms if t in PROPOSERS), None), next((t for t in terms if t in CACHES), None))
-QUANTIZE = ("fp8",)  # what --quantize accepts: FP8 weights rounded on load
+QUANTIZE = ("fp8", "bf16")  # what --quantize accepts: FP8 weights rounded on load, or bfloat16 weights
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63): what torch.Generator.manual_seed takes on every device
 DEFAULT_CONTEXT = 8192  # KV cache length when none is asked for: min(the model's context, this)
 

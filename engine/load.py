@@ -6,6 +6,7 @@ decoding asked for. Every branch on what is loaded happens here, in ``load``:
     its weights           as stored (FP8 formats included),    engine/model/weights.py
                           a DMC delta applied
     --quantize fp8        a pass over the loaded model         engine/model/gptq.py
+    --quantize bf16       bfloat16 weights                     engine/model/weights.py
     the tokenizer         the checkpoint's, or for Megatron    engine/tokenizer.py
                           the SentencePiece file beside it
     the decoder           a proposer (none / Medusa heads +    engine/decoding/
@@ -102,6 +103,8 @@ def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
     if req.quantize == "fp8":  # calibrated as it will decode: with DMC, through the compressed cache
         method = gptq.Fp8OnLoad(cfg, src) if dmc is None else \
             gptq.Fp8OnLoad(cfg, src, calibration_pass(dmc), f"dmc {dmc['init_val']!r} {dmc['window']}")
+    elif req.quantize == "bf16":
+        method = weights.Bf16OnLoad()
     model = weights.from_source(cfg, src, device, None, fmt, method)
     if method is not None:
         method.after_loading(model, progress)

@@ -17,6 +17,7 @@ import torch
 from engine import memory
 from engine.decoding.base import Decoder
 from engine.decoding.sampling import Sampler
+from engine.cpu_threads import ThreadTuner
 from engine.errors import EngineError
 from engine.events import Done, GenerationStats, LoadModel, ModelInfo, SamplingParams, Step, Token
 from engine.load import LoadedModel, load
@@ -33,6 +34,7 @@ class Session:
         self.quantization = quantization
         self.device = model.device
         self.context = decoder.context
+        self.threads = ThreadTuner() if self.device.type == "cpu" else None  # CPU: follows the machine's load
 
     @classmethod
     def load(cls, req: LoadModel, progress=lambda msg: None) -> "Session":
@@ -111,9 +113,12 @@ class Session:
                 except StopIteration as stop:
                     reason = stop.value
                     break
-                t_last = time.perf_counter()
+                now = time.perf_counter()
                 if t_first is None:
-                    t_first = t_last
+                    t_first = now
+                elif self.threads is not None:
+                    self.threads.step(now - t_last)
+                t_last = now
                 accepted.append(len(ids))
                 out_ids += ids
                 text = "".join(detok.step(t) for t in ids)
@@ -128,6 +133,8 @@ class Session:
                     reason = "cancelled"
                     steps.close()
                     break
+        if self.threads is not None:
+            self.threads.finish()
         n = len(out_ids)
         kv, kv_dense = self.decoder.kv_bytes()
         after_first = n - (accepted[0] if accepted else 0)

@@ -16,6 +16,12 @@ PANEL = 16
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)  # what the panels may hold
 
 
+def packs(device, dtype) -> bool:
+    """Whether weights of this dtype on this device go into the kernel's panels: one of
+    WEIGHT_DTYPES on a CPU where the kernel is usable."""
+    return torch.device(device).type == "cpu" and dtype in WEIGHT_DTYPES and available()
+
+
 def pack(weight_t: torch.Tensor) -> torch.Tensor:
     """W [K, N] -> panels [ceil(N / 16), K, 16] (the last one zero-padded), 32-byte aligned, in
     W's dtype (one of WEIGHT_DTYPES)."""

@@ -254,6 +254,8 @@ class MemoryEstimate:
 def _weights_bytes(entry: ModelEntry, on_cpu: bool, quantize: str | None = None) -> int:
     if quantize == "fp8" and entry.params_b:  # FP8 linears: a byte a weight (embeddings and norms are few)
         return int(entry.params_b * 1e9)
+    if quantize == "bf16" and entry.params_b:  # bf16 linears: two bytes a weight
+        return int(entry.params_b * 2e9)
     bpw = entry.bytes_per_weight or 2
     if on_cpu and bpw >= 2:  # the engine computes in fp32 on the CPU
         return int((entry.params_b or 0) * 1e9 * 4) if entry.params_b else int((entry.weights_gb or 0) * 1e9 * 4 / bpw)

@@ -41,8 +41,9 @@ from engine.model.linear import Fp8Linear, Linear
 from engine.model.llama import LINEARS
 from engine.model.weights import block_linears, fused_weight
 from engine.paths import cache_dir
+from engine.units import duration
 
-METHOD = "gptq-e4m3-channel v1"
+METHOD = "gptq-e4m3-channel v2"  # v2: the lm_head too
 # 64 x 256 tokens: H of a 1536-wide input (the embedded model's down projection) from 16k tokens
 # rather than 8k; the GPTQ paper calibrates on 128 x 2048
 SAMPLES, LENGTH, SEED = 64, 256, 0
@@ -115,12 +116,13 @@ class _Recorder:
         return self.lin.blocks(x)
 
 
-def sample_ids(model, n: int = SAMPLES, length: int = LENGTH, seed: int = SEED) -> torch.Tensor:
+def sample_ids(model, n: int = SAMPLES, length: int = LENGTH, seed: int = SEED, progress=lambda msg: None
+               ) -> torch.Tensor:
     """``n`` sequences [n, length] sampled from the model, starting with its BOS token. On a CPU,
     which has no FP8 arithmetic, the FP8 layers run dequantized while sampling (the same weights,
     without converting them at every step)."""
     if model.device.type != "cpu":
-        return _sample(model, n, length, seed)
+        return _sample(model, n, length, seed, progress)
     def plain(lin):
         if not isinstance(lin, Fp8Linear):
             return lin
@@ -129,12 +131,21 @@ def sample_ids(model, n: int = SAMPLES, length: int = LENGTH, seed: int = SEED) 
     fp8_layers = model.layers
     model.layers = [replace(ly, **{n: plain(getattr(ly, n)) for n in LINEARS}) for ly in fp8_layers]
     try:
-        return _sample(model, n, length, seed)
+        return _sample(model, n, length, seed, progress)
     finally:
         model.layers = fp8_layers
 
 
-def _sample(model, n: int, length: int, seed: int) -> torch.Tensor:
+def progress_bar(label: str, done: int, total: int, t0: float, width: int = 20) -> str:
+    """``label [#####...............] 25%, about 01:10 left`` (the time left at the rate so far)."""
+    frac = done / max(total, 1)
+    filled = int(frac * width)
+    left = (time.time() - t0) * (1 - frac) / frac if frac > 0 else None
+    eta = f", about {duration(left)} left" if left is not None and done < total else ""
+    return f"{label} [{'#' * filled}{'.' * (width - filled)}] {frac:.0%}{eta}"
+
+
+def _sample(model, n: int, length: int, seed: int, progress=lambda msg: None) -> torch.Tensor:
     cfg = model.cfg
     length = min(length, cfg.max_position_embeddings)
     start = cfg.bos_token_id if cfg.bos_token_id is not None else min(cfg.eos_token_ids, default=0)
@@ -142,24 +153,38 @@ def _sample(model, n: int, length: int, seed: int) -> torch.Tensor:
     ids = torch.full((n, length), start, dtype=torch.long, device=model.device)
     cache = model.new_cache(length, batch=n)
     with torch.inference_mode():
+        t0, step = time.time(), max(1, length // 10)
         logits = model.forward(ids[:, :1], cache, 0)
         for pos in range(1, length):
             probs = torch.softmax(logits[:, -1].float(), dim=-1)
             ids[:, pos] = torch.multinomial(probs, 1, generator=gen)[:, 0]
             logits = model.forward(ids[:, pos:pos + 1], cache, pos)
+            if pos % step == 0:
+                progress(progress_bar(f"FP8 calibration 1/2, sampling {n} texts", pos, length, t0))
     return ids
 
 
 class RoundToNearest:
     """FP8 block linears rounded to nearest as they are read (per-channel weight scales, dynamic
-    per-token activations); embeddings, norms and lm_head stay as they are, as in the published
-    FP8 checkpoints. A quantization method of ``weights.from_source``: ``linear`` makes each block
-    linear from its high-precision weight, ``after_loading`` finishes the loaded model."""
+    per-token activations); embeddings and norms stay as they are. A quantization method of
+    ``weights.from_source``: ``linear`` makes each block linear from its high-precision weight,
+    ``head`` the output projection, ``after_loading`` finishes the loaded model.
+
+    The lm_head is FP8 too (per-vocabulary-row scales, rounded to nearest), unlike the published
+    FP8 checkpoints, which keep it in bf16: on a CPU, where decoding is bound by the bytes of
+    weights read, a small model's lm_head is a large share of them (the embedded model's is
+    28 M of its 135 M parameters). Rounded to nearest it costs a small model's perplexity
+    several percent; Fp8OnLoad calibrates it with GPTQ like the block linears
+    (bench/fp8_quality.py measures both). A tied embedding table stays as it is for the lookup."""
 
     def linear(self, key: str, weight, bias: torch.Tensor | None, device) -> Fp8Linear:
         """``key``: the linear's name (block_linears); ``weight()`` reads its weight [out, in] on
         ``device`` in the model's dtype."""
         return Fp8Linear.quantize(weight(), bias)
+
+    def head(self, weight: torch.Tensor) -> Fp8Linear:
+        """The lm_head from its weight [vocab, hidden]."""
+        return Fp8Linear.quantize(weight)
 
     def after_loading(self, model, progress=lambda msg: None) -> None:
         pass
@@ -171,13 +196,16 @@ class Fp8OnLoad(RoundToNearest):
     model loads rounded to nearest and ``after_loading`` calibrates it (a pass over the loaded
     model, one layer's high-precision weights in memory at a time) and caches the result."""
 
-    def __init__(self, cfg: ModelConfig, src: TensorSource, layer_pass=None, pass_name: str = "dense"):
+    def __init__(self, cfg: ModelConfig, src: TensorSource, layer_pass=None, pass_name: str = "dense",
+                 samples: int = SAMPLES, length: int = LENGTH):
         """``layer_pass(model, batch, length)``: the pass that carries calibration text through
         one layer at a time, as the model will decode (``fn(li, layer, x) -> x``; default: dense
-        attention, LlamaModel.layer_pass); ``pass_name`` names it in the cache key."""
+        attention, LlamaModel.layer_pass); ``pass_name`` names it in the cache key. ``samples``
+        sequences of ``length`` tokens calibrate (bench/fp8_quality.py measures the choice)."""
         self.cfg, self.src = cfg, src
         self.layer_pass, self.pass_name = layer_pass, pass_name
-        self.path = cache_dir() / "fp8" / f"{cache_key(cfg, src, pass_name)}.safetensors"
+        self.samples, self.length = samples, length
+        self.path = cache_dir() / "fp8" / f"{cache_key(cfg, src, pass_name, samples, length)}.safetensors"
         self.cached = _read_cached(self.path, cfg) if self.path.is_file() else None
 
     def linear(self, key, weight, bias, device):
@@ -186,35 +214,43 @@ class Fp8OnLoad(RoundToNearest):
         return Fp8Linear(self.cached[key + ".weight"].to(device), self.cached[key + ".weight_scale"].to(device),
                          None, bias)
 
+    def head(self, weight):
+        if self.cached is None:
+            return super().head(weight)
+        return Fp8Linear(self.cached["lm_head.weight"].to(weight.device),
+                         self.cached["lm_head.weight_scale"].to(weight.device))
+
     def after_loading(self, model, progress=lambda msg: None) -> None:
         if self.cached is not None:
             return
         progress("FP8 calibration: rounding the weights with error compensation (once for this checkpoint)")
         t0 = time.time()
-        tensors = calibrate(model, self.src, progress, self.layer_pass)
+        tensors = calibrate(model, self.src, progress, self.layer_pass, self.samples, self.length)
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({n: t.cpu().contiguous() for n, t in tensors.items()}, str(tmp),
-                  metadata={"method": METHOD, "pass": self.pass_name, "samples": str(SAMPLES), "length": str(LENGTH),
+                  metadata={"method": METHOD, "pass": self.pass_name, "samples": str(self.samples), "length": str(self.length),
                             "seed": str(SEED),
                             "source": str(self.src.model_dir), "seconds": f"{time.time() - t0:.1f}"})
         tmp.replace(path)
         progress(f"FP8 calibration done in {time.time() - t0:.0f} s; cached in {path}")
 
 
-def calibrate(model, src: TensorSource, progress=lambda msg: None, layer_pass=None) -> dict[str, torch.Tensor]:
+def calibrate(model, src: TensorSource, progress=lambda msg: None, layer_pass=None, samples: int = SAMPLES,
+              length: int = LENGTH) -> dict[str, torch.Tensor]:
     """Round ``model``'s block linears (FP8, rounded to nearest) again with GPTQ, from the
     high-precision weights in ``src``; replaces them in the model and returns them as
     ``{<linear>.weight, <linear>.weight_scale}``. ``layer_pass``: see Fp8OnLoad."""
     cfg, dev = model.cfg, model.device
-    ids = sample_ids(model, SAMPLES, LENGTH, SEED)
+    ids = sample_ids(model, samples, length, SEED, progress)
     out: dict[str, torch.Tensor] = {}
     if layer_pass is None:
         cache = model.new_cache(ids.shape[1], batch=ids.shape[0])
         run = lambda li, layer, x: model.layer_pass(li, layer, x, cache)  # noqa: E731
     else:
         run = layer_pass(model, ids.shape[0], ids.shape[1])
+    t0 = time.time()
     with torch.inference_mode():
         x = torch.nn.functional.embedding(ids, model.embed)
         for li, layer in enumerate(model.layers):
@@ -231,13 +267,21 @@ def calibrate(model, src: TensorSource, progress=lambda msg: None, layer_pass=No
                 new[field[key]] = Fp8Linear(q, scale, None, bias[key])
             model.layers[li] = layer = replace(layer, **new)
             x = run(li, layer, x)
-            progress(f"FP8 calibration: layer {li + 1}/{cfg.num_layers}")
+            progress(progress_bar(f"FP8 calibration 2/2, layer {li + 1}/{cfg.num_layers}", li + 1, cfg.num_layers, t0))
+        # the lm_head, on the final-normed outputs of the quantized layers
+        hn = model.final_norm(x).reshape(-1, cfg.hidden_size).float()
+        tied = cfg.tie_word_embeddings or "lm_head.weight" not in src
+        w = model.embed if tied else src.get_shaped("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+        q, scale = gptq_fp8(w.to(dev, torch.float32), hn.t() @ hn)
+        out["lm_head.weight"], out["lm_head.weight_scale"] = q, scale
+        model.lm_head = Fp8Linear(q, scale)
     return out
 
 
-def cache_key(cfg: ModelConfig, src: TensorSource, pass_name: str = "dense") -> str:
+def cache_key(cfg: ModelConfig, src: TensorSource, pass_name: str = "dense", samples: int = SAMPLES,
+              length: int = LENGTH) -> str:
     """Names the checkpoint's weights and config and the calibration settings."""
-    h = hashlib.sha256(f"{METHOD} {SAMPLES} {LENGTH} {SEED} {DAMP} {BLOCK}\n".encode())
+    h = hashlib.sha256(f"{METHOD} {samples} {length} {SEED} {DAMP} {BLOCK}\n".encode())
     if pass_name != "dense":  # (the dense pass's keys are those of before there was a choice)
         h.update(f"pass {pass_name}\n".encode())
     config = src.model_dir / "config.json"
@@ -265,4 +309,8 @@ def _read_cached(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor] | None
             shape = (sum(p[1][0] for p in parts), parts[0][1][1])
             if w is None or s is None or w.dtype != FP8 or tuple(w.shape) != shape or tuple(s.shape) != (shape[0], 1):
                 return None
+    w, s = tensors.get("lm_head.weight"), tensors.get("lm_head.weight_scale")
+    if w is None or s is None or w.dtype != FP8 or tuple(w.shape) != (cfg.vocab_size, cfg.hidden_size) or \
+            tuple(s.shape) != (cfg.vocab_size, 1):
+        return None
     return tensors

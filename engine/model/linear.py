@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu_gemm, cpu_ops
+from kernels import cpu_gemm
 from kernels.fp8_gemm import fp8_gemm
 from kernels.fp8_quant import quantize_rows, quantize_static
 
@@ -16,7 +16,8 @@ from kernels.fp8_quant import quantize_rows, quantize_static
 class Linear:
     """y = x @ W (+ b) (+ residual). The one place a weight format plugs in.
 
-    On an x86 CPU with AVX2, float32 weights are packed in 16-column panels for our small-M
+    On an x86 CPU with AVX2, float32 and bfloat16 weights (``--quantize bf16``: half the bytes,
+    widened to float32 in registers) are packed in 16-column panels for our small-M
     GEMM (kernels/cpu_gemm): at 1…16 rows it reads W once per call, where the GEMM library's
     cost doubles or triples from one row to a few (a Medusa tree's verify pass). Elsewhere W is
     stored as ``splits`` column blocks, [splits, in, out / splits], and multiplied with one
@@ -28,9 +29,11 @@ class Linear:
         k, n = weight_t.shape
         self.in_features, self.out_features, self.bias = k, n, bias
         self.packed = None
-        if cpu_ops.serves(weight_t.device, weight_t.dtype):
+        if cpu_gemm.packs(weight_t.device, weight_t.dtype):
             self.packed, self.weight, self.splits = cpu_gemm.pack(weight_t), None, 1
             return
+        if weight_t.device.type == "cpu" and weight_t.dtype == torch.bfloat16:
+            weight_t = weight_t.float()  # a CPU without our kernel computes in float32
         if n % splits:
             splits = 1
         self.splits = splits
@@ -102,7 +105,7 @@ class Fp8Linear:
         self.bias = bias
         self.out_features, self.in_features = weight.shape
         self.packed = None
-        if cpu_ops.serves(weight.device, torch.float32):
+        if cpu_gemm.packs(weight.device, weight.dtype):
             self.packed, self._weight = cpu_gemm.pack(weight.t()), None
             self._col_scale = self.weight_scale.reshape(-1).contiguous()
             self._bias = None if bias is None else bias.float().contiguous()
@@ -136,6 +139,10 @@ class Fp8Linear:
         out = fp8_gemm(xq, self.weight, xs, self.weight_scale, self.bias, out_dtype=x.dtype)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if residual is None else out + residual
+
+    def dense(self) -> torch.Tensor:
+        """W dequantized, as [in, out] float32 (e4m3 * scale: the weights this layer computes with)."""
+        return (self.weight.float() * self.weight_scale).t()
 
     def cpu_panels(self) -> tuple | None:
         """(panels, bias, weight scales, static input scale or None) for our CPU kernels

@@ -36,6 +36,22 @@ def block_linears(cfg: ModelConfig, li: int) -> dict[str, tuple[list[tuple[str, 
     }
 
 
+class Bf16OnLoad:
+    """``--quantize bf16``: the block linears and the lm_head kept in bfloat16, half the bytes of
+    float32, which decoding on a CPU is bound by; our CPU kernel widens them to float32 in
+    registers (exactly) and computes in float32. On a GPU the weights are bfloat16 anyway. A
+    quantization method of ``from_source`` (see engine/model/gptq.py for the other)."""
+
+    def linear(self, key: str, weight, bias: torch.Tensor | None, device) -> Linear:
+        return Linear(weight().to(torch.bfloat16).t(), bias, default_splits(device))
+
+    def head(self, weight: torch.Tensor) -> Linear:
+        return Linear(weight.to(torch.bfloat16).t(), None, default_splits(weight.device))
+
+    def after_loading(self, model, progress=lambda msg: None) -> None:
+        pass
+
+
 def fused_weight(src: TensorSource, names_shapes, get=None) -> torch.Tensor:
     """The parts' weights [out, in] stacked along out (``get(name, shape)``: how to read one)."""
     get = get or src.get_shaped
@@ -67,7 +83,8 @@ def from_source(cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.
     are read as they are stored; everything else is read in ``dtype`` (float32 on a CPU, bfloat16
     on a GPU by default). ``quantize``: a quantization method for a high-precision checkpoint's
     block linears (engine/model/gptq.py: ``quantize.linear(name, read_weight, bias, device)``
-    makes each one; the caller runs ``quantize.after_loading(model)`` on the result)."""
+    makes each one and ``quantize.head(weight)`` the lm_head; the caller runs
+    ``quantize.after_loading(model)`` on the result)."""
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -110,7 +127,10 @@ def from_source(cfg: ModelConfig, src: TensorSource, device="cpu", dtype: torch.
         layers.append(Layer(attn_norm=get(p + "input_layernorm.weight", (h,)),
                             mlp_norm=get(p + "post_attention_layernorm.weight", (h,)), **lin))
     embed = get("model.embed_tokens.weight", (cfg.vocab_size, h))
-    if cfg.tie_word_embeddings or "lm_head.weight" not in src:
+    tied = cfg.tie_word_embeddings or "lm_head.weight" not in src
+    if quantize is not None:  # the method's output projection, from the high-precision weight
+        lm_head = quantize.head(embed if tied else get("lm_head.weight", (cfg.vocab_size, h)))
+    elif tied:
         lm_head = Linear(embed.t(), None, splits)
     else:
         lm_head = fused([("lm_head", (cfg.vocab_size, h))], False)

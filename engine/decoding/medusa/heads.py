@@ -78,7 +78,8 @@ class MedusaHeads:
             return base_lm_head
         if self._subset is None:
             rows = output_rows(base_lm_head, self.token_ids)
-            self._subset = Linear(rows.t(), None, default_splits(rows.device))
+            dtype = self.blocks[0][0].dense().dtype  # the model's (an FP8 lm_head's rows come dequantized)
+            self._subset = Linear(rows.t().to(dtype), None, default_splits(rows.device))
         return self._subset
 
     def __call__(self, hidden: torch.Tensor, base_lm_head: Linear, num: int | None = None,
@@ -213,11 +214,10 @@ def _build(src, prefix: str, n_heads: int, n_layers: int, own: bool, hidden: int
     return MedusaHeads(blocks, lm_heads, token_ids, root_proj, path_proj)
 
 
-def output_rows(lm_head: Linear, token_ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``token_ids`` of an output projection, [len(token_ids), hidden]."""
-    if not isinstance(lm_head, Linear):
-        raise EngineError("Medusa heads that score a token subset need a plain (not quantized) lm_head")
-    return lm_head.dense().t()[token_ids.to(lm_head.device)]  # [len(token_ids), hidden]
+def output_rows(lm_head: Linear | Fp8Linear, token_ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``token_ids`` of an output projection, [len(token_ids), hidden] (an FP8 one's
+    dequantized: the heads only propose, the model's own lm_head verifies)."""
+    return lm_head.dense().t()[token_ids.to(lm_head.device)]
 
 
 def shipped_heads(name: str, cfg, device, dtype, cache: str = "plain"):

@@ -40,6 +40,7 @@ CLOSE, CLOSE_REPS = 2.0, 10  # the sizes timed again (up to CLOSE one-token step
 # small trees' rates (relative to a one-token step) moved by up to 10 % between four measurements
 # in a row, and their order with them, while each tree's tokens per step are fixed by the profile
 TIE = 0.03
+STALE = 2.0  # a stored table is measured again when a one-token step now differs from it by this factor
 
 
 @dataclass
@@ -156,9 +157,40 @@ def non_decreasing(values: list[float]) -> list[float]:
     return [total / count for total, count in blocks for _ in range(count)]
 
 
+def quick_plain_ms(model, dmc: dict | None = None, context: int = 64, reps: int = 5) -> float:
+    """The median time of a few one-token steps (ms) after a short prompt: whether a stored
+    table's times are those of the machine as it is now."""
+    zero = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    text = torch.randint(0, model.cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(1))
+    text = text.to(model.device)
+    times = []
+    with torch.inference_mode():
+        if dmc is not None:
+            scratch = DMCForward(model, 1, context + reps + 1, **dmc)
+            scratch.prefill(text)
+            step = lambda: scratch.step(zero[0])  # noqa: E731
+        else:
+            cache = model.new_cache(context + 1)
+            model.last_hidden(text, cache, 0)
+            step = lambda: model.forward(zero, cache, context)  # noqa: E731
+        step()
+        for _ in range(reps):
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1000
+
+
 def step_costs(model, heads, name: str, sizes, profile: Profile | None, dmc: dict | None = None) -> dict[int, float]:
     """Measured once per model, device, weight format and cache (dense or DMC), then read from
-    the cache folder."""
+    the cache folder; measured again when a quick one-token step now takes less than half or
+    more than twice the stored one (the table was measured while the machine was busier or
+    quieter than now). The plan compares the trees' times with each other and with the plain
+    step's: only their ratios matter, and those a uniformly busy machine leaves as they are."""
     file = cache_dir() / "medusa_step_ms.json"
     key = _cost_key(model, name) + ("|dmc" if dmc is not None else "")
     try:
@@ -166,6 +198,10 @@ def step_costs(model, heads, name: str, sizes, profile: Profile | None, dmc: dic
     except (OSError, ValueError):
         known = {}
     have = {int(n): float(ms) for n, ms in known.get(key, {}).items()}
+    if all(n in have for n in (0, *sizes)):
+        now = quick_plain_ms(model, dmc)
+        if not have[0] / STALE <= now <= have[0] * STALE:  # measured on a busier (or quieter) machine
+            have = {}
     if not all(n in have for n in (0, *sizes)):
         have = measure_step_ms(model, heads, sizes, profile, dmc=dmc)
         known[key] = {str(n): round(ms, 3) for n, ms in have.items()}

@@ -228,3 +228,26 @@ def test_a_profile_is_read_for_the_cache_the_tree_is_verified_over(tmp_path):
     path.write_text(json.dumps({"profile": trained, "profiles": {"dmc": [1, 2]}}))
     with pytest.raises(EngineError, match="not a Medusa acceptance profile"):
         Profile.read(path, "dmc")
+
+
+def test_a_stored_step_table_from_a_busier_machine_is_measured_again(monkeypatch, tmp_path, tiny_checkpoint):
+    monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path))
+    model = from_dir(tiny_checkpoint)
+    assert medusa_plan.quick_plain_ms(model) > 0
+    measured = []
+    monkeypatch.setattr(medusa_plan, "quick_plain_ms", lambda *a: 10.0)  # the machine as it is now
+    monkeypatch.setattr(medusa_plan, "measure_step_ms", lambda *a, **k: measured.append(1) or {0: 10.0, 2: 11.0, 3: 12.0})
+    first = medusa_plan.step_costs(model, FakeHeads(), "tiny", [2, 3], PROFILE)
+    assert medusa_plan.step_costs(model, FakeHeads(), "tiny", [2, 3], PROFILE) == first  # read back, not measured
+    assert len(measured) == 1
+    file = tmp_path / "medusa_step_ms.json"
+    table = json.loads(file.read_text())
+    (key,) = table
+    table[key] = {n: ms * 1.8 for n, ms in table[key].items()}  # a little busier when stored: kept
+    file.write_text(json.dumps(table))
+    medusa_plan.step_costs(model, FakeHeads(), "tiny", [2, 3], PROFILE)
+    assert len(measured) == 1
+    table[key] = {n: ms * 30 for n, ms in table[key].items()}  # stored while another process held the cores
+    file.write_text(json.dumps(table))
+    assert medusa_plan.step_costs(model, FakeHeads(), "tiny", [2, 3], PROFILE) == first
+    assert len(measured) == 2 and json.loads(file.read_text())[key]["0"] == 10.0

@@ -43,11 +43,15 @@ def test_static_input_scale():
     torch.testing.assert_close(lin(x), fp8_gemm_reference(xq, wq, torch.tensor(0.01), ws.max(), out_dtype=torch.float32))
 
 
-def test_only_block_linears_are_quantized(tiny_checkpoint, tmp_path, monkeypatch):
+def test_the_linears_and_the_lm_head_are_quantized(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))  # its calibrated weights: not kept
     m = Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu", quantize="fp8")).model
     assert all(isinstance(getattr(layer, n), Fp8Linear) for layer in m.layers for n in ("qkv", "o", "gate_up", "down"))
-    assert not isinstance(m.lm_head, Fp8Linear) and m.embed.dtype == torch.float32
+    assert isinstance(m.lm_head, Fp8Linear) and m.embed.dtype == torch.float32  # the lookup table stays
+    # read back from the cache: the same calibrated weights, the lm_head's included
+    again = Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu", quantize="fp8")).model
+    assert torch.equal(again.lm_head.weight.view(torch.uint8), m.lm_head.weight.view(torch.uint8))
+    assert torch.equal(again.layers[1].down.weight.view(torch.uint8), m.layers[1].down.weight.view(torch.uint8))
     with pytest.raises(EngineError, match="quantize 'int4' is not supported"):
         Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu", quantize="int4"))
 
@@ -94,3 +98,23 @@ def test_perplexity_matches_transformers_loss(embedded_session, hf_reference):
     ours = perplexity(embedded_session.model, ids, window=512)
     assert ours["tokens"] == 299
     assert ours["perplexity"] == pytest.approx(torch.exp(loss).item(), rel=1e-4)
+
+
+def test_bf16_weights_on_load(tiny_checkpoint):
+    """``--quantize bf16``: the block linears and the lm_head keep bfloat16 weights (in the CPU
+    kernel's panels where it runs); the logits are those of the float32 model within bf16's
+    rounding."""
+    from kernels import cpu_gemm
+
+    full = Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu")).model
+    half = Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu", quantize="bf16"))
+    assert half.info().quantization == "bf16"
+    m = half.model
+    for lin in [m.lm_head, *(getattr(layer, n) for layer in m.layers for n in ("qkv", "o", "gate_up", "down"))]:
+        stored = lin.packed if lin.packed is not None else lin.weight
+        assert stored.dtype == (torch.bfloat16 if cpu_gemm.available() else torch.float32)
+    assert m.weight_bytes() < 0.75 * full.weight_bytes() or not cpu_gemm.available()
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    a = full.forward_all(ids, full.new_cache(8), 0)
+    b = m.forward_all(ids, m.new_cache(8), 0)
+    torch.testing.assert_close(b, a, atol=0.05 * a.abs().max().item(), rtol=0.05)

@@ -1,0 +1,112 @@
+"""FP8 on load (``--quantize fp8``): what it costs in perplexity and in calibration time.
+
+The embedded model (or ``--model``) on held-out text: its high-precision weights, FP8 rounded to
+nearest, and FP8 with GPTQ calibration at each budget (``SAMPLESxLENGTH`` sampled tokens),
+calibrated afresh here (not read from the cache) and timed; one case keeps the lm_head in high
+precision, to show what rounding it costs. The held-out text is the documentation of Python's
+standard library as installed (the docstrings of a fixed list of modules): real English text,
+and not what calibration sees (the model's own samples).
+
+    .venv/bin/python bench/fp8_quality.py --save                       # ~15 min on 2 cores
+    .venv/bin/python bench/fp8_quality.py --budgets 16x128 --tokens 2000  # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parse_args, record  # noqa: E402
+
+MODULES = ("argparse", "collections", "functools", "itertools", "pathlib", "subprocess", "threading", "textwrap",
+           "logging", "json", "csv", "datetime", "unittest", "heapq", "bisect", "contextlib", "dataclasses",
+           "decimal", "fractions", "statistics", "string", "shutil", "tempfile", "zipfile", "tarfile", "socket",
+           "selectors", "asyncio", "email", "http.client", "urllib.request", "xml.dom.minidom", "sqlite3", "typing")
+
+
+def held_out_text() -> str:
+    """The docstrings of MODULES and of their public classes and functions, in a fixed order."""
+    parts = []
+    for name in MODULES:
+        mod = importlib.import_module(name)
+        parts.append(inspect.getdoc(mod) or "")
+        for attr in sorted(getattr(mod, "__all__", None) or dir(mod)):
+            obj = getattr(mod, attr, None)
+            if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            if getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 200:
+                parts.append(doc)
+    return "\n\n".join(p for p in parts if p)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="default: the embedded model")
+    ap.add_argument("--budgets", nargs="+", default=["64x256", "32x128", "16x128", "16x64"],
+                    help="calibration budgets, SAMPLESxLENGTH")
+    ap.add_argument("--tokens", type=int, default=12000, help="held-out tokens scored")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--save", action="store_true")
+    args = parse_args(ap)
+
+    from engine.config import load_config
+    from engine.formats.tensor_source import TensorSource
+    from engine.hub.resolve import resolve
+    from engine.model import gptq, weights
+    from engine.model.linear import Linear
+    from engine.perplexity import perplexity
+    from engine.tokenizer import ChatTokenizer
+
+    name, path = resolve(args.model)
+    cfg = load_config(path)
+    weights.prepare_cpu_kernel("cpu", None)
+    ids = ChatTokenizer(path, cfg).encode(held_out_text())[:args.tokens]
+
+    def ppl(model) -> float:
+        return perplexity(model, ids, args.window, args.window // 2)["perplexity"]
+
+    cases = {}
+    base = weights.from_source(cfg, TensorSource(path), "cpu")
+    cases["high precision"] = {"perplexity": ppl(base)}
+    del base
+    rtn = weights.from_source(cfg, TensorSource(path), "cpu", None, None, gptq.RoundToNearest())
+    cases["fp8 round to nearest"] = {"perplexity": ppl(rtn)}
+    del rtn
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, budget in enumerate(args.budgets):
+            samples, length = (int(v) for v in budget.lower().split("x"))
+            src = TensorSource(path)
+            method = gptq.Fp8OnLoad(cfg, src, samples=samples, length=length)
+            method.cached, method.path = None, Path(tmp) / f"{budget}.safetensors"  # calibrate afresh
+            model = weights.from_source(cfg, src, "cpu", None, None, method)
+            t0 = time.perf_counter()
+            method.after_loading(model)
+            seconds = time.perf_counter() - t0
+            cases[f"fp8 gptq {budget}"] = {"perplexity": ppl(model), "calibration_s": round(seconds, 1),
+                                           "calibration_tokens": samples * length}
+            if i == 0 and cfg.tie_word_embeddings:  # the same weights with the lm_head in high precision
+                model.lm_head = Linear(model.embed.t(), None)
+                cases[f"fp8 gptq {budget}, high-precision lm_head"] = {"perplexity": ppl(model)}
+            del model
+    ref = cases["high precision"]["perplexity"]
+    for c in cases.values():
+        c["perplexity"] = round(c["perplexity"], 4)
+        c["vs_high_precision"] = round(c["perplexity"] / ref - 1, 4)
+        print(c, file=sys.stderr)
+    record("fp8_quality", {"model": name, "held_out_tokens": len(ids), "window": args.window,
+                           "threads": torch.get_num_threads(), "cases": cases}, args, args.save)
+
+
+if __name__ == "__main__":
+    main()
