@@ -130,7 +130,10 @@ class Fp8Linear:
         if self.packed is not None and x.dtype == torch.float32:
             xv, xs = cpu_gemm.quantize_activations(x2.contiguous(), self._input_scale)
             r2 = None if residual is None else residual.reshape(x2.shape[0], self.out_features).contiguous()
-            out = cpu_gemm.gemm(xv, self.packed, self.out_features, self._bias, r2, xs, self._col_scale)
+            # a long prompt: the weights widened once for the BLAS library's large-M kernels (our
+            # kernel widens them again for every few rows)
+            gemm = cpu_gemm.gemm if x2.shape[0] <= cpu_gemm.SMALL_M else cpu_gemm.gemm_reference
+            out = gemm(xv, self.packed, self.out_features, self._bias, r2, xs, self._col_scale)
             return out.view(*x.shape[:-1], self.out_features)
         if self.input_scale is None:
             xq, xs = quantize_rows(x2)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_layer
+from kernels import cpu_gemm, cpu_layer
 from kernels.tree_attention import tree_attention
 
 from engine.config import ModelConfig
@@ -45,7 +45,7 @@ class Layer:
 LINEARS = ("qkv", "o", "gate_up", "down")  # a Layer's linear layers
 # tokens up to which a CPU layer runs as one call (kernels/cpu_layer.py): decode steps and Medusa
 # trees; a longer prompt's prefill is left to the GEMM library's large-M kernels
-FUSED_ROWS = 64
+FUSED_ROWS = cpu_gemm.SMALL_M
 
 
 class LlamaModel:

@@ -69,3 +69,25 @@ def test_compose(embedded_session):
     assert setups["medusa+dmc"]["identical_to_dmc"] == 2 and setups["medusa"]["identical_to_plain"] == 2
     assert setups["dmc"]["kv_bytes_per_token"] < setups["plain"]["kv_bytes_per_token"]
     assert setups["dmc"]["reply_perplexity"] > 1
+
+
+@pytest.mark.parametrize("script", ["cpu_peers.py", "cpu_busy.py", "fp8_quality.py"])
+def test_cpu_comparisons_parse_their_arguments(script):
+    """The CPU comparisons take minutes (bench/results holds their figures): here their imports
+    and arguments, as gpu_run.sh's dry run checks the GPU benchmarks'."""
+    import os
+
+    r = subprocess.run([sys.executable, f"bench/{script}", "--help"], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert r.returncode == 0 and "usage" in r.stdout
+    r = subprocess.run([sys.executable, f"bench/{script}"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "CHATAPP_BENCH_DRY_RUN": "1"})
+    assert r.returncode == 0 and "arguments parse" in r.stdout, r.stderr[-1000:]
+
+
+def test_the_held_out_text_is_real_and_fixed():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from fp8_quality import held_out_text
+
+    text = held_out_text()
+    assert len(text) > 100_000 and text == held_out_text() and "Return" in text
