@@ -43,17 +43,27 @@ def test_static_input_scale():
     torch.testing.assert_close(lin(x), fp8_gemm_reference(xq, wq, torch.tensor(0.01), ws.max(), out_dtype=torch.float32))
 
 
-def test_the_linears_and_the_lm_head_are_quantized(tiny_checkpoint, tmp_path, monkeypatch):
+def test_the_linears_are_fp8_and_the_lm_head_bf16(tiny_checkpoint, tmp_path, monkeypatch):
+    from engine.model import gptq
+    from engine.model.linear import Linear
+
     monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path / "cache"))  # its calibrated weights: not kept
     m = Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu", quantize="fp8")).model
     assert all(isinstance(getattr(layer, n), Fp8Linear) for layer in m.layers for n in ("qkv", "o", "gate_up", "down"))
-    assert isinstance(m.lm_head, Fp8Linear) and m.embed.dtype == torch.float32  # the lookup table stays
-    # read back from the cache: the same calibrated weights, the lm_head's included
-    again = Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu", quantize="fp8")).model
-    assert torch.equal(again.lm_head.weight.view(torch.uint8), m.lm_head.weight.view(torch.uint8))
-    assert torch.equal(again.layers[1].down.weight.view(torch.uint8), m.layers[1].down.weight.view(torch.uint8))
-    with pytest.raises(EngineError, match="quantize 'int4' is not supported"):
-        Session.load(LoadModel(model=str(tiny_checkpoint), device="cpu", quantize="int4"))
+    assert isinstance(m.lm_head, Linear) and m.embed.dtype == torch.float32  # the lookup table stays
+    assert torch.equal(m.lm_head.dense().float(), m.embed.t().to(torch.bfloat16).float())
+    # an FP8 lm_head, calibrated with the rest and cached with it
+    src = gptq.TensorSource(tiny_checkpoint)
+    method = gptq.Fp8OnLoad(m.cfg, src, head_format="fp8")
+    from engine.model.weights import from_source
+
+    fp8 = from_source(m.cfg, src, "cpu", None, None, method)
+    method.after_loading(fp8)
+    assert isinstance(fp8.lm_head, Fp8Linear)
+    again = gptq.Fp8OnLoad(m.cfg, gptq.TensorSource(tiny_checkpoint), head_format="fp8")
+    assert again.cached is not None and again.path != gptq.Fp8OnLoad(m.cfg, src).path
+    read = from_source(m.cfg, gptq.TensorSource(tiny_checkpoint), "cpu", None, None, again)
+    assert torch.equal(read.lm_head.weight.view(torch.uint8), fp8.lm_head.weight.view(torch.uint8))
 
 
 def test_fp8_embedded_model_still_answers():
