@@ -5,8 +5,9 @@ barrier of all threads. On a quiet machine all cores are ours and 2 threads beat
 process competes for the cores, a thread that loses its core holds up every barrier until it
 runs again, and the step can cost more than with one thread (llama.cpp's spinning threads fall
 to a fraction of their speed that way). So the count is measured while decoding: each
-``every`` steps, ``probe`` steps run with the other candidate count, and the faster (by the
-median step time) is kept. ``CHATAPP_THREADS`` fixes the count instead (and turns this off)."""
+``every`` steps, ``probe`` steps run with the other candidate count, which is kept when its
+median step time beats the current count's (over its last ``every`` steps) by ``margin``: a
+busy machine's collapse is several-fold, a quiet machine's noise a few tens of percent. ``CHATAPP_THREADS`` fixes the count instead (and turns this off)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class ThreadTuner:
     """``step(seconds)`` after each decoding step: switches ``torch.set_num_threads`` between the
     candidate counts (all the process's threads, and half of them) as described above."""
 
-    def __init__(self, every: int = 24, probe: int = 4, margin: float = 0.05):
+    def __init__(self, every: int = 32, probe: int = 4, margin: float = 0.15):
         self.every, self.probe, self.margin = every, probe, margin
         fixed = fixed_threads()
         if fixed is not None:
@@ -73,7 +74,7 @@ class ThreadTuner:
 
     def _decide(self) -> None:
         tried, kept = self.probing, self.current
-        recent = self.times[kept][-self.probe * 2:]
+        recent = self.times[kept]
         if recent and statistics.median(self.times[tried]) < (1 - self.margin) * statistics.median(recent):
             self.current = tried
             self.switches += 1
