@@ -122,14 +122,9 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
             for n, step in which.items():
                 if dmc is None:
                     cache.length = context
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                step()
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize()
+                took = timed(model, step)
                 if r >= first:
-                    times[n].append(time.perf_counter() - t0)
+                    times[n].append(took)
 
     def medians() -> dict[int, float]:
         return {n: sorted(t)[len(t) // 2] * 1000 for n, t in times.items()}
@@ -142,6 +137,17 @@ def measure_step_ms(model, heads, sizes, profile: Profile | None, warmup: int = 
     median = medians()
     trees = sorted(sizes)
     return {0: median[0], **dict(zip(trees, non_decreasing([median[n] for n in trees])))}
+
+
+def timed(model, step) -> float:
+    """Seconds that ``step()`` takes, the GPU's work included."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def non_decreasing(values: list[float]) -> list[float]:
@@ -163,7 +169,6 @@ def quick_plain_ms(model, dmc: dict | None = None, context: int = 64, reps: int 
     zero = torch.zeros(1, 1, dtype=torch.long, device=model.device)
     text = torch.randint(0, model.cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(1))
     text = text.to(model.device)
-    times = []
     with torch.inference_mode():
         if dmc is not None:
             scratch = DMCForward(model, 1, context + reps + 1, **dmc)
@@ -174,14 +179,7 @@ def quick_plain_ms(model, dmc: dict | None = None, context: int = 64, reps: int 
             model.last_hidden(text, cache, 0)
             step = lambda: model.forward(zero, cache, context)  # noqa: E731
         step()
-        for _ in range(reps):
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        times = [timed(model, step) for _ in range(reps)]
     return sorted(times)[len(times) // 2] * 1000
 
 
