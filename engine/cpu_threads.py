@@ -7,7 +7,8 @@ runs again, and the step can cost more than with one thread (llama.cpp's spinnin
 to a fraction of their speed that way). So the count is measured while decoding: each
 ``every`` steps, ``probe`` steps run with the other candidate count, which is kept when its
 median step time beats the current count's (over its last ``every`` steps) by ``margin``: a
-busy machine's collapse is several-fold, a quiet machine's noise a few tens of percent. ``CHATAPP_THREADS`` fixes the count instead (and turns this off)."""
+busy machine's collapse is several-fold, a quiet machine's noise a few tens of percent. A step
+that takes JUMP times the recent median (another process just started) starts a probe at once. ``CHATAPP_THREADS`` fixes the count instead (and turns this off)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from engine.errors import EngineError
 
 ENV = "CHATAPP_THREADS"
+JUMP = 2.0  # a step this many times the recent median: probe the other count now
 
 
 def fixed_threads() -> int | None:
@@ -66,7 +68,11 @@ class ThreadTuner:
                 self._decide()
             return
         self.steps += 1
-        if self.steps % self.every == 0:
+        recent = self.times[n][:-1]
+        jumped = len(recent) >= self.probe and seconds > JUMP * statistics.median(recent)  # contention began
+        if jumped:
+            self.times[n] = [seconds]  # the machine changed: compare with what the current count does now
+        if self.steps % self.every == 0 or jumped:
             other = next(c for c in self.candidates if c != self.current)
             self.probing = other
             self.times[other] = []

@@ -48,3 +48,11 @@ def test_chatapp_threads_fixes_the_count(two_threads, monkeypatch):
     monkeypatch.setenv("CHATAPP_THREADS", "two")
     with pytest.raises(EngineError, match="CHATAPP_THREADS='two'"):
         ThreadTuner()
+
+
+def test_a_sudden_slowdown_is_probed_at_once(two_threads):
+    tuner = ThreadTuner(every=1000, probe=3)  # no probe on the schedule
+    decode(tuner, {2: 0.010, 1: 0.016}, 20)
+    assert tuner.current == 2
+    used = decode(tuner, {2: 0.060, 1: 0.016}, 10)  # another process took a core
+    assert tuner.current == 1 and used[-5:] == [1] * 5
