@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from . import cpu_gemm
 from .cpu_ops import available  # noqa: F401 (usable where the CPU library is)
 
-PROJECTIONS = ("qkv", "o", "gate_up", "down")  # a layer's projections, in the order ``panels`` lists them
 
 
 def decoder_layer(x: torch.Tensor, norms: list[torch.Tensor], eps: float, panels: list[tuple], heads: int,

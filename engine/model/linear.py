@@ -152,7 +152,7 @@ class Fp8Linear:
         (kernels/cpu_layer.py), where stored so."""
         if self.packed is None:
             return None
-        return self.packed, self._bias, self._col_scale, None if self.input_scale is None else self._input_scale
+        return self.packed, self._bias, self._col_scale, self._input_scale
 
     def nbytes(self) -> int:
         n = self.out_features * self.in_features + self.weight_scale.numel() * 4
