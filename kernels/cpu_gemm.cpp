@@ -66,12 +66,15 @@ struct F32Weights {
   }
 };
 
-struct Bf16Weights {  // bf16 is the top half of a float32: widen and shift
+struct Bf16Weights {
+  // bf16 is the top half of a float32. A panel row is stored as 8 dwords (column j | column
+  // j + 8 << 16) (cpu_gemm.py's PAIR_ORDER): shifting left gives columns 0-7, masking the low
+  // half off gives columns 8-15, one operation each.
   using T = uint16_t;
   static inline void load(const uint16_t* w, __m256& w0, __m256& w1) {
     const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(w));
-    w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
-    w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+    w0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    w1 = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
 };
 
@@ -80,18 +83,17 @@ struct E4m3Weights {
   // exponent bits of bias 15) reads as the value times 2^-8, normal and subnormal alike; the
   // hardware widens float16 to float32 exactly (F16C), and the epilogue multiplies by 2^8
   // (exact). Finite values only: the quantizer saturates at +-448 (e4m3's NaN would read 480).
-  // A panel row is stored as 8 words (column j | column j + 8 << 8) (cpu_gemm.py's FP8_ORDER):
-  // the low bytes give columns 0-7 and the high bytes columns 8-15, each moved into place
-  // with shifts and masks, without the byte shuffles that would otherwise bound the loop.
+  // A panel row is stored as 8 words (column j | column j + 8 << 8) (cpu_gemm.py's PAIR_ORDER).
+  // A byte in a word's top half, shifted right by one with its sign copied, is the float16
+  // after one mask (the copy of the sign lands on the float16's top exponent bit, which the mask
+  // clears): columns 8-15 in two operations, and columns 0-7, shifted to the top first, in three.
   using T = uint8_t;
   static constexpr float UNSCALE = 256.0f;
   static inline void load(const uint8_t* w, __m256& w0, __m256& w1) {
     const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(w));
-    const __m128i mag = _mm_set1_epi16(0x3F80), sign = _mm_set1_epi16(static_cast<short>(0x8000));
-    const __m128i lo = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(v, 7), mag), _mm_and_si128(_mm_slli_epi16(v, 8), sign));
-    const __m128i hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(v, 1), mag), _mm_and_si128(v, sign));
-    w0 = _mm256_cvtph_ps(lo);
-    w1 = _mm256_cvtph_ps(hi);
+    const __m128i keep = _mm_set1_epi16(static_cast<short>(0xBF80));  // sign, 4 low exponent bits, 3 mantissa bits
+    w0 = _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(_mm_slli_epi16(v, 8), 1), keep));
+    w1 = _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(v, 1), keep));
   }
 };
 

@@ -15,10 +15,11 @@ from .cpu_ops import available, why_not  # noqa: F401 (the kernel is usable wher
 PANEL = 16
 SMALL_M = 64  # rows up to which the kernel beats widening narrow weights once for the BLAS library
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)  # what the panels may hold
-# FP8 panel rows are stored as 8 pairs (column j, column j + 8): as 16-bit words, the low bytes
-# are the first 8 columns and the high bytes the last 8, which the kernel widens to float16 with
-# shifts and masks in place (no byte shuffles, the kernel's bottleneck otherwise)
-FP8_ORDER = torch.tensor([c for j in range(8) for c in (j, j + 8)])
+# bf16 and FP8 panel rows are stored as 8 pairs (column j, column j + 8): as 32-bit (bf16) or
+# 16-bit (FP8) words, the low halves are the first 8 columns and the high halves the last 8,
+# which the kernel widens with a shift or a mask in place (no shuffles, which would bound the loop)
+PAIR_ORDER = torch.tensor([c for j in range(8) for c in (j, j + 8)])
+PAIRED = (torch.bfloat16, torch.float8_e4m3fn)
 
 
 def packs(device, dtype) -> bool:
@@ -29,7 +30,7 @@ def packs(device, dtype) -> bool:
 
 def pack(weight_t: torch.Tensor) -> torch.Tensor:
     """W [K, N] -> panels [ceil(N / 16), K, 16] (the last one zero-padded), 32-byte aligned, in
-    W's dtype (one of WEIGHT_DTYPES; FP8 rows in FP8_ORDER)."""
+    W's dtype (one of WEIGHT_DTYPES; bf16 and FP8 rows in PAIR_ORDER)."""
     assert weight_t.dtype in WEIGHT_DTYPES, f"no CPU kernel for {weight_t.dtype} weights"
     k, n = weight_t.shape
     w = _bits(weight_t)
@@ -37,16 +38,16 @@ def pack(weight_t: torch.Tensor) -> torch.Tensor:
     if n % PANEL:
         w = torch.nn.functional.pad(w, (0, panels * PANEL - n))
     w = w.reshape(k, panels, PANEL).transpose(0, 1)
-    if weight_t.dtype == torch.float8_e4m3fn:
-        w = w[..., FP8_ORDER]
+    if weight_t.dtype in PAIRED:
+        w = w[..., PAIR_ORDER]
     return w.contiguous().view(weight_t.dtype)
 
 
 def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     """panels [P, K, 16] -> W [K, n]."""
     w = _bits(packed)
-    if packed.dtype == torch.float8_e4m3fn:
-        w = w[..., torch.argsort(FP8_ORDER)]
+    if packed.dtype in PAIRED:
+        w = w[..., torch.argsort(PAIR_ORDER)]
     return w.transpose(0, 1).reshape(packed.shape[1], -1)[:, :n].view(packed.dtype)
 
 
