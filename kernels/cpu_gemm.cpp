@@ -6,8 +6,10 @@
 // GEMM libraries' small-M paths read W several times over or use one core; this one costs
 // about the same at M = 8 as at M = 1.
 //
-// Every output element is one sum over k in increasing order, whatever M is: a row's result
-// does not depend on how many other rows were multiplied with it.
+// Every output element is the same two sums whatever M is, over the even and over the odd k, each
+// in increasing k, added at the end (two chains: one row alone keeps four sums in flight, not two
+// that wait on the FMA latency): a row's result does not depend on how many other rows were
+// multiplied with it.
 //
 // The panels hold float32, bfloat16 or FP8 (e4m3) weights: narrow ones are read as they are
 // stored (2 or 1 bytes per weight, the bytes decode is bound by) and widened to float32 in
@@ -22,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -35,15 +38,17 @@ namespace {
 constexpr int PANEL = 16;  // columns per panel: two AVX registers
 constexpr int ROWS = 6;    // rows per group: 12 accumulators + 2 weights + 1 broadcast = 15 registers
 constexpr int KBLOCK = 64;  // k per block: 4 KB of the panel, read from memory once and used by every row group
+constexpr int PREFETCH_BYTES = 1024;  // one row: how far ahead of the loads the stream is asked for
 constexpr int PREFETCH = 32;  // panel lines (k) ahead that are asked for while the current ones are used
+constexpr int CHAINS = 2;  // each output is two sums, over the even and over the odd k, added at the end
 constexpr int MAX_ROWS = 64;  // rows whose accumulators are parked per task (more rows: another sweep of the panel)
 
 // The accumulators are named variables, not an array: compilers keep them in registers then
 // (with an array, GCC stores them to the stack at every k).
 #define CHATAPP_LOAD(r)                                                                  \
   if constexpr (R > r) {                                                                 \
-    a##r##0 = _mm256_load_ps(acc + (r) * PANEL);                                         \
-    a##r##1 = _mm256_load_ps(acc + (r) * PANEL + 8);                                     \
+    a##r##0 = _mm256_load_ps(acc + (r) * CHAINS * PANEL);                                \
+    a##r##1 = _mm256_load_ps(acc + (r) * CHAINS * PANEL + 8);                            \
   }
 #define CHATAPP_ROW(r)                                              \
   if constexpr (R > r) {                                            \
@@ -53,8 +58,8 @@ constexpr int MAX_ROWS = 64;  // rows whose accumulators are parked per task (mo
   }
 #define CHATAPP_PARK(r)                                             \
   if constexpr (R > r) {                                            \
-    _mm256_store_ps(acc + (r) * PANEL, a##r##0);                    \
-    _mm256_store_ps(acc + (r) * PANEL + 8, a##r##1);                \
+    _mm256_store_ps(acc + (r) * CHAINS * PANEL, a##r##0);           \
+    _mm256_store_ps(acc + (r) * CHAINS * PANEL + 8, a##r##1);       \
   }
 
 // How a panel's row k (16 weights) becomes two registers of 8 float32, per stored type.
@@ -97,44 +102,95 @@ struct E4m3Weights {
   }
 };
 
-// R rows times the panel's k in [k0, k1), added to the R rows of accumulators parked at acc
-// ([R][16], 32-byte aligned). Each sum still runs over k in increasing order: parking a float
-// in memory and loading it back changes nothing.
-template <int R, class W>
+// R rows times the panel's rows k0 + CHAIN, k0 + CHAIN + 2, ... below k1 (one of the two chains),
+// added to that chain's accumulators of the R rows parked at acc ([R][CHAINS][16], 32-byte
+// aligned). Each sum runs in increasing k: parking a float in memory and loading it back changes
+// nothing. With ``widened`` set, the weights are also stored there as float32 ([KBLOCK][16], row
+// k at k - k0) for the other row groups of the block.
+template <int R, int CHAIN, class W>
 void block_rows(const float* x, int64_t ldx, const typename W::T* w, int64_t k0, int64_t k1, float* acc,
-                bool prefetch) {
+                bool prefetch, float* widened) {
   __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
+  acc += CHAIN * PANEL;
   CHATAPP_LOAD(0) CHATAPP_LOAD(1) CHATAPP_LOAD(2) CHATAPP_LOAD(3) CHATAPP_LOAD(4) CHATAPP_LOAD(5)
-  for (int64_t k = k0; k < k1; ++k) {
+  for (int64_t k = k0 + CHAIN; k < k1; k += CHAINS) {
     // the first row group of a block streams the panel from memory: keep lines on the way
     // (within the panel and on into the next, which the same task takes next; a prefetch past
     // the end of the weights is harmless)
     if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + (k + PREFETCH) * PANEL), _MM_HINT_T0);
     __m256 w0, w1;
     W::load(w + k * PANEL, w0, w1);
+    if (widened) {
+      _mm256_store_ps(widened + (k - k0) * PANEL, w0);
+      _mm256_store_ps(widened + (k - k0) * PANEL + 8, w1);
+    }
     CHATAPP_ROW(0) CHATAPP_ROW(1) CHATAPP_ROW(2) CHATAPP_ROW(3) CHATAPP_ROW(4) CHATAPP_ROW(5)
   }
   CHATAPP_PARK(0) CHATAPP_PARK(1) CHATAPP_PARK(2) CHATAPP_PARK(3) CHATAPP_PARK(4) CHATAPP_PARK(5)
 }
 
+// One row, both chains at once: four independent sums keep both FMA units busy, where one row's
+// two would wait on the FMA latency. The same sums, in the same order, as block_rows computes.
+template <class W>
+void block_one(const float* x, const typename W::T* w, int64_t k0, int64_t k1, float* acc) {
+  __m256 e0 = _mm256_load_ps(acc), e1 = _mm256_load_ps(acc + 8);
+  __m256 o0 = _mm256_load_ps(acc + PANEL), o1 = _mm256_load_ps(acc + PANEL + 8);
+  int64_t k = k0;
+  for (; k + 1 < k1; k += 2) {
+    // ask for the lines PREFETCH_BYTES ahead (on into the next panel, which this task takes next)
+    const char* line = reinterpret_cast<const char*>(w + k * PANEL) + PREFETCH_BYTES;
+    for (size_t b = 0; b < 2 * PANEL * sizeof(typename W::T); b += 64) _mm_prefetch(line + b, _MM_HINT_T0);
+    __m256 w0, w1, v0, v1;
+    W::load(w + k * PANEL, w0, w1);
+    W::load(w + (k + 1) * PANEL, v0, v1);
+    const __m256 xe = _mm256_broadcast_ss(x + k), xo = _mm256_broadcast_ss(x + k + 1);
+    e0 = _mm256_fmadd_ps(xe, w0, e0);
+    e1 = _mm256_fmadd_ps(xe, w1, e1);
+    o0 = _mm256_fmadd_ps(xo, v0, o0);
+    o1 = _mm256_fmadd_ps(xo, v1, o1);
+  }
+  if (k < k1) {  // an odd k1 - k0 (only at the end of K): its last row is an even chain's
+    __m256 w0, w1;
+    W::load(w + k * PANEL, w0, w1);
+    const __m256 xe = _mm256_broadcast_ss(x + k);
+    e0 = _mm256_fmadd_ps(xe, w0, e0);
+    e1 = _mm256_fmadd_ps(xe, w1, e1);
+  }
+  _mm256_store_ps(acc, e0);
+  _mm256_store_ps(acc + 8, e1);
+  _mm256_store_ps(acc + PANEL, o0);
+  _mm256_store_ps(acc + PANEL + 8, o1);
+}
+
+template <int R, class W>
+void both_chains(const float* x, int64_t ldx, const typename W::T* w, int64_t k0, int64_t k1, float* acc,
+                 bool prefetch, float* widened) {
+  block_rows<R, 0, W>(x, ldx, w, k0, k1, acc, prefetch, widened);
+  block_rows<R, 1, W>(x, ldx, w, k0, k1, acc, prefetch, widened);
+}
+
 template <class W>
 void rows_block(int rows, const float* x, int64_t ldx, const typename W::T* w, int64_t k0, int64_t k1, float* acc,
-                bool prefetch) {
+                bool prefetch, float* widened) {
   switch (rows) {
-    case 1: block_rows<1, W>(x, ldx, w, k0, k1, acc, prefetch); break;
-    case 2: block_rows<2, W>(x, ldx, w, k0, k1, acc, prefetch); break;
-    case 3: block_rows<3, W>(x, ldx, w, k0, k1, acc, prefetch); break;
-    case 4: block_rows<4, W>(x, ldx, w, k0, k1, acc, prefetch); break;
-    case 5: block_rows<5, W>(x, ldx, w, k0, k1, acc, prefetch); break;
-    default: block_rows<6, W>(x, ldx, w, k0, k1, acc, prefetch); break;
+    case 1:
+      if (widened) both_chains<1, W>(x, ldx, w, k0, k1, acc, prefetch, widened);
+      else block_one<W>(x, w, k0, k1, acc);
+      break;
+    case 2: both_chains<2, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
+    case 3: both_chains<3, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
+    case 4: both_chains<4, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
+    case 5: both_chains<5, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
+    default: both_chains<6, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
   }
 }
 
-// y = acc (* row scale * column scale, as the reference orders them) (+ bias) (+ residual)
+// y = (even chain + odd chain) (* row scale * column scale, as the reference orders them)
+// (+ bias) (+ residual)
 void finish(const float* acc, float* y, int cols, float unscale, const float* row_scale, const float* col_scale,
             int64_t col_step, const float* bias, const float* res) {
   for (int c = 0; c < cols; ++c) {
-    float v = acc[c] * unscale;
+    float v = (acc[c] + acc[PANEL + c]) * unscale;
     if (row_scale) v = v * row_scale[0] * col_scale[c * col_step];
     if (bias) v += bias[c];
     if (res) v += res[c];
@@ -144,28 +200,35 @@ void finish(const float* acc, float* y, int cols, float unscale, const float* ro
 
 // One panel times ``rows`` rows of x: the panel is walked once, a block of KBLOCK k at a
 // time, and every row group (as even as possible: 8 rows as 4 + 4, not 6 + 2) uses the block
-// while it is in L1.
+// while it is in L1; narrow weights are widened once per block, by the first group, for all.
 template <class W>
 void panel_times_rows(const float* x, int64_t ldx, const typename W::T* w, int64_t k_len, int64_t rows, float* acc,
-                      float* y, int64_t ldy, int cols, const Scales& sc, const float* bias, const float* res,
-                      int64_t ldr) {
+                      float* widened, float* y, int64_t ldy, int cols, const Scales& sc, const float* bias,
+                      const float* res, int64_t ldr) {
   const int64_t groups = (rows + ROWS - 1) / ROWS, per_group = (rows + groups - 1) / groups;
   // with one row the loop waits on memory anyway and the hardware prefetcher keeps up; with
   // more, the arithmetic between loads would let the stream stall (measured with the weights of
   // the embedded model streamed from memory: 20 % at M = 3, 10-25 % at M = 8)
   const bool prefetch = per_group >= 2;
-  std::fill(acc, acc + rows * PANEL, 0.0f);
-  for (int64_t k0 = 0; k0 < k_len; k0 += KBLOCK) {
+  const bool reuse = groups > 1 && !std::is_same<W, F32Weights>::value;
+  std::fill(acc, acc + rows * CHAINS * PANEL, 0.0f);
+  if (rows == 1) block_one<W>(x, w, 0, k_len, acc);  // one row: nothing to keep in L1, the panel in one sweep
+  for (int64_t k0 = 0; k0 < (rows == 1 ? 0 : k_len); k0 += KBLOCK) {
     const int64_t k1 = std::min<int64_t>(k_len, k0 + KBLOCK);
     for (int64_t g = 0; g < rows; g += per_group) {
       const int n = static_cast<int>(std::min<int64_t>(per_group, rows - g));
-      rows_block<W>(n, x + g * ldx, ldx, w, k0, k1, acc + g * PANEL, prefetch && g == 0);
+      if (!reuse)
+        rows_block<W>(n, x + g * ldx, ldx, w, k0, k1, acc + g * CHAINS * PANEL, prefetch && g == 0, nullptr);
+      else if (g == 0)
+        rows_block<W>(n, x, ldx, w, k0, k1, acc, prefetch, widened);
+      else  // the block's float32 copy, indexed from k0
+        rows_block<F32Weights>(n, x + g * ldx + k0, ldx, widened, 0, k1 - k0, acc + g * CHAINS * PANEL, false,
+                               nullptr);
     }
   }
   for (int64_t r = 0; r < rows; ++r)
-    finish(acc + r * PANEL, y + r * ldy, cols, sc.unscale, sc.row ? sc.row + r * sc.row_step : nullptr, sc.col,
-           sc.col_step,
-           bias, res ? res + r * ldr : nullptr);
+    finish(acc + r * CHAINS * PANEL, y + r * ldy, cols, sc.unscale, sc.row ? sc.row + r * sc.row_step : nullptr,
+           sc.col, sc.col_step, bias, res ? res + r * ldr : nullptr);
 }
 
 template <class W>
@@ -174,7 +237,8 @@ void run_panels(const float* xp, int64_t ldx, const typename W::T* wp, int64_t m
   // panels per task: enough work per task that scheduling costs little, and a few tasks per thread
   const int64_t grain = std::max<int64_t>(1, panels / (8 * at::get_num_threads()));
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-    alignas(32) float acc[MAX_ROWS * PANEL];
+    alignas(32) float acc[MAX_ROWS * CHAINS * PANEL];
+    alignas(32) float widened[KBLOCK * PANEL];
     for (int64_t p = begin; p < end; ++p) {
       const int64_t c0 = p * PANEL;
       const int cols = static_cast<int>(std::min<int64_t>(PANEL, n - c0));
@@ -185,7 +249,7 @@ void run_panels(const float* xp, int64_t ldx, const typename W::T* wp, int64_t m
         const int64_t rows = std::min<int64_t>(MAX_ROWS, m - r0);
         Scales part = panel;
         if (part.row) part.row += r0 * part.row_step;
-        panel_times_rows<W>(xp + r0 * ldx, ldx, w, k_len, rows, acc, yp + r0 * ldy + c0, ldy, cols, part,
+        panel_times_rows<W>(xp + r0 * ldx, ldx, w, k_len, rows, acc, widened, yp + r0 * ldy + c0, ldy, cols, part,
                             bp ? bp + c0 : nullptr, rp ? rp + r0 * ldr + c0 : nullptr, ldr);
       }
     }
