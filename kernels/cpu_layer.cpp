@@ -1,4 +1,4 @@
-// One Llama decoder layer for a few tokens at a time on an x86 CPU (AVX2 + FMA), in one call:
+// Llama decoder layers for a few tokens at a time on an x86 CPU (AVX2 + FMA), all in one call:
 // RMSNorm, the fused q|k|v projection, RoPE, the KV-cache write, grouped-query attention
 // (causal, or under a Medusa tree's mask), the output projection and its residual, RMSNorm,
 // gate|up, SwiGLU, the down projection and its residual. A decode step (1 token) or a tree's
@@ -86,94 +86,89 @@ void project(const Proj& p, const float* x, int64_t m, float* y, const float* re
 const float* optional_floats(const c10::optional<at::Tensor>& t, int64_t numel, const char* what) {
   if (!t.has_value() || !t->defined()) return nullptr;
   TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && (t->numel() == numel || numel < 0),
-              "decoder_layer: bad ", what);
+              "decoder_layers: bad ", what);
   return t->data_ptr<float>();
 }
 
-// x [T, H] float32 (contiguous). norms [2] = (attn_norm [H], mlp_norm [H]); packed [4] = the
-// qkv, o, gate_up, down panels ([P, K, 16]); bias, col_scale, input_scale [4] each (none where
-// a layer has none; col_scale for FP8 panels only, [n] or [1]; input_scale [1] or none for
-// per-token activations). k_cache, v_cache [Hkv, L, D] (this layer's, innermost dimension
-// contiguous): the T new keys and values are written at slots start..start+T-1. cos, sin [T, D]
-// (sin with its first half negated, engine/model/rope.py) of the tokens' positions. tree_mask
-// [T, T] bool: which new slots each token sees (none: the causal order). Returns [T, H].
-at::Tensor decoder_layer(const at::Tensor& x_in, at::TensorList norms, double eps, at::TensorList packed,
-                         const c10::List<c10::optional<at::Tensor>>& bias,
-                         const c10::List<c10::optional<at::Tensor>>& col_scale,
-                         const c10::List<c10::optional<at::Tensor>>& input_scale, int64_t heads, int64_t kv_heads,
-                         at::Tensor k_cache, at::Tensor v_cache, int64_t start, const at::Tensor& cos_in,
-                         const at::Tensor& sin_in, const c10::optional<at::Tensor>& tree_mask) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decoder_layer: x must be [T, H] float32");
-  TORCH_CHECK(norms.size() == 2 && packed.size() == 4 && bias.size() == 4 && col_scale.size() == 4 &&
-                  input_scale.size() == 4, "decoder_layer: 2 norms and 4 linear layers");
-  const at::Tensor x = x_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
-  const int64_t t = x.size(0), h = x.size(1), d = cos.size(1);
-  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && d % 2 == 0, "decoder_layer: bad head counts");
-  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == t && sin.sizes() == cos.sizes() && cos.scalar_type() == at::kFloat &&
-                  sin.scalar_type() == at::kFloat, "decoder_layer: cos, sin must be [T, D] float32");
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == kv_heads &&
-                  k_cache.size(2) == d && k_cache.stride(2) == 1 && v_cache.stride(2) == 1 &&
-                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
-              "decoder_layer: caches must be [Hkv, L, D] float32");
-  TORCH_CHECK(start >= 0 && start + t <= k_cache.size(1), "decoder_layer: the tokens do not fit in the cache");
-  const bool* visible = nullptr;
-  if (tree_mask.has_value() && tree_mask->defined()) {
-    TORCH_CHECK(tree_mask->scalar_type() == at::kBool && tree_mask->dim() == 2 && tree_mask->size(0) == t &&
-                    tree_mask->size(1) == t && tree_mask->is_contiguous(), "decoder_layer: tree_mask must be [T, T] bool");
-    visible = tree_mask->data_ptr<bool>();
-  }
-  for (const auto& n : norms)
-    TORCH_CHECK(n.scalar_type() == at::kFloat && n.is_contiguous() && n.numel() == h, "decoder_layer: bad norm weight");
+// The sizes every layer shares.
+struct Shape {
+  int64_t t, h, d, heads, kv_heads, q_size, kv_size, qkv_n, inter;
+};
 
-  const int64_t q_size = heads * d, kv_size = kv_heads * d, qkv_n = q_size + 2 * kv_size;
-  const int64_t inter = packed[3].size(1);
-  const int64_t in[4] = {h, q_size, h, inter}, out[4] = {qkv_n, h, 2 * inter, h};
+// One layer's weights: its two norms and four projections, checked against the shape.
+struct LayerWeights {
+  const float* norm[2];
   Proj proj[4];
+};
+
+LayerWeights layer_weights(int64_t l, at::TensorList norms, at::TensorList packed,
+                           const c10::List<c10::optional<at::Tensor>>& bias,
+                           const c10::List<c10::optional<at::Tensor>>& col_scale,
+                           const c10::List<c10::optional<at::Tensor>>& input_scale, const Shape& sh) {
+  LayerWeights lw;
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& n = norms[2 * l + i];
+    TORCH_CHECK(n.scalar_type() == at::kFloat && n.is_contiguous() && n.numel() == sh.h,
+                "decoder_layers: bad norm weight in layer ", l);
+    lw.norm[i] = n.data_ptr<float>();
+  }
+  const int64_t in[4] = {sh.h, sh.q_size, sh.h, sh.inter}, out[4] = {sh.qkv_n, sh.h, 2 * sh.inter, sh.h};
   for (int i = 0; i < 4; ++i) {
-    const at::Tensor& p = packed[i];
+    const int64_t j = 4 * l + i;
+    const at::Tensor& p = packed[j];
     const auto wt = p.scalar_type();
     TORCH_CHECK(p.dim() == 3 && p.size(2) == 16 && p.is_contiguous() && p.size(1) == in[i] &&
                     p.size(0) == (out[i] + 15) / 16 &&
                     (wt == at::kFloat || wt == at::kBFloat16 || wt == at::kFloat8_e4m3fn) &&
                     reinterpret_cast<uintptr_t>(p.data_ptr()) % 32 == 0,
-                "decoder_layer: linear layer ", i, " has panels of the wrong shape or type");
-    proj[i].packed = &p;
-    proj[i].n = out[i];
-    proj[i].bias = optional_floats(bias.get(i), out[i], "bias");
-    proj[i].fp8 = wt == at::kFloat8_e4m3fn;
-    const c10::optional<at::Tensor> cs = col_scale.get(i), is = input_scale.get(i);
-    TORCH_CHECK(proj[i].fp8 == (cs.has_value() && cs->defined()), "decoder_layer: FP8 panels need their scales");
-    if (proj[i].fp8) {
-      proj[i].col = optional_floats(cs, -1, "col_scale");
-      TORCH_CHECK(cs->numel() == out[i] || cs->numel() == 1, "decoder_layer: col_scale must be [n] or [1]");
-      proj[i].col_step = cs->numel() == 1 ? 0 : 1;
-      proj[i].input_scale = optional_floats(is, 1, "input_scale");
+                "decoder_layers: linear layer ", i, " of layer ", l, " has panels of the wrong shape or type");
+    Proj& pr = lw.proj[i];
+    pr.packed = &p;
+    pr.n = out[i];
+    pr.bias = optional_floats(bias.get(j), out[i], "bias");
+    pr.fp8 = wt == at::kFloat8_e4m3fn;
+    const c10::optional<at::Tensor> cs = col_scale.get(j), is = input_scale.get(j);
+    TORCH_CHECK(pr.fp8 == (cs.has_value() && cs->defined()), "decoder_layers: FP8 panels need their scales");
+    if (pr.fp8) {
+      pr.col = optional_floats(cs, -1, "col_scale");
+      TORCH_CHECK(cs->numel() == out[i] || cs->numel() == 1, "decoder_layers: col_scale must be [n] or [1]");
+      pr.col_step = cs->numel() == 1 ? 0 : 1;
+      pr.input_scale = optional_floats(is, 1, "input_scale");
     }
   }
+  return lw;
+}
 
-  const float* xp = x.data_ptr<float>();
-  std::vector<float> normed(t * h), qkv(t * qkv_n), attn(t * q_size), x1(t * h), gu(t * 2 * inter), act(t * inter);
-  std::vector<float> qbuf, sbuf;
-  const float epsf = static_cast<float>(eps);
+// What a layer works in, allocated once per call for all layers.
+struct Scratch {
+  std::vector<float> normed, qkv, attn, x1, gu, act, q, s;
+  explicit Scratch(const Shape& sh)
+      : normed(sh.t * sh.h), qkv(sh.t * sh.qkv_n), attn(sh.t * sh.q_size), x1(sh.t * sh.h),
+        gu(sh.t * 2 * sh.inter), act(sh.t * sh.inter) {}
+};
+
+// One layer: x [t, h] -> y [t, h]; the t new keys and values go to slots start.. of this layer's
+// caches kc, vc ([Hkv, L, D] with strides ks0/ks1, vs0/vs1).
+void run_layer(const LayerWeights& lw, const Shape& sh, float eps, const float* xp, float* yp, float* kc,
+               int64_t ks0, int64_t ks1, float* vc, int64_t vs0, int64_t vs1, int64_t start, const float* cp,
+               const float* sp, const bool* visible, Scratch& sc) {
+  const int64_t t = sh.t, h = sh.h, d = sh.d, heads = sh.heads, kv_heads = sh.kv_heads;
+  const int64_t q_size = sh.q_size, kv_size = sh.kv_size, qkv_n = sh.qkv_n, inter = sh.inter;
 
   // attention input: norm, q|k|v, q and k heads rotated (x*cos + roll(x, D/2)*sin), k and v cached
-  rms_norm_rows(xp, t, h, norms[0].data_ptr<float>(), epsf, normed.data());
-  project(proj[0], normed.data(), t, qkv.data(), nullptr, qbuf, sbuf);
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), vs0 = v_cache.stride(0), vs1 = v_cache.stride(1);
+  rms_norm_rows(xp, t, h, lw.norm[0], eps, sc.normed.data());
+  project(lw.proj[0], sc.normed.data(), t, sc.qkv.data(), nullptr, sc.q, sc.s);
   const int64_t half = d / 2;
-  std::vector<float> tmp(d);
+  float tmp[512];
+  TORCH_CHECK(d <= 512, "decoder_layers: head size above 512");
   for (int64_t i = 0; i < t; ++i) {
-    float* row = qkv.data() + i * qkv_n;
+    float* row = sc.qkv.data() + i * qkv_n;
     const float* c = cp + i * d;
     const float* s = sp + i * d;
     for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {
       float* v = row + hd * d;
       for (int64_t j = 0; j < d; ++j) tmp[j] = v[j] * c[j] + v[(j + half) % d] * s[j];
-      std::copy(tmp.begin(), tmp.end(), v);
+      std::copy(tmp, tmp + d, v);
     }
     for (int64_t g = 0; g < kv_heads; ++g) {
       std::copy(row + q_size + g * d, row + q_size + (g + 1) * d, kc + g * ks0 + (start + i) * ks1);
@@ -190,7 +185,7 @@ at::Tensor decoder_layer(const at::Tensor& x_in, at::TensorList norms, double ep
     std::vector<float> acc(d);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t i = r / heads, hi = r % heads, g = hi / groups;
-      const float* qrow = qkv.data() + i * qkv_n + hi * d;
+      const float* qrow = sc.qkv.data() + i * qkv_n + hi * d;
       const float* keys = kc + g * ks0;
       const float* values = vc + g * vs0;
       slots.clear();
@@ -208,19 +203,84 @@ at::Tensor decoder_layer(const at::Tensor& x_in, at::TensorList norms, double ep
       const float total = count ? exp_shifted(w.data(), count, top) : 0.0f;
       for (int64_t sI = 0; sI < count; ++sI) axpy(w[sI], values + slots[sI] * vs1, acc.data(), d);
       const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-      float* orow = attn.data() + i * q_size + hi * d;
+      float* orow = sc.attn.data() + i * q_size + hi * d;
       for (int64_t c = 0; c < d; ++c) orow[c] = acc[c] * inv;
     }
   });
 
-  // x1 = x + o(attn); out = x1 + down(swiglu(gate_up(norm(x1))))
-  project(proj[1], attn.data(), t, x1.data(), xp, qbuf, sbuf);
-  rms_norm_rows(x1.data(), t, h, norms[1].data_ptr<float>(), epsf, normed.data());
-  project(proj[2], normed.data(), t, gu.data(), nullptr, qbuf, sbuf);
+  // x1 = x + o(attn); y = x1 + down(swiglu(gate_up(norm(x1))))
+  project(lw.proj[1], sc.attn.data(), t, sc.x1.data(), xp, sc.q, sc.s);
+  rms_norm_rows(sc.x1.data(), t, h, lw.norm[1], eps, sc.normed.data());
+  project(lw.proj[2], sc.normed.data(), t, sc.gu.data(), nullptr, sc.q, sc.s);
   for (int64_t i = 0; i < t; ++i)
-    swiglu(gu.data() + i * 2 * inter, gu.data() + i * 2 * inter + inter, inter, act.data() + i * inter);
-  at::Tensor y = at::empty({t, h}, x.options());
-  project(proj[3], act.data(), t, y.data_ptr<float>(), x1.data(), qbuf, sbuf);
+    swiglu(sc.gu.data() + i * 2 * inter, sc.gu.data() + i * 2 * inter + inter, inter, sc.act.data() + i * inter);
+  project(lw.proj[3], sc.act.data(), t, yp, sc.x1.data(), sc.q, sc.s);
+}
+
+// L consecutive decoder layers in one call. x [T, H] float32 (contiguous). norms [2 L] = per
+// layer (attn_norm [H], mlp_norm [H]); packed [4 L] = per layer the qkv, o, gate_up, down panels
+// ([P, K, 16]); bias, col_scale, input_scale [4 L] each (none where a layer has none; col_scale
+// for FP8 panels only, [n] or [1]; input_scale [1] or none for per-token activations). k_cache,
+// v_cache [L, Hkv, Lmax, D] (innermost dimension contiguous): each layer's T new keys and values
+// are written at slots start..start+T-1. cos, sin [T, D] (sin with its first half negated,
+// engine/model/rope.py) of the tokens' positions. tree_mask [T, T] bool: which new slots each
+// token sees (none: the causal order). Returns [T, H].
+at::Tensor decoder_layers(const at::Tensor& x_in, at::TensorList norms, double eps, at::TensorList packed,
+                          const c10::List<c10::optional<at::Tensor>>& bias,
+                          const c10::List<c10::optional<at::Tensor>>& col_scale,
+                          const c10::List<c10::optional<at::Tensor>>& input_scale, int64_t heads, int64_t kv_heads,
+                          at::Tensor k_cache, at::Tensor v_cache, int64_t start, const at::Tensor& cos_in,
+                          const at::Tensor& sin_in, const c10::optional<at::Tensor>& tree_mask) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decoder_layers: x must be [T, H] float32");
+  const int64_t layers = static_cast<int64_t>(packed.size()) / 4;
+  TORCH_CHECK(layers >= 1 && static_cast<int64_t>(packed.size()) == 4 * layers &&
+                  static_cast<int64_t>(norms.size()) == 2 * layers && static_cast<int64_t>(bias.size()) == 4 * layers &&
+                  static_cast<int64_t>(col_scale.size()) == 4 * layers &&
+                  static_cast<int64_t>(input_scale.size()) == 4 * layers,
+              "decoder_layers: 2 norms and 4 linear layers per layer");
+  const at::Tensor x = x_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  Shape sh;
+  sh.t = x.size(0);
+  sh.h = x.size(1);
+  sh.d = cos.size(1);
+  sh.heads = heads;
+  sh.kv_heads = kv_heads;
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && sh.d % 2 == 0, "decoder_layers: bad head counts");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == sh.t && sin.sizes() == cos.sizes() &&
+                  cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "decoder_layers: cos, sin must be [T, D] float32");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == layers &&
+                  k_cache.size(1) == kv_heads && k_cache.size(3) == sh.d && k_cache.stride(3) == 1 &&
+                  v_cache.stride(3) == 1 && k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
+              "decoder_layers: caches must be [L, Hkv, Lmax, D] float32");
+  TORCH_CHECK(start >= 0 && start + sh.t <= k_cache.size(2), "decoder_layers: the tokens do not fit in the cache");
+  const bool* visible = nullptr;
+  if (tree_mask.has_value() && tree_mask->defined()) {
+    TORCH_CHECK(tree_mask->scalar_type() == at::kBool && tree_mask->dim() == 2 && tree_mask->size(0) == sh.t &&
+                    tree_mask->size(1) == sh.t && tree_mask->is_contiguous(),
+                "decoder_layers: tree_mask must be [T, T] bool");
+    visible = tree_mask->data_ptr<bool>();
+  }
+  sh.q_size = heads * sh.d;
+  sh.kv_size = kv_heads * sh.d;
+  sh.qkv_n = sh.q_size + 2 * sh.kv_size;
+  sh.inter = packed[3].size(1);
+  std::vector<LayerWeights> weights;
+  for (int64_t l = 0; l < layers; ++l) weights.push_back(layer_weights(l, norms, packed, bias, col_scale, input_scale, sh));
+
+  Scratch scratch(sh);
+  at::Tensor y = at::empty({sh.t, sh.h}, x.options());
+  std::vector<float> ping(sh.t * sh.h), pong(sh.t * sh.h);
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const float* in = x.data_ptr<float>();
+  for (int64_t l = 0; l < layers; ++l) {
+    float* out = l + 1 == layers ? y.data_ptr<float>() : (l % 2 ? pong.data() : ping.data());
+    run_layer(weights[l], sh, static_cast<float>(eps), in, out, kc + l * k_cache.stride(0), k_cache.stride(1),
+              k_cache.stride(2), vc + l * v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), start,
+              cos.data_ptr<float>(), sin.data_ptr<float>(), visible, scratch);
+    in = out;
+  }
   return y;
 }
 
@@ -228,11 +288,11 @@ at::Tensor decoder_layer(const at::Tensor& x_in, at::TensorList norms, double ep
 }  // namespace chatapp_kernels
 
 TORCH_LIBRARY_FRAGMENT(chatapp_cpu, m) {
-  m.def("decoder_layer(Tensor x, Tensor[] norms, float eps, Tensor[] packed, Tensor?[] bias, Tensor?[] col_scale, "
+  m.def("decoder_layers(Tensor x, Tensor[] norms, float eps, Tensor[] packed, Tensor?[] bias, Tensor?[] col_scale, "
         "Tensor?[] input_scale, int heads, int kv_heads, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
         "Tensor cos, Tensor sin, Tensor? tree_mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chatapp_cpu, CPU, m) {
-  m.impl("decoder_layer", &chatapp_kernels::decoder_layer);
+  m.impl("decoder_layers", &chatapp_kernels::decoder_layers);
 }

@@ -1,8 +1,9 @@
-"""A whole Llama decoder layer for a few tokens in one call on an x86 CPU (cpu_layer.cpp): a
-decode step or a Medusa tree's verify pass without the ~40 PyTorch operations per layer whose
-dispatch costs as much as reading the weights at these sizes. The projections are our small-M
-GEMM over the same panels (kernels/cpu_gemm.py); ``decoder_layer_reference`` is the same layer
-in PyTorch operations, which the kernel is tested against."""
+"""Llama decoder layers for a few tokens, all of them in one call on an x86 CPU (cpu_layer.cpp):
+a decode step or a Medusa tree's verify pass without the ~40 PyTorch operations per layer whose
+dispatch costs as much as reading the weights at these sizes, nor a Python loop over the layers.
+The projections are our small-M GEMM over the same panels (kernels/cpu_gemm.py);
+``decoder_layer_reference`` is the same layer in PyTorch operations, which the kernel is tested
+against."""
 
 from __future__ import annotations
 
@@ -16,18 +17,33 @@ from .cpu_ops import available  # noqa: F401 (usable where the CPU library is)
 
 
 
+class LayerStack:
+    """Consecutive decoder layers as the kernel takes them, flattened once: ``layers`` is per
+    layer ((attention norm, MLP norm) [H], panels), ``panels`` per projection (qkv, o, gate_up,
+    down) a tuple (packed panels, bias or None, FP8 weight scale [n] or [1] or None, FP8 static
+    input scale [1] or None)."""
+
+    def __init__(self, layers: list[tuple[list[torch.Tensor], list[tuple]]]):
+        self.norms = [n for norms, _ in layers for n in norms]
+        self.packed, self.bias, self.col, self.inp = ([p[i] for _, panels in layers for p in panels] for i in range(4))
+
+    def __call__(self, x: torch.Tensor, eps: float, heads: int, kv_heads: int, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
+                 tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H] float32 -> the last layer's output [T, H]. Each layer's T new keys and values go
+        to slots start..start+T-1 of its ``k_cache``, ``v_cache`` [L, Hkv, Lmax, D]; the tokens
+        attend to every earlier slot and, among themselves, causally or as ``tree_mask`` [T, T]
+        allows. ``cos``, ``sin`` [T, D]: the rotation of their positions (engine/model/rope.py)."""
+        return torch.ops.chatapp_cpu.decoder_layers(x, self.norms, eps, self.packed, self.bias, self.col, self.inp,
+                                                    heads, kv_heads, k_cache, v_cache, start, cos, sin, tree_mask)
+
+
 def decoder_layer(x: torch.Tensor, norms: list[torch.Tensor], eps: float, panels: list[tuple], heads: int,
                   kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, cos: torch.Tensor,
                   sin: torch.Tensor, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, H] float32 -> the layer's output [T, H]. ``norms``: (attention norm, MLP norm) [H];
-    ``panels``: per projection (qkv, o, gate_up, down) a tuple (packed panels, bias or None,
-    FP8 weight scale [n] or [1] or None, FP8 static input scale [1] or None). The T tokens' keys
-    and values go to slots start..start+T-1 of ``k_cache``, ``v_cache`` [Hkv, L, D]; they attend
-    to every earlier slot and, among themselves, causally or as ``tree_mask`` [T, T] allows.
-    ``cos``, ``sin`` [T, D]: the rotation of their positions (engine/model/rope.py's tables)."""
-    packed, bias, col, inp = (list(p) for p in zip(*panels))
-    return torch.ops.chatapp_cpu.decoder_layer(x, norms, eps, packed, bias, col, inp, heads, kv_heads, k_cache,
-                                               v_cache, start, cos, sin, tree_mask)
+    """One layer (see LayerStack), its caches [Hkv, Lmax, D]."""
+    return LayerStack([(norms, panels)])(x, eps, heads, kv_heads, k_cache[None], v_cache[None], start, cos, sin,
+                                         tree_mask)
 
 
 def decoder_layer_reference(x, norms, eps, panels, heads, kv_heads, k_cache, v_cache, start, cos, sin,

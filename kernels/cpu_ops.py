@@ -69,7 +69,7 @@ def _build() -> tuple[bool, str | None]:
              extra_ldflags=["-fopenmp"])
         torch.ops.chatapp_cpu.small_gemm  # noqa: B018 (registered by the library just loaded)
         torch.ops.chatapp_cpu.quantize_e4m3  # noqa: B018
-        torch.ops.chatapp_cpu.decoder_layer  # noqa: B018
+        torch.ops.chatapp_cpu.decoder_layers  # noqa: B018
         torch.ops.chatapp_cpu.dmc_tree_attention  # noqa: B018
         torch.ops.chatapp_cpu.dmc_tree_slots  # noqa: B018
         torch.ops.chatapp_cpu.dmc_update  # noqa: B018

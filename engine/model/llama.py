@@ -59,6 +59,7 @@ class LlamaModel:
         self.device = device
         self.dtype = dtype
         self._cos = self._sin = None
+        self._stack = None  # (the projections it was built from, the CPU kernel's LayerStack)
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, max_len, batch, self.device, self.dtype)
@@ -164,8 +165,14 @@ class LlamaModel:
 
     def _layers(self, ids, cache: KVCache, start: int, cos, sin, mask, tree_mask) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
-        for li, layer in enumerate(self.layers):
-            x = self._layer(li, layer, x, cache, start, cos, sin, mask, tree_mask)
+        stack = self._cpu_stack(x)
+        if stack is not None:  # every layer in one call (kernels/cpu_layer.py)
+            cfg = self.cfg
+            x = stack(x[0], cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cache.k[:, 0], cache.v[:, 0], start,
+                      cos[:, 0], sin[:, 0], None if tree_mask is None else tree_mask.contiguous())[None]
+        else:
+            for li, layer in enumerate(self.layers):
+                x = self._layer(li, layer, x, cache, start, cos, sin, mask, tree_mask)
         cache.length = start + ids.shape[1]
         return x
 
@@ -175,12 +182,6 @@ class LlamaModel:
         cfg = self.cfg
         bsz, t = x.shape[:2]
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        panels = self._cpu_panels(layer, x, t)
-        if panels is not None:  # the whole layer in one call (kernels/cpu_layer.py)
-            out = cpu_layer.decoder_layer(x[0], [layer.attn_norm, layer.mlp_norm], cfg.rms_norm_eps, panels, nh, nkv,
-                                          cache.k[li, 0], cache.v[li, 0], start, cos[:, 0], sin[:, 0],
-                                          None if tree_mask is None else tree_mask.contiguous())
-            return out[None]
         q, k, v = self.attention_input(layer, x, cos, sin)
         keys, values = cache.write(li, start, k, v)
         if tree_mask is not None:
@@ -198,14 +199,24 @@ class LlamaModel:
         x = layer.o(attn, residual=x)
         return self.mlp(layer, x)
 
-    def _cpu_panels(self, layer: Layer, x: torch.Tensor, t: int) -> list[tuple] | None:
-        """The layer's projections as our CPU kernel takes them, where the whole layer can run
-        as one call: batch 1, float32 on a CPU, at most FUSED_ROWS tokens, every projection in
-        the kernel's panels (not while calibrating, whose recorders see each projection's input)."""
-        if t > FUSED_ROWS or x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu":
+    def _cpu_stack(self, x: torch.Tensor) -> cpu_layer.LayerStack | None:
+        """The layers as our CPU kernel takes them, where they can all run as one call: batch 1,
+        float32 on a CPU, at most FUSED_ROWS tokens, every projection in the kernel's panels (not
+        while calibrating, whose recorders see each projection's input). Built once, and again
+        when a layer's projections are replaced."""
+        if x.shape[1] > FUSED_ROWS or x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu":
             return None
-        panels = [getattr(getattr(layer, name), "cpu_panels", lambda: None)() for name in LINEARS]
-        return None if any(p is None for p in panels) else panels
+        kinds = [getattr(layer, name) for layer in self.layers for name in LINEARS]
+        cached = self._stack
+        if cached is not None and len(cached[0]) == len(kinds) and all(a is b for a, b in zip(cached[0], kinds)):
+            return cached[1]
+        panels = [getattr(kind, "cpu_panels", lambda: None)() for kind in kinds]
+        if any(p is None for p in panels):
+            return None
+        stack = cpu_layer.LayerStack([([layer.attn_norm, layer.mlp_norm], panels[4 * i:4 * i + 4])
+                                      for i, layer in enumerate(self.layers)])
+        self._stack = (kinds, stack)
+        return stack
 
     def _mask(self, start: int, t: int, groups: int) -> torch.Tensor | None:
         """Boolean attention mask for T > 1 new tokens (rows ordered group-major, as the grouped

@@ -84,3 +84,20 @@ def test_bad_arguments_are_one_line_errors():
     q = panels("fp8", seed=7, bias=False)
     with pytest.raises(RuntimeError, match="FP8 panels need their scales"):
         cpu_layer.decoder_layer(x, norms, 1e-5, [(q[0][0], None, None, None), *q[1:]], HEADS, KV, kc, vc, 0, cos, sin)
+
+
+@pytest.mark.parametrize("kind", ["float32", "fp8"])
+def test_a_stack_of_layers_equals_one_layer_after_another(kind):
+    """Three layers in one call: each layer's keys and values in its own cache, and the output of
+    the reference layers run in turn."""
+    x, norms, kc, vc, cos, sin = inputs(4, 6, seed=8)
+    layers = [([n * (1 + 0.05 * i) for n in norms], panels(kind, seed=10 + i, bias=i != 1)) for i in range(3)]
+    k_all, v_all = kc[None].repeat(3, 1, 1, 1), vc[None].repeat(3, 1, 1, 1)
+    got = cpu_layer.LayerStack(layers)(x, 1e-5, HEADS, KV, k_all, v_all, 6, cos, sin)
+    want = x
+    for i, (nm, p) in enumerate(layers):
+        kc_i, vc_i = kc.clone(), vc.clone()
+        want = cpu_layer.decoder_layer_reference(want, nm, 1e-5, p, HEADS, KV, kc_i, vc_i, 6, cos, sin)
+        torch.testing.assert_close(k_all[i], kc_i, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v_all[i], vc_i, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-4)
