@@ -7,8 +7,11 @@ runs again, and the step can cost more than with one thread (llama.cpp's spinnin
 to a fraction of their speed that way). So the count is measured while decoding: each
 ``every`` steps, ``probe`` steps run with the other candidate count, which is kept when its
 median step time beats the current count's (over its last ``every`` steps) by ``margin``: a
-busy machine's collapse is several-fold, a quiet machine's noise a few tens of percent. A step
-that takes JUMP times the recent median (another process just started) starts a probe at once. ``CHATAPP_THREADS`` fixes the count instead (and turns this off)."""
+busy machine's collapse is several-fold, a quiet machine's noise a few tens of percent. A probe
+that loses doubles the wait before the next (up to BACKOFF times ``every``: on a quiet machine
+the slower probes cost a few percent, not one step in eight); a switch, or a step that takes JUMP
+times the recent median (another process just started), brings it back to ``every``, and the
+latter starts a probe at once. ``CHATAPP_THREADS`` fixes the count instead (and turns this off)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from engine.errors import EngineError
 
 ENV = "CHATAPP_THREADS"
 JUMP = 2.0  # a step this many times the recent median: probe the other count now
+BACKOFF = 8  # the longest wait between probes, in units of ``every``
 
 
 def fixed_threads() -> int | None:
@@ -51,6 +55,8 @@ class ThreadTuner:
         self.current = self.most
         self.times: dict[int, list[float]] = {n: [] for n in self.candidates}
         self.steps = 0
+        self.wait = every  # steps between the last probe and the next
+        self.next_probe = every  # the step count at which the next probe starts
         self.probing: int | None = None  # the count being tried, for ``probe`` steps
         self.switches = 0
 
@@ -72,7 +78,8 @@ class ThreadTuner:
         jumped = len(recent) >= self.probe and seconds > JUMP * statistics.median(recent)  # contention began
         if jumped:
             self.times[n] = [seconds]  # the machine changed: compare with what the current count does now
-        if self.steps % self.every == 0 or jumped:
+        if self.steps >= self.next_probe or jumped:
+            self.wait = self.every if jumped else self.wait
             other = next(c for c in self.candidates if c != self.current)
             self.probing = other
             self.times[other] = []
@@ -84,6 +91,10 @@ class ThreadTuner:
         if recent and statistics.median(self.times[tried]) < (1 - self.margin) * statistics.median(recent):
             self.current = tried
             self.switches += 1
+            self.wait = self.every
+        else:
+            self.wait = min(2 * self.wait, BACKOFF * self.every)
+        self.next_probe = self.steps + self.wait
         self.probing = None
         torch.set_num_threads(self.current)
 

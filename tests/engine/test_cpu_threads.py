@@ -26,17 +26,20 @@ def decode(tuner: ThreadTuner, cost: dict[int, float], steps: int) -> list[int]:
     return used
 
 
-def test_a_quiet_machine_keeps_every_thread(two_threads):
+def test_a_quiet_machine_keeps_every_thread_and_probes_less_and_less(two_threads):
     tuner = ThreadTuner(every=10, probe=3)
     used = decode(tuner, {2: 0.010, 1: 0.016}, 100)
-    assert used.count(1) <= 100 // 10 * 3 and used[-1] == 2 and tuner.switches == 0
+    assert used[-1] == 2 and tuner.switches == 0
+    assert used.count(1) == 3 * 3  # probes after 10, 20 and 40 more steps
+    used = decode(tuner, {2: 0.010, 1: 0.016}, 400)
+    assert used.count(1) <= 3 * 5  # then every 80 (BACKOFF * every) at most
 
 
 def test_a_busy_machine_drops_to_one_thread_and_comes_back_when_quiet(two_threads):
     tuner = ThreadTuner(every=10, probe=3)
     used = decode(tuner, {2: 0.060, 1: 0.016}, 40)  # another process holds a core: 2 threads stall
     assert tuner.current == 1 and used[-10:].count(1) >= 7  # 2 threads only while probing
-    used = decode(tuner, {2: 0.010, 1: 0.016}, 40)  # quiet again
+    used = decode(tuner, {2: 0.010, 1: 0.016}, 100)  # quiet again: found at the next probe
     assert tuner.current == 2 and used[-10:].count(2) >= 7
 
 
