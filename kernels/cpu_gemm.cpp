@@ -285,19 +285,47 @@ void panel_gemm(const float* x, int64_t ldx, int64_t m, const at::Tensor& packed
   }
 }
 
+// round_to_e4m3 on 8 lanes: the same two cases, chosen per lane.
+inline __m256 round_to_e4m3(__m256 v) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 small = _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), _mm256_set1_ps(0.015625f), _CMP_LT_OQ);
+  const __m256 sub = _mm256_mul_ps(
+      _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(512.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+      _mm256_set1_ps(1.0f / 512.0f));
+  __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 20), _mm256_set1_epi32(1));
+  bits = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFFF), odd));
+  bits = _mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int>(~0xFFFFFu)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(bits), sub, small);
+}
+
 void quantize_rows_e4m3(const float* x, int64_t ldx, int64_t m, int64_t k, float* q, float* scale, const float* fixed) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t r = 0; r < m; ++r) {
     const float* row = x + r * ldx;
+    float* out = q + r * k;
     float sc;
     if (fixed) {
       sc = fixed[0];
     } else {
+      __m256 top = _mm256_setzero_ps();
+      int64_t c = 0;
+      for (; c + 8 <= k; c += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(row + c), abs_mask));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, top);
       float amax = 0.0f;
-      for (int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(row[c]));
+      for (float l : lanes) amax = std::max(amax, l);
+      for (; c < k; ++c) amax = std::max(amax, std::fabs(row[c]));
       sc = std::max(amax, 1e-12f) / 448.0f;
       scale[r] = sc;
     }
-    for (int64_t c = 0; c < k; ++c) q[r * k + c] = round_to_e4m3(std::min(448.0f, std::max(-448.0f, row[c] / sc)));
+    const __m256 vs = _mm256_set1_ps(sc), hi = _mm256_set1_ps(448.0f), lo = _mm256_set1_ps(-448.0f);
+    int64_t c = 0;
+    for (; c + 8 <= k; c += 8) {
+      const __m256 v = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_div_ps(_mm256_loadu_ps(row + c), vs)));
+      _mm256_storeu_ps(out + c, round_to_e4m3(v));
+    }
+    for (; c < k; ++c) out[c] = round_to_e4m3(std::min(448.0f, std::max(-448.0f, row[c] / sc)));
   }
 }
 

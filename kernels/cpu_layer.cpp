@@ -180,28 +180,27 @@ void run_layer(const LayerWeights& lw, const Shape& sh, float eps, const float* 
   const int64_t groups = heads / kv_heads, rows = t * heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w;
-    std::vector<int64_t> slots;
+    std::vector<float> w(start + t);
+    std::vector<int64_t> slots(start + t);
     std::vector<float> acc(d);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t i = r / heads, hi = r % heads, g = hi / groups;
       const float* qrow = sc.qkv.data() + i * qkv_n + hi * d;
       const float* keys = kc + g * ks0;
       const float* values = vc + g * vs0;
-      slots.clear();
-      for (int64_t sl = 0; sl < start; ++sl) slots.push_back(sl);
+      // the slots it sees: every cached one, then the new ones its mask (or the causal order) allows
+      int64_t count = start;
       for (int64_t j = 0; j < t; ++j)
-        if (visible ? visible[i * t + j] : j <= i) slots.push_back(start + j);
-      const int64_t count = static_cast<int64_t>(slots.size());
-      w.resize(count);
+        if (visible ? visible[i * t + j] : j <= i) slots[count++] = start + j;
       float top = -INFINITY;
       for (int64_t sI = 0; sI < count; ++sI) {
-        w[sI] = dot(qrow, keys + slots[sI] * ks1, d) * scale;
+        const int64_t slot = sI < start ? sI : slots[sI];
+        w[sI] = dot(qrow, keys + slot * ks1, d) * scale;
         top = std::max(top, w[sI]);
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       const float total = count ? exp_shifted(w.data(), count, top) : 0.0f;
-      for (int64_t sI = 0; sI < count; ++sI) axpy(w[sI], values + slots[sI] * vs1, acc.data(), d);
+      for (int64_t sI = 0; sI < count; ++sI) axpy(w[sI], values + (sI < start ? sI : slots[sI]) * vs1, acc.data(), d);
       const float inv = total > 0.0f ? 1.0f / total : 0.0f;
       float* orow = sc.attn.data() + i * q_size + hi * d;
       for (int64_t c = 0; c < d; ++c) orow[c] = acc[c] * inv;

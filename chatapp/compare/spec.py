@@ -7,8 +7,10 @@ decoded, its weight format and the sampling settings.
     parse_setup("model=meta-llama/Llama-3.1-8B-Instruct,plain")
 
 A spec is comma-separated terms: a proposer (medusa) and a cache (dmc), each at most once, or
-plain; a weight format (fp8: quantize on load; bf16: as stored); or key=value with model, medusa-choices, temperature, top_p, top_k,
-seed, max_new_tokens. Unset sampling settings are greedy (temperature 0)."""
+plain; a weight format (fp8: quantized to FP8 on load; bf16: converted to bf16 on load; stored:
+as the checkpoint stores them, the default); or key=value with model, medusa-choices,
+temperature, top_p, top_k, seed, max_new_tokens. Unset sampling settings are greedy
+(temperature 0)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 from engine.errors import EngineError
 from engine.events import CACHES, PROPOSERS, QUANTIZE, LoadModel, SamplingParams, decoding_name
 
-WEIGHT_FORMATS = (*QUANTIZE, "bf16")  # quantized on load, or as stored
+STORED = "stored"
+WEIGHT_FORMATS = (*QUANTIZE, STORED)  # converted on load, or as stored
 KEYS = ("model", "medusa-choices", "temperature", "top_p", "top_k", "seed", "max_new_tokens")
 _ALIASES = {"medusa_choices": "medusa-choices", "top-p": "top_p", "top-k": "top_k",
             "max-new-tokens": "max_new_tokens"}
@@ -108,11 +111,11 @@ def parse_setup(spec: str, *, model: str | None = None, device: str | None = Non
         params.max_new_tokens = _number(spec, "max_new_tokens", values["max_new_tokens"], int, 1)
 
     load = LoadModel(model=values.get("model", model), device=device, context=context,
-                     quantize="fp8" if weights == "fp8" else None, decoding=decoding,
+                     quantize=None if weights in (None, STORED) else weights, decoding=decoding,
                      medusa_choices=values.get("medusa-choices"))
 
-    # the label: the terms in a fixed order, defaults (bf16, greedy) left out
-    label = decoding.split("+") + (["fp8"] if weights == "fp8" else [])  # "medusa,dmc,fp8"
+    # the label: the terms in a fixed order, defaults (stored weights, greedy) left out
+    label = decoding.split("+") + ([weights] if weights not in (None, STORED) else [])  # "medusa,dmc,fp8"
     if "model" in values:
         label.append(f"model={values['model']}")
     if "medusa-choices" in values:

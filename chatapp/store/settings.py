@@ -67,7 +67,7 @@ class SettingsError(Exception):
 class ModelSettings:
     default: str | None = None  # model id or checkpoint folder; None = the embedded model
     device: str | None = None  # cpu | cuda; None = cuda when available
-    quantize: str | None = None  # "fp8" or None
+    quantize: str | None = None  # one of QUANTIZE ("fp8", "bf16"), or None: as stored
     decoding: str = "plain"  # plain | medusa | dmc
     context: int | None = None  # KV cache length; None = min(model's context, 8192)
 

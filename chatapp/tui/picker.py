@@ -78,8 +78,8 @@ class PickerScreen(Screen):
             yield Label("decoding")
             yield Select([("plain", "plain")], value="plain", allow_blank=False, id="decoding")
             yield Label("weights")
-            yield Select([("as stored", "stored"), ("FP8 on load", "fp8")], value="stored", allow_blank=False,
-                         id="weights")
+            yield Select([("as stored", "stored"), ("FP8 on load", "fp8"), ("bf16 on load", "bf16")], value="stored",
+                         allow_blank=False, id="weights")
             yield Label("context")
             yield Input(str(self.current.context or self.settings.model.context or DEFAULT_CONTEXT), id="context",
                         restrict=r"[0-9]*", compact=True)
@@ -192,12 +192,18 @@ class PickerScreen(Screen):
         compression and FP8 weights applied."""
         setup, weights = str(self.query_one("#decoding", Select).value), self.query_one("#weights", Select).value
         est = row.estimate if self.device is None else estimate_for_device(
-            row.entry, self.context(), self.device, setup, "fp8" if weights == "fp8" else None)
-        breakdown = (f"{setup}{', FP8 weights' if weights == 'fp8' else ''}: weights {gib(est.weights_bytes)} + "
+            row.entry, self.context(), self.device, setup, self._quantize(weights))
+        named = {"fp8": ", FP8 weights", "bf16": ", bf16 weights"}.get(str(weights), "")
+        breakdown = (f"{setup}{named}: weights {gib(est.weights_bytes)} + "
                      f"KV cache {gib(est.kv_bytes)} + overhead {gib(est.overhead_bytes)} = {gib(est.total_bytes)}")
         gated = " · gated: needs a Hugging Face token" if row.entry.gated else ""
         self.query_one("#detail", Static).update(f"{row.entry.description}{gated}\n{est.verdict}: {est.reason}\n"
                                                  f"{breakdown}")
+
+    @staticmethod
+    def _quantize(weights) -> str | None:
+        """The weights selector's value as LoadModel.quantize: None for the stored weights."""
+        return None if weights == "stored" else str(weights)
 
     @on(Select.Changed)
     def _setup_changed(self) -> None:
@@ -210,7 +216,7 @@ class PickerScreen(Screen):
         e = row.entry
         weights = self.query_one("#weights", Select).value
         return LoadModel(model=model_spec(e), device=self.current.device,
-                         context=self.context(), quantize="fp8" if weights == "fp8" else None,
+                         context=self.context(), quantize=self._quantize(weights),
                          decoding=str(self.query_one("#decoding", Select).value))
 
     @on(DataTable.RowSelected)

@@ -47,8 +47,10 @@ def test_parse_model_sampling_and_choices():
     assert not s.greedy
     assert s.label == "plain,temperature=0.8,top_p=0.9,top_k=40,seed=1,max_new_tokens=12"
 
-    s = parse_setup("medusa-choices=card,medusa,bf16")
+    s = parse_setup("medusa-choices=card,medusa,stored")
     assert s.load.medusa_choices == "card" and s.load.quantize is None and s.label == "medusa,medusa-choices=card"
+    s = parse_setup("bf16,medusa")  # weights converted to bf16 on load
+    assert s.load.quantize == "bf16" and s.label == "medusa,bf16"
     assert parse_setup("fp8").label == "plain,fp8"  # the decoding defaults to plain
     # set-ups compose: a proposer over a cache, on any weights, in any order of terms
     for spec in ("medusa,dmc", "dmc,medusa", "dmc,fp8", "fp8,dmc,medusa", "medusa,dmc,fp8,medusa-choices=card"):
@@ -60,7 +62,7 @@ def test_parse_model_sampling_and_choices():
 
 
 @pytest.mark.parametrize("spec, words", [
-    ("medusa,fp9", ["compare set-up 'medusa,fp9': unknown term 'fp9'", "expected plain, medusa, dmc, fp8, bf16",
+    ("medusa,fp9", ["compare set-up 'medusa,fp9': unknown term 'fp9'", "expected plain, medusa, dmc, fp8, bf16, stored",
                     "max_new_tokens"]),
     ("", ["is empty"]),
     ("plain,medusa", ["plain is a decoding of its own"]),
