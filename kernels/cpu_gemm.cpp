@@ -206,9 +206,9 @@ void panel_times_rows(const float* x, int64_t ldx, const typename W::T* w, int64
                       float* widened, float* y, int64_t ldy, int cols, const Scales& sc, const float* bias,
                       const float* res, int64_t ldr) {
   const int64_t groups = (rows + ROWS - 1) / ROWS, per_group = (rows + groups - 1) / groups;
-  // with one row the loop waits on memory anyway and the hardware prefetcher keeps up; with
-  // more, the arithmetic between loads would let the stream stall (measured with the weights of
-  // the embedded model streamed from memory: 20 % at M = 3, 10-25 % at M = 8)
+  // the first group of a block streams it from memory and asks for the lines ahead: the arithmetic
+  // between loads would let the stream stall (measured with the weights of the embedded model
+  // streamed from memory: 20 % at M = 3, 10-25 % at M = 8); one row (block_one) asks on its own
   const bool prefetch = per_group >= 2;
   const bool reuse = groups > 1 && !std::is_same<W, F32Weights>::value;
   std::fill(acc, acc + rows * CHAINS * PANEL, 0.0f);
