@@ -173,10 +173,7 @@ template <class W>
 void rows_block(int rows, const float* x, int64_t ldx, const typename W::T* w, int64_t k0, int64_t k1, float* acc,
                 bool prefetch, float* widened) {
   switch (rows) {
-    case 1:
-      if (widened) both_chains<1, W>(x, ldx, w, k0, k1, acc, prefetch, widened);
-      else block_one<W>(x, w, k0, k1, acc);
-      break;
+    case 1: both_chains<1, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
     case 2: both_chains<2, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
     case 3: both_chains<3, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
     case 4: both_chains<4, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
@@ -212,18 +209,21 @@ void panel_times_rows(const float* x, int64_t ldx, const typename W::T* w, int64
   const bool prefetch = per_group >= 2;
   const bool reuse = groups > 1 && !std::is_same<W, F32Weights>::value;
   std::fill(acc, acc + rows * CHAINS * PANEL, 0.0f);
-  if (rows == 1) block_one<W>(x, w, 0, k_len, acc);  // one row: nothing to keep in L1, the panel in one sweep
-  for (int64_t k0 = 0; k0 < (rows == 1 ? 0 : k_len); k0 += KBLOCK) {
-    const int64_t k1 = std::min<int64_t>(k_len, k0 + KBLOCK);
-    for (int64_t g = 0; g < rows; g += per_group) {
-      const int n = static_cast<int>(std::min<int64_t>(per_group, rows - g));
-      if (!reuse)
-        rows_block<W>(n, x + g * ldx, ldx, w, k0, k1, acc + g * CHAINS * PANEL, prefetch && g == 0, nullptr);
-      else if (g == 0)
-        rows_block<W>(n, x, ldx, w, k0, k1, acc, prefetch, widened);
-      else  // the block's float32 copy, indexed from k0
-        rows_block<F32Weights>(n, x + g * ldx + k0, ldx, widened, 0, k1 - k0, acc + g * CHAINS * PANEL, false,
-                               nullptr);
+  if (rows == 1) {  // one row: nothing to keep in L1, the panel in one sweep
+    block_one<W>(x, w, 0, k_len, acc);
+  } else {
+    for (int64_t k0 = 0; k0 < k_len; k0 += KBLOCK) {
+      const int64_t k1 = std::min<int64_t>(k_len, k0 + KBLOCK);
+      for (int64_t g = 0; g < rows; g += per_group) {
+        const int n = static_cast<int>(std::min<int64_t>(per_group, rows - g));
+        if (!reuse)
+          rows_block<W>(n, x + g * ldx, ldx, w, k0, k1, acc + g * CHAINS * PANEL, prefetch && g == 0, nullptr);
+        else if (g == 0)
+          rows_block<W>(n, x, ldx, w, k0, k1, acc, prefetch, widened);
+        else  // the block's float32 copy, indexed from k0
+          rows_block<F32Weights>(n, x + g * ldx + k0, ldx, widened, 0, k1 - k0, acc + g * CHAINS * PANEL, false,
+                                 nullptr);
+      }
     }
   }
   for (int64_t r = 0; r < rows; ++r)

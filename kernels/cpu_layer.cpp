@@ -90,6 +90,8 @@ const float* optional_floats(const c10::optional<at::Tensor>& t, int64_t numel, 
   return t->data_ptr<float>();
 }
 
+constexpr int64_t MAX_HEAD = 512;  // head size up to which RoPE rotates a head on the stack
+
 // The sizes every layer shares.
 struct Shape {
   int64_t t, h, d, heads, kv_heads, q_size, kv_size, qkv_n, inter;
@@ -159,8 +161,7 @@ void run_layer(const LayerWeights& lw, const Shape& sh, float eps, const float* 
   rms_norm_rows(xp, t, h, lw.norm[0], eps, sc.normed.data());
   project(lw.proj[0], sc.normed.data(), t, sc.qkv.data(), nullptr, sc.q, sc.s);
   const int64_t half = d / 2;
-  float tmp[512];
-  TORCH_CHECK(d <= 512, "decoder_layers: head size above 512");
+  float tmp[MAX_HEAD];
   for (int64_t i = 0; i < t; ++i) {
     float* row = sc.qkv.data() + i * qkv_n;
     const float* c = cp + i * d;
@@ -245,6 +246,7 @@ at::Tensor decoder_layers(const at::Tensor& x_in, at::TensorList norms, double e
   sh.heads = heads;
   sh.kv_heads = kv_heads;
   TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && sh.d % 2 == 0, "decoder_layers: bad head counts");
+  TORCH_CHECK(sh.d <= MAX_HEAD, "decoder_layers: head size ", sh.d, " above ", MAX_HEAD);
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == sh.t && sin.sizes() == cos.sizes() &&
                   cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
               "decoder_layers: cos, sin must be [T, D] float32");

@@ -16,7 +16,6 @@ from . import cpu_gemm
 from .cpu_ops import available  # noqa: F401 (usable where the CPU library is)
 
 
-
 class LayerStack:
     """Consecutive decoder layers as the kernel takes them, flattened once: ``layers`` is per
     layer ((attention norm, MLP norm) [H], panels), ``panels`` per projection (qkv, o, gate_up,

@@ -173,8 +173,9 @@ class RoundToNearest:
     The lm_head (``head_format``): bf16 by default, half the bytes of float32 (on a CPU decoding
     is bound by the bytes of weights read, and a small model's lm_head is a large share of them:
     the embedded model's is 28 M of its 135 M parameters) at a cost of 0.1 % of perplexity or
-    less; "fp8" halves it again but costs the embedded model 1.4 % more at the default calibration
-    budget, 3.5 % at 16 x 128 (bench/fp8_quality.py). A tied embedding table stays as it is for the lookup."""
+    less; "fp8" halves it again but costs the embedded model 1.5 % more at the default calibration
+    budget (48 x 128: +3.1 % against +1.6 %), 3.5 % at 16 x 128 (bench/fp8_quality.py). A tied
+    embedding table stays as it is for the lookup."""
 
     def __init__(self, head_format: str = "bf16"):
         assert head_format in ("bf16", "fp8")
