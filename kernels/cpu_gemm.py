@@ -20,6 +20,13 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)  # what the
 # which the kernel widens with a shift or a mask in place (no shuffles, which would bound the loop)
 PAIR_ORDER = torch.tensor([c for j in range(8) for c in (j, j + 8)])
 PAIRED = (torch.bfloat16, torch.float8_e4m3fn)
+# Where the CPU has AVX-512 BF16 and VBMI (``quads()``), FP8 panels with K a multiple of 4 hold
+# groups of 4 k x 16 columns as 64 bytes in QUAD_ORDER (position -> k * 16 + column within the
+# group): the kernel's byte interleave turns them into the bf16 pairs (k, k + 1) and (k + 2, k + 3)
+# of the 16 columns (cpu_gemm.cpp)
+QUAD = 4
+QUAD_ORDER = torch.tensor([(2 * (u // 8) + (8 * lane + u % 8) % 2) * PANEL + (8 * lane + u % 8) // 2
+                           for lane in range(4) for u in range(16)])
 
 
 def packs(device, dtype) -> bool:
@@ -28,9 +35,25 @@ def packs(device, dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype in WEIGHT_DTYPES and available()
 
 
+def quads() -> bool:
+    """Whether this CPU's kernel reads FP8 panels (K a multiple of 4) in QUAD_ORDER
+    (``available()`` must be true)."""
+    if "quads" not in _layout:
+        _layout["quads"] = bool(torch.ops.chatapp_cpu.fp8_quads())
+    return _layout["quads"]
+
+
+_layout: dict[str, bool] = {}
+
+
+def _in_quads(dtype, k: int) -> bool:
+    return dtype == torch.float8_e4m3fn and k % QUAD == 0 and quads()
+
+
 def pack(weight_t: torch.Tensor) -> torch.Tensor:
     """W [K, N] -> panels [ceil(N / 16), K, 16] (the last one zero-padded), 32-byte aligned, in
-    W's dtype (one of WEIGHT_DTYPES; bf16 and FP8 rows in PAIR_ORDER)."""
+    W's dtype (one of WEIGHT_DTYPES; bf16 and FP8 rows in PAIR_ORDER, or FP8 groups of 4 rows in
+    QUAD_ORDER where the kernel reads them so)."""
     assert weight_t.dtype in WEIGHT_DTYPES, f"no CPU kernel for {weight_t.dtype} weights"
     k, n = weight_t.shape
     w = _bits(weight_t)
@@ -38,17 +61,22 @@ def pack(weight_t: torch.Tensor) -> torch.Tensor:
     if n % PANEL:
         w = torch.nn.functional.pad(w, (0, panels * PANEL - n))
     w = w.reshape(k, panels, PANEL).transpose(0, 1)
-    if weight_t.dtype in PAIRED:
+    if _in_quads(weight_t.dtype, k):
+        w = w.reshape(panels, k // QUAD, QUAD * PANEL)[..., QUAD_ORDER]
+    elif weight_t.dtype in PAIRED:
         w = w[..., PAIR_ORDER]
-    return w.contiguous().view(weight_t.dtype)
+    return w.contiguous().view(panels, k, PANEL).view(weight_t.dtype)
 
 
 def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     """panels [P, K, 16] -> W [K, n]."""
     w = _bits(packed)
-    if packed.dtype in PAIRED:
+    panels, k = packed.shape[:2]
+    if _in_quads(packed.dtype, k):
+        w = w.reshape(panels, k // QUAD, QUAD * PANEL)[..., torch.argsort(QUAD_ORDER)].reshape(panels, k, PANEL)
+    elif packed.dtype in PAIRED:
         w = w[..., torch.argsort(PAIR_ORDER)]
-    return w.transpose(0, 1).reshape(packed.shape[1], -1)[:, :n].view(packed.dtype)
+    return w.transpose(0, 1).reshape(k, -1)[:, :n].view(packed.dtype)
 
 
 def _bits(w: torch.Tensor) -> torch.Tensor:
