@@ -3,7 +3,7 @@
 The embedded model (or ``--model``) on held-out text: its high-precision weights, FP8 rounded to
 nearest, and FP8 with GPTQ calibration at each budget (``SAMPLESxLENGTH`` sampled tokens),
 calibrated afresh here (not read from the cache) and timed, each with the lm_head in FP8
-(calibrated with the rest) and in bf16 (the default). The held-out text is the documentation of Python's
+(calibrated with the rest), in int8 (the default on a CPU) and in bf16 (elsewhere). The held-out text is the documentation of Python's
 standard library as installed (the docstrings of a fixed list of modules): real English text,
 and not what calibration sees (the model's own samples).
 
@@ -79,7 +79,7 @@ def main() -> None:
     base = weights.from_source(cfg, TensorSource(path), "cpu")
     cases["high precision"] = {"perplexity": ppl(base)}
     del base
-    rtn = weights.from_source(cfg, TensorSource(path), "cpu", None, None, gptq.RoundToNearest())
+    rtn = weights.from_source(cfg, TensorSource(path), "cpu", None, None, gptq.RoundToNearest("bf16"))
     cases["fp8 round to nearest, bf16 lm_head"] = {"perplexity": ppl(rtn)}
     del rtn
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,10 +94,13 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             cases[f"fp8 gptq {budget}, fp8 lm_head"] = {"perplexity": ppl(model), "calibration_s": round(seconds, 1),
                                                        "calibration_tokens": samples * length}
-            # the same block linears with the lm_head in bf16 (the default, not calibrated)
-            model.lm_head = gptq.RoundToNearest("bf16").head(model.embed if cfg.tie_word_embeddings else
-                                                             src.get_shaped("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)))
-            cases[f"fp8 gptq {budget}, bf16 lm_head"] = {"perplexity": ppl(model)}
+            # the same block linears with the lm_head in int8 (the default on a CPU) and in bf16
+            # (elsewhere), neither calibrated
+            head = model.embed if cfg.tie_word_embeddings else \
+                src.get_shaped("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+            for fmt in ("int8", "bf16"):
+                model.lm_head = gptq.RoundToNearest(fmt).head(head)
+                cases[f"fp8 gptq {budget}, {fmt} lm_head"] = {"perplexity": ppl(model)}
             del model
     ref = cases["high precision"]["perplexity"]
     for c in cases.values():

@@ -11,11 +11,12 @@
 // that wait on the FMA latency): a row's result does not depend on how many other rows were
 // multiplied with it.
 //
-// The panels hold float32, bfloat16 or FP8 (e4m3) weights: narrow ones are read as they are
+// The panels hold float32, bfloat16, FP8 (e4m3) or int8 weights: narrow ones are read as they are
 // stored (2 or 1 bytes per weight, the bytes decode is bound by) and widened to float32 in
 // registers, exactly (every bf16 and e4m3 value is a float32); the arithmetic is float32.
 // Needs AVX2, FMA and F16C (every AVX2 CPU has F16C). FP8
-// products take the per-row (activation) and per-column (weight) scales in the epilogue.
+// products take the per-row (activation) and per-column (weight) scales in the epilogue, int8
+// ones (activations in float32) the per-column scales.
 
 #include <immintrin.h>
 
@@ -104,6 +105,16 @@ struct E4m3Weights {
   }
 };
 
+struct Int8Weights {
+  // int8 (per-channel scaled, as a weight kind of its own) in the natural column order: 8 bytes
+  // sign-extended to 8 int32 and converted, exactly, twice
+  using T = int8_t;
+  static inline void load(const int8_t* w, __m256& w0, __m256& w1) {
+    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 8))));
+  }
+};
+
 // R rows times the panel's rows k0 + CHAIN, k0 + CHAIN + 2, ... below k1 (one of the two chains),
 // added to that chain's accumulators of the R rows parked at acc ([R][CHAINS][16], 32-byte
 // aligned). Each sum runs in increasing k: parking a float in memory and loading it back changes
@@ -184,13 +195,14 @@ void rows_block(int rows, const float* x, int64_t ldx, const typename W::T* w, i
   }
 }
 
-// y = (even chain + odd chain) (* row scale * column scale, as the reference orders them)
-// (+ bias) (+ residual)
+// y = (even chain + odd chain) (* row scale * column scale, as the reference orders them; int8:
+// * column scale) (+ bias) (+ residual)
 void finish(const float* acc, float* y, int cols, float unscale, const float* row_scale, const float* col_scale,
             int64_t col_step, const float* bias, const float* res) {
   for (int c = 0; c < cols; ++c) {
     float v = (acc[c] + acc[PANEL + c]) * unscale;
     if (row_scale) v = v * row_scale[0] * col_scale[c * col_step];
+    else if (col_scale) v = v * col_scale[c * col_step];
     if (bias) v += bias[c];
     if (res) v += res[c];
     y[c] = v;
@@ -478,6 +490,8 @@ void panel_gemm(const float* x, int64_t ldx, int64_t m, const at::Tensor& packed
     run_panels<F32Weights>(x, ldx, static_cast<const float*>(wp), m, k_len, panels, n, y, ldy, sc, bias, res, ldr);
   } else if (wt == at::kBFloat16) {
     run_panels<Bf16Weights>(x, ldx, static_cast<const uint16_t*>(wp), m, k_len, panels, n, y, ldy, sc, bias, res, ldr);
+  } else if (wt == at::kChar) {
+    run_panels<Int8Weights>(x, ldx, static_cast<const int8_t*>(wp), m, k_len, panels, n, y, ldy, sc, bias, res, ldr);
   } else if (quads_here && k_len % QUAD == 0) {
     run_quads(x, ldx, static_cast<const uint8_t*>(wp), m, k_len, panels, n, y, ldy, sc, bias, res, ldr);
   } else {
@@ -532,17 +546,19 @@ void quantize_rows_e4m3(const float* x, int64_t ldx, int64_t m, int64_t k, float
 
 namespace {
 
-// x [M, K] float32 (rows contiguous); packed [P, K, 16] float32, bfloat16 or float8_e4m3fn,
+// x [M, K] float32 (rows contiguous); packed [P, K, 16] float32, bfloat16, float8_e4m3fn or int8,
 // n <= 16 P; bias [n] or undefined; residual [M, n] (rows contiguous) or undefined; for FP8
-// weights row_scale [M] or [1] and col_scale [n] or [1] (float32). Returns y [M, n] float32.
+// weights row_scale [M] or [1] and col_scale [n] or [1] (float32), for int8 weights col_scale
+// only. Returns y [M, n] float32.
 at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias,
                       const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& row_scale,
                       const c10::optional<at::Tensor>& col_scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "small_gemm: x must be [M, K] float32");
   const auto wt = packed.scalar_type();
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == PANEL && packed.is_contiguous() &&
-                  (wt == at::kFloat || wt == at::kBFloat16 || wt == at::kFloat8_e4m3fn) && packed.size(1) == x.size(1),
-              "small_gemm: packed weight must be [P, K, 16] float32, bfloat16 or float8_e4m3fn with K = x.size(1)");
+                  (wt == at::kFloat || wt == at::kBFloat16 || wt == at::kFloat8_e4m3fn || wt == at::kChar) &&
+                  packed.size(1) == x.size(1),
+              "small_gemm: packed weight must be [P, K, 16] float32, bfloat16, float8_e4m3fn or int8 with K = x.size(1)");
   TORCH_CHECK(n > 0 && n <= packed.size(0) * PANEL && n > (packed.size(0) - 1) * PANEL, "small_gemm: bad n");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 32 == 0, "small_gemm: packed weight not aligned");
   const int64_t m = x.size(0);
@@ -560,16 +576,21 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n, 
     ldr = residual->stride(0);
   }
   Scales sc;
-  const bool scaled = row_scale.has_value() && row_scale->defined();
-  TORCH_CHECK(scaled == (col_scale.has_value() && col_scale->defined()), "small_gemm: give both scales or neither");
-  TORCH_CHECK(scaled == (wt == at::kFloat8_e4m3fn), "small_gemm: scales go with FP8 weights, and only with them");
-  if (scaled) {
+  const bool rows_scaled = row_scale.has_value() && row_scale->defined();
+  const bool cols_scaled = col_scale.has_value() && col_scale->defined();
+  TORCH_CHECK(rows_scaled == (wt == at::kFloat8_e4m3fn) && cols_scaled == (wt == at::kFloat8_e4m3fn || wt == at::kChar),
+              "small_gemm: FP8 weights take both scales, int8 weights the column scale, float weights none");
+  if (rows_scaled) {
     TORCH_CHECK(row_scale->is_contiguous() && row_scale->scalar_type() == at::kFloat &&
                     (row_scale->numel() == m || row_scale->numel() == 1), "small_gemm: row_scale must be [M] or [1] float32");
+    sc.row = row_scale->data_ptr<float>();
+    sc.row_step = row_scale->numel() == 1 ? 0 : 1;
+  }
+  if (cols_scaled) {
     TORCH_CHECK(col_scale->is_contiguous() && col_scale->scalar_type() == at::kFloat &&
                     (col_scale->numel() == n || col_scale->numel() == 1), "small_gemm: col_scale must be [n] or [1] float32");
-    sc = Scales{1.0f, row_scale->data_ptr<float>(), row_scale->numel() == 1 ? 0 : 1,
-                col_scale->data_ptr<float>(), col_scale->numel() == 1 ? 0 : 1};
+    sc.col = col_scale->data_ptr<float>();
+    sc.col_step = col_scale->numel() == 1 ? 0 : 1;
   }
   at::Tensor y = at::empty({m, n}, x.options());
   panel_gemm(x.data_ptr<float>(), x.stride(0), m, packed, n, y.data_ptr<float>(), n, sc, bp, rp, ldr);

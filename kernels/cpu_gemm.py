@@ -1,5 +1,5 @@
 """Small-M float32 GEMM for x86 CPUs (cpu_gemm.cpp): y = x @ W (+ bias) (+ residual) with W
-packed in 16-column panels, read once per call whatever the number of rows. On our CPUs the
+(float32, bf16, FP8 or int8) packed in 16-column panels, read once per call whatever the number of rows. On our CPUs the
 GEMM library's cost grows steeply from M = 1 to M = 2…16 (a Medusa tree's verify pass); this
 kernel's barely does.
 
@@ -14,7 +14,7 @@ from .cpu_ops import available, why_not  # noqa: F401 (the kernel is usable wher
 
 PANEL = 16
 SMALL_M = 64  # rows up to which the kernel beats widening narrow weights once for the BLAS library
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)  # what the panels may hold
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.int8)  # what the panels may hold
 # bf16 and FP8 panel rows are stored as 8 pairs (column j, column j + 8): as 32-bit (bf16) or
 # 16-bit (FP8) words, the low halves are the first 8 columns and the high halves the last 8,
 # which the kernel widens with a shift or a mask in place (no shuffles, which would bound the loop)
@@ -89,7 +89,8 @@ def gemm(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | Non
          col_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] float32 -> [M, n] float32 (``available()`` must be true). FP8 panels take the
     scales: ``row_scale`` [M] or [1] (x's, per token or per tensor) and ``col_scale`` [n] or [1]
-    (W's, per channel or per tensor), float32; then x holds the quantized activations' values."""
+    (W's, per channel or per tensor), float32; then x holds the quantized activations' values.
+    int8 panels take ``col_scale`` only (x as it is)."""
     return torch.ops.chatapp_cpu.small_gemm(x, packed, n, bias, residual, row_scale, col_scale)
 
 
@@ -106,6 +107,8 @@ def gemm_reference(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Te
     y = x @ unpack(packed, n).float()
     if row_scale is not None:
         y = y * row_scale.reshape(-1, 1) * col_scale.reshape(1, -1)
+    elif col_scale is not None:
+        y = y * col_scale.reshape(1, -1)
     if bias is not None:
         y = y + bias
     return y if residual is None else y + residual

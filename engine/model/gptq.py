@@ -37,7 +37,7 @@ from kernels.fp8_quant import FP8, FP8_MAX
 from engine.formats.tensor_source import TensorSource
 from engine.config import ModelConfig
 from engine.errors import EngineError
-from engine.model.linear import Fp8Linear, Linear, default_splits
+from engine.model.linear import Fp8Linear, Int8Linear, Linear, default_splits
 from engine.model.llama import LINEARS
 from engine.model.weights import block_linears, fused_weight
 from engine.paths import cache_dir
@@ -170,15 +170,17 @@ class RoundToNearest:
     ``weights.from_source``: ``linear`` makes each block linear from its high-precision weight,
     ``head`` the output projection, ``after_loading`` finishes the loaded model.
 
-    The lm_head (``head_format``): bf16 by default, half the bytes of float32 (on a CPU decoding
-    is bound by the bytes of weights read, and a small model's lm_head is a large share of them:
-    the embedded model's is 28 M of its 135 M parameters) at a cost of 0.1 % of perplexity or
-    less; "fp8" halves it again but costs the embedded model 1.5 % more at the default calibration
-    budget (48 x 128: +3.1 % against +1.6 %), 3.5 % at 16 x 128 (bench/fp8_quality.py). A tied
-    embedding table stays as it is for the lookup."""
+    The lm_head (``head_format``; on a CPU decoding is bound by the bytes of weights read, and a
+    small model's lm_head is a large share of them: the embedded model's is 28 M of its 135 M
+    parameters): by default int8 where our CPU kernel serves it (engine/model/linear's
+    Int8Linear: one byte per weight, +0.14 % perplexity for the embedded model), else bf16 (half
+    the bytes of float32, 0.1 % or less); "fp8" (calibrated with the block linears) costs the
+    embedded model 1.5 % more than bf16 at the default calibration budget (48 x 128: +3.1 %
+    against +1.6 %), 3.5 % at 16 x 128 (bench/fp8_quality.py). A tied embedding table stays as
+    it is for the lookup."""
 
-    def __init__(self, head_format: str = "bf16"):
-        assert head_format in ("bf16", "fp8")
+    def __init__(self, head_format: str | None = None):
+        assert head_format in (None, "int8", "bf16", "fp8")
         self.head_format = head_format
 
     def linear(self, key: str, weight, bias: torch.Tensor | None, device) -> Fp8Linear:
@@ -186,10 +188,13 @@ class RoundToNearest:
         ``device`` in the model's dtype."""
         return Fp8Linear.quantize(weight(), bias)
 
-    def head(self, weight: torch.Tensor) -> Linear | Fp8Linear:
+    def head(self, weight: torch.Tensor) -> Linear | Fp8Linear | Int8Linear:
         """The lm_head from its weight [vocab, hidden]."""
-        if self.head_format == "fp8":
+        fmt = self.head_format or ("int8" if Int8Linear.in_panels(weight.device) else "bf16")
+        if fmt == "fp8":
             return Fp8Linear.quantize(weight)
+        if fmt == "int8":
+            return Int8Linear.quantize(weight)
         return Linear(weight.to(torch.bfloat16).t(), None, default_splits(weight.device))
 
     def after_loading(self, model, progress=lambda msg: None) -> None:
@@ -203,7 +208,7 @@ class Fp8OnLoad(RoundToNearest):
     model, one layer's high-precision weights in memory at a time) and caches the result."""
 
     def __init__(self, cfg: ModelConfig, src: TensorSource, layer_pass=None, pass_name: str = "dense",
-                 samples: int | None = None, length: int | None = None, head_format: str = "bf16"):
+                 samples: int | None = None, length: int | None = None, head_format: str | None = None):
         """``layer_pass(model, batch, length)``: the pass that carries calibration text through
         one layer at a time, as the model will decode (``fn(li, layer, x) -> x``; default: dense
         attention, LlamaModel.layer_pass); ``pass_name`` names it in the cache key. ``samples``
@@ -289,7 +294,7 @@ def calibrate(model, src: TensorSource, progress=lambda msg: None, layer_pass=No
 
 
 def cache_key(cfg: ModelConfig, src: TensorSource, pass_name: str = "dense", samples: int | None = None,
-              length: int | None = None, head_format: str = "bf16") -> str:
+              length: int | None = None, head_format: str | None = None) -> str:
     """Names the checkpoint's weights and config and the calibration settings."""
     h = hashlib.sha256(f"{METHOD} {samples or SAMPLES} {length or LENGTH} {SEED} {DAMP} {BLOCK}\n".encode())
     if head_format == "fp8":

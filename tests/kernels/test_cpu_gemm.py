@@ -72,15 +72,19 @@ def e4m3_every_value() -> torch.Tensor:
     return f[~f.float().isnan()]
 
 
-def test_fp8_and_bf16_panels_widen_every_value_exactly():
+def test_fp8_int8_and_bf16_panels_widen_every_value_exactly():
     """One row of x with a single 1 picks out W's k-th row: every stored value comes back as its
-    float32 value (the panel read widens exactly)."""
-    for values in (e4m3_every_value(), rand(4, 64, seed=13).to(torch.bfloat16).reshape(-1)):
+    float32 value (the panel read widens exactly; FP8 with K a multiple of 4 and not, the two
+    layouts where the CPU has AVX-512 BF16)."""
+    for values in (e4m3_every_value(), e4m3_every_value()[:-16], torch.arange(-128, 128).to(torch.int8),
+                   rand(4, 64, seed=13).to(torch.bfloat16).reshape(-1)):
         n = 16
-        w = torch.nn.functional.pad(values, (0, -len(values) % n)).reshape(-1, n)  # [K, 16]
+        w = torch.nn.functional.pad(values.view(torch.uint8) if values.dtype == torch.float8_e4m3fn else values,
+                                    (0, -len(values) % n)).view(values.dtype).reshape(-1, n)  # [K, 16]
         p = cpu_gemm.pack(w)
         assert p.dtype == values.dtype and torch.equal(cpu_gemm.unpack(p, n).float(), w.float())
-        scales = (torch.ones(1), torch.ones(1)) if values.dtype == torch.float8_e4m3fn else (None, None)
+        scales = {torch.float8_e4m3fn: (torch.ones(1), torch.ones(1)), torch.int8: (None, torch.ones(1))}.get(
+            values.dtype, (None, None))
         for k in range(0, w.shape[0], 7):
             x = torch.zeros(1, w.shape[0])
             x[0, k] = 1.0
@@ -88,7 +92,7 @@ def test_fp8_and_bf16_panels_widen_every_value_exactly():
 
 
 @pytest.mark.parametrize("m", [1, 3, 6, 8, 16, 70])
-@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (64, 40)])
+@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (64, 40), (62, 40)])
 @pytest.mark.parametrize("scales", ["token_channel", "tensor"])
 def test_fp8_gemm_against_the_dequantized_reference(m, k, n, scales):
     from kernels.fp8_quant import quantize_rows_reference
@@ -112,6 +116,38 @@ def test_fp8_gemm_against_the_dequantized_reference(m, k, n, scales):
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("m", [1, 3, 9, 70])
+@pytest.mark.parametrize("k", [576, 61])
+def test_int8_gemm_against_the_dequantized_reference(m, k):
+    from engine.model.linear import Int8Linear
+
+    w = rand(200, k, seed=22)
+    lin = Int8Linear.quantize(w)
+    assert lin.packed is not None and lin.packed.dtype == torch.int8 and lin.nbytes() == 200 * k + 200 * 4
+    q = torch.round(w / (w.abs().amax(1, keepdim=True) / 127))
+    torch.testing.assert_close(lin.dense(), (q * (w.abs().amax(1, keepdim=True) / 127)).t())
+    x, r = rand(m, k, seed=23), rand(m, 200, seed=24)
+    torch.testing.assert_close(lin(x, r), x @ lin.dense() + r, atol=1e-4 * k ** 0.5, rtol=1e-5)
+    exact = x @ w.t()
+    assert (lin(x) - exact).norm() < 0.01 * exact.norm()  # int8's own error: under 1 %
+    if 1 < m <= cpu_gemm.SMALL_M:  # (more rows go to the BLAS library)
+        assert torch.equal(lin(x[1:2])[0], lin(x)[1])
+
+
+@pytest.mark.skipif(not cpu_gemm.quads(), reason="the CPU has no AVX-512 BF16: the AVX2 layout is the only one")
+def test_the_avx2_layout_where_the_cpu_has_avx512():
+    """The FP8 tests again with the AVX-512 path turned off (CHATAPP_CPU_ISA=avx2)."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "every_value or fp8_gemm_against or fp8_rows"],
+                         env={**os.environ, "CHATAPP_CPU_ISA": "avx2"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert "passed" in out.stdout and "failed" not in out.stdout
+
+
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_bf16_gemm_against_reference(m):
     w = rand(576, 1536, seed=18).to(torch.bfloat16)
@@ -129,7 +165,7 @@ def test_fp8_rows_do_not_depend_on_the_others_and_scales_are_checked():
     together = cpu_gemm.gemm(xq.float(), p, 3072, None, None, sx, sw)
     for i in (0, 7, 15):
         assert torch.equal(cpu_gemm.gemm(xq[i:i + 1].float(), p, 3072, None, None, sx[i:i + 1], sw)[0], together[i])
-    with pytest.raises(RuntimeError, match="scales go with FP8"):
+    with pytest.raises(RuntimeError, match="FP8 weights take both scales"):
         cpu_gemm.gemm(xq.float(), p, 3072)
     with pytest.raises(RuntimeError, match="row_scale"):
         cpu_gemm.gemm(xq.float(), p, 3072, None, None, sx[:3], sw)

@@ -73,6 +73,7 @@ def _cost_key(model, name: str) -> str:
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     lin = model.layers[0].qkv
     kind = type(lin).__name__ + (f"/panels-v{cpu_ops.VERSION}" if getattr(lin, "packed", None) is not None else "")
+    kind += f"/head-{type(model.lm_head).__name__}"  # a large share of a small model's step
     return f"{name}|{where}|{str(model.dtype).removeprefix('torch.')}|{kind}|t{TIMING}"
 
 
