@@ -313,8 +313,7 @@ const bool quads_here = detect_quads();
 
 constexpr int QUAD = 4;           // k per 64-byte group
 constexpr int QROWS = 8;          // rows per group: 16 accumulators + 2 weights + 4 tables
-constexpr int QBLOCK = 16;        // groups per block (64 k): widened once to 2 KB of bf16 for all row groups
-constexpr int QPREFETCH = 2048;    // bytes ahead of the widening that the stream is asked for (rows path)
+constexpr int QPREFETCH = 2048;   // bytes ahead of the widening that the stream is asked for
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")
@@ -341,24 +340,10 @@ inline __m512 dot_pairs(__m512 acc, __m512i w, const uint16_t* x) {  // x: a pai
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)));
 }
 
-// One row (x as bf16, [groups * 4]) times a whole panel, widened on the fly.
-void quad_one(const Quads& q, const uint16_t* x, const uint8_t* w, int64_t groups, float* acc) {
-  __m512 e = _mm512_setzero_ps(), o = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + g * 64) + PREFETCH_BYTES, _MM_HINT_T0);
-    __m512i a, b;
-    q.widen(w + g * 64, a, b);
-    e = dot_pairs(e, a, x + g * QUAD);
-    o = dot_pairs(o, b, x + g * QUAD + 2);
-  }
-  _mm512_store_ps(acc, e);
-  _mm512_store_ps(acc + PANEL, o);
-}
-
-#define CHATAPP_QLOAD(r)                                         \
+#define CHATAPP_QZERO(r)                                         \
   if constexpr (R > r) {                                         \
-    e##r = _mm512_load_ps(acc + (r) * CHAINS * PANEL);           \
-    o##r = _mm512_load_ps(acc + (r) * CHAINS * PANEL + PANEL);   \
+    e##r = _mm512_setzero_ps();                                  \
+    o##r = _mm512_setzero_ps();                                  \
   }
 #define CHATAPP_QROW(r)                                          \
   if constexpr (R > r) {                                         \
@@ -371,15 +356,21 @@ void quad_one(const Quads& q, const uint16_t* x, const uint8_t* w, int64_t group
     _mm512_store_ps(acc + (r) * CHAINS * PANEL + PANEL, o##r);   \
   }
 
-// R rows (x as bf16, row stride ldx, from the block's first k) times a widened block of
-// ``groups`` groups ([groups][2][32] bf16), added to their accumulators parked at acc.
+// R rows (x as bf16, [R][ldx]) times a whole panel of ``groups`` groups, each group widened in
+// registers once for all R rows (a buffer of widened weights would cost more in stores and
+// loads than the widening: measured on Zen 4), the two sums of each row parked at acc
+// ([R][CHAINS][16]). ``prefetch``: the panel streams from memory (the first row group).
 template <int R>
-void quad_rows(const uint16_t* x, int64_t ldx, const uint16_t* wide, int64_t groups, float* acc) {
+void quad_rows(const Quads& q, const uint16_t* x, int64_t ldx, const uint8_t* w, int64_t groups, float* acc,
+               bool prefetch) {
   __m512 e0, o0, e1, o1, e2, o2, e3, o3, e4, o4, e5, o5, e6, o6, e7, o7;
-  CHATAPP_QLOAD(0) CHATAPP_QLOAD(1) CHATAPP_QLOAD(2) CHATAPP_QLOAD(3)
-  CHATAPP_QLOAD(4) CHATAPP_QLOAD(5) CHATAPP_QLOAD(6) CHATAPP_QLOAD(7)
+  CHATAPP_QZERO(0) CHATAPP_QZERO(1) CHATAPP_QZERO(2) CHATAPP_QZERO(3)
+  CHATAPP_QZERO(4) CHATAPP_QZERO(5) CHATAPP_QZERO(6) CHATAPP_QZERO(7)
   for (int64_t g = 0; g < groups; ++g) {
-    const __m512i a = _mm512_load_si512(wide + g * 64), b = _mm512_load_si512(wide + g * 64 + 32);
+    // ask for the lines ahead (on into the next panel, which this task takes next)
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + g * 64) + QPREFETCH, _MM_HINT_T0);
+    __m512i a, b;
+    q.widen(w + g * 64, a, b);
     const int64_t k = g * QUAD;
     CHATAPP_QROW(0) CHATAPP_QROW(1) CHATAPP_QROW(2) CHATAPP_QROW(3)
     CHATAPP_QROW(4) CHATAPP_QROW(5) CHATAPP_QROW(6) CHATAPP_QROW(7)
@@ -388,16 +379,17 @@ void quad_rows(const uint16_t* x, int64_t ldx, const uint16_t* wide, int64_t gro
   CHATAPP_QPARK(4) CHATAPP_QPARK(5) CHATAPP_QPARK(6) CHATAPP_QPARK(7)
 }
 
-void quad_rows_n(int rows, const uint16_t* x, int64_t ldx, const uint16_t* wide, int64_t groups, float* acc) {
+void quad_rows_n(int rows, const Quads& q, const uint16_t* x, int64_t ldx, const uint8_t* w, int64_t groups,
+                 float* acc, bool prefetch) {
   switch (rows) {
-    case 1: quad_rows<1>(x, ldx, wide, groups, acc); break;
-    case 2: quad_rows<2>(x, ldx, wide, groups, acc); break;
-    case 3: quad_rows<3>(x, ldx, wide, groups, acc); break;
-    case 4: quad_rows<4>(x, ldx, wide, groups, acc); break;
-    case 5: quad_rows<5>(x, ldx, wide, groups, acc); break;
-    case 6: quad_rows<6>(x, ldx, wide, groups, acc); break;
-    case 7: quad_rows<7>(x, ldx, wide, groups, acc); break;
-    default: quad_rows<8>(x, ldx, wide, groups, acc); break;
+    case 1: quad_rows<1>(q, x, ldx, w, groups, acc, prefetch); break;
+    case 2: quad_rows<2>(q, x, ldx, w, groups, acc, prefetch); break;
+    case 3: quad_rows<3>(q, x, ldx, w, groups, acc, prefetch); break;
+    case 4: quad_rows<4>(q, x, ldx, w, groups, acc, prefetch); break;
+    case 5: quad_rows<5>(q, x, ldx, w, groups, acc, prefetch); break;
+    case 6: quad_rows<6>(q, x, ldx, w, groups, acc, prefetch); break;
+    case 7: quad_rows<7>(q, x, ldx, w, groups, acc, prefetch); break;
+    default: quad_rows<8>(q, x, ldx, w, groups, acc, prefetch); break;
   }
 }
 
@@ -427,7 +419,6 @@ void run_quads(const float* xp, int64_t ldx, const uint8_t* wp, int64_t m, int64
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
     const Quads q;
     alignas(64) float acc[MAX_ROWS * CHAINS * PANEL];
-    alignas(64) uint16_t wide[QBLOCK * 64];
     for (int64_t p = begin; p < end; ++p) {
       const int64_t c0 = p * PANEL;
       const int cols = static_cast<int>(std::min<int64_t>(PANEL, n - c0));
@@ -437,25 +428,12 @@ void run_quads(const float* xp, int64_t ldx, const uint8_t* wp, int64_t m, int64
       for (int64_t r0 = 0; r0 < m; r0 += MAX_ROWS) {
         const int64_t rows = std::min<int64_t>(MAX_ROWS, m - r0);
         const uint16_t* x = xb.data() + r0 * k_len;
-        if (rows == 1) {
-          quad_one(q, x, w, groups, acc);
-        } else {
-          std::fill(acc, acc + rows * CHAINS * PANEL, 0.0f);
-          const int64_t row_groups = (rows + QROWS - 1) / QROWS, per_group = (rows + row_groups - 1) / row_groups;
-          for (int64_t g0 = 0; g0 < groups; g0 += QBLOCK) {
-            const int64_t g1 = std::min<int64_t>(groups, g0 + QBLOCK);
-            for (int64_t g = g0; g < g1; ++g) {
-              _mm_prefetch(reinterpret_cast<const char*>(w + g * 64) + QPREFETCH, _MM_HINT_T0);
-              __m512i a, b;
-              q.widen(w + g * 64, a, b);
-              _mm512_store_si512(wide + (g - g0) * 64, a);
-              _mm512_store_si512(wide + (g - g0) * 64 + 32, b);
-            }
-            for (int64_t r = 0; r < rows; r += per_group)
-              quad_rows_n(static_cast<int>(std::min<int64_t>(per_group, rows - r)), x + r * k_len + g0 * QUAD, k_len,
-                          wide, g1 - g0, acc + r * CHAINS * PANEL);
-          }
-        }
+        // row groups as even as possible (9 rows as 5 + 4); the first streams the panel from
+        // memory, the others read it from the cache
+        const int64_t row_groups = (rows + QROWS - 1) / QROWS, per_group = (rows + row_groups - 1) / row_groups;
+        for (int64_t r = 0; r < rows; r += per_group)
+          quad_rows_n(static_cast<int>(std::min<int64_t>(per_group, rows - r)), q, x + r * k_len, k_len, w, groups,
+                      acc + r * CHAINS * PANEL, r == 0);
         for (int64_t r = 0; r < rows; ++r)
           finish(acc + r * CHAINS * PANEL, yp + (r0 + r) * ldy + c0, cols, 1.0f,
                  panel.row ? panel.row + (r0 + r) * panel.row_step : nullptr, panel.col, panel.col_step,
