@@ -26,7 +26,7 @@ from engine.errors import EngineError
 from engine.formats.fp8 import Fp8Format
 from engine.formats.tensor_source import TensorSource
 from engine.formats.torch_pickle import load_weights_only
-from engine.model.linear import Fp8Linear, Linear, default_splits
+from engine.model.linear import Fp8Linear, Int8Linear, Linear, default_splits
 from engine.model.llama import LlamaModel
 from engine.hub import layout
 
@@ -78,8 +78,11 @@ class MedusaHeads:
             return base_lm_head
         if self._subset is None:
             rows = output_rows(base_lm_head, self.token_ids)
-            dtype = self.blocks[0][0].dense().dtype  # the model's (an FP8 lm_head's rows come dequantized)
-            self._subset = Linear(rows.t().to(dtype), None, default_splits(rows.device))
+            if isinstance(base_lm_head, Int8Linear):  # the same rows in int8, a quarter of float32's bytes
+                self._subset = Int8Linear.quantize(rows)
+            else:
+                dtype = self.blocks[0][0].dense().dtype  # the model's (an FP8 lm_head's rows come dequantized)
+                self._subset = Linear(rows.t().to(dtype), None, default_splits(rows.device))
         return self._subset
 
     def __call__(self, hidden: torch.Tensor, base_lm_head: Linear, num: int | None = None,
@@ -214,8 +217,8 @@ def _build(src, prefix: str, n_heads: int, n_layers: int, own: bool, hidden: int
     return MedusaHeads(blocks, lm_heads, token_ids, root_proj, path_proj)
 
 
-def output_rows(lm_head: Linear | Fp8Linear, token_ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``token_ids`` of an output projection, [len(token_ids), hidden] (an FP8 one's
+def output_rows(lm_head: Linear | Fp8Linear | Int8Linear, token_ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``token_ids`` of an output projection, [len(token_ids), hidden] (an FP8 or int8 one's
     dequantized: the heads only propose, the model's own lm_head verifies)."""
     return lm_head.dense().t()[token_ids.to(lm_head.device)]
 
