@@ -3,7 +3,7 @@
 The embedded model (or ``--model``) on held-out text: its high-precision weights, FP8 rounded to
 nearest, and FP8 with GPTQ calibration at each budget (``SAMPLESxLENGTH`` sampled tokens),
 calibrated afresh here (not read from the cache) and timed, each with the lm_head in FP8
-(calibrated with the rest), in int8 (the default on a CPU) and in bf16 (elsewhere). The held-out text is the documentation of Python's
+(calibrated with the rest), in int8 (rounded to nearest) and in bf16 (the default). The held-out text is the documentation of Python's
 standard library as installed (the docstrings of a fixed list of modules): real English text,
 and not what calibration sees (the model's own samples).
 
@@ -94,8 +94,8 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             cases[f"fp8 gptq {budget}, fp8 lm_head"] = {"perplexity": ppl(model), "calibration_s": round(seconds, 1),
                                                        "calibration_tokens": samples * length}
-            # the same block linears with the lm_head in int8 (the default on a CPU) and in bf16
-            # (elsewhere), neither calibrated
+            # the same block linears with the lm_head in int8 and in bf16 (the default), neither
+            # calibrated
             head = model.embed if cfg.tie_word_embeddings else \
                 src.get_shaped("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
             for fmt in ("int8", "bf16"):
