@@ -182,18 +182,6 @@ void both_chains(const float* x, int64_t ldx, const typename W::T* w, int64_t k0
   block_rows<R, 1, W>(x, ldx, w, k0, k1, acc, prefetch, widened);
 }
 
-template <class W>
-void rows_block(int rows, const float* x, int64_t ldx, const typename W::T* w, int64_t k0, int64_t k1, float* acc,
-                bool prefetch, float* widened) {
-  switch (rows) {
-    case 1: both_chains<1, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
-    case 2: both_chains<2, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
-    case 3: both_chains<3, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
-    case 4: both_chains<4, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
-    case 5: both_chains<5, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
-    default: both_chains<6, W>(x, ldx, w, k0, k1, acc, prefetch, widened); break;
-  }
-}
 
 // y = (even chain + odd chain) (* row scale * column scale, as the reference orders them; int8:
 // * column scale) (+ bias) (+ residual)
@@ -231,12 +219,19 @@ void panel_times_rows(const float* x, int64_t ldx, const typename W::T* w, int64
       for (int64_t g = 0; g < rows; g += per_group) {
         const int n = static_cast<int>(std::min<int64_t>(per_group, rows - g));
         if (!reuse)
-          rows_block<W>(n, x + g * ldx, ldx, w, k0, k1, acc + g * CHAINS * PANEL, prefetch && g == 0, nullptr);
+          with_count<ROWS>(n, [&](auto r) {
+            both_chains<decltype(r)::value, W>(x + g * ldx, ldx, w, k0, k1, acc + g * CHAINS * PANEL,
+                                               prefetch && g == 0, nullptr);
+          });
         else if (g == 0)
-          rows_block<W>(n, x, ldx, w, k0, k1, acc, prefetch, widened);
+          with_count<ROWS>(n, [&](auto r) {
+            both_chains<decltype(r)::value, W>(x, ldx, w, k0, k1, acc, prefetch, widened);
+          });
         else  // the block's float32 copy, indexed from k0
-          rows_block<F32Weights>(n, x + g * ldx + k0, ldx, widened, 0, k1 - k0, acc + g * CHAINS * PANEL, false,
-                                 nullptr);
+          with_count<ROWS>(n, [&](auto r) {
+            both_chains<decltype(r)::value, F32Weights>(x + g * ldx + k0, ldx, widened, 0, k1 - k0,
+                                                        acc + g * CHAINS * PANEL, false, nullptr);
+          });
       }
     }
   }
@@ -386,19 +381,6 @@ void quad_rows(const Quads& q, const uint16_t* x, int64_t ldx, const uint8_t* w,
   CHATAPP_QPARK(4) CHATAPP_QPARK(5) CHATAPP_QPARK(6) CHATAPP_QPARK(7)
 }
 
-void quad_rows_n(int rows, const Quads& q, const uint16_t* x, int64_t ldx, const uint8_t* w, int64_t groups,
-                 float* acc, bool prefetch) {
-  switch (rows) {
-    case 1: quad_rows<1>(q, x, ldx, w, groups, acc, prefetch); break;
-    case 2: quad_rows<2>(q, x, ldx, w, groups, acc, prefetch); break;
-    case 3: quad_rows<3>(q, x, ldx, w, groups, acc, prefetch); break;
-    case 4: quad_rows<4>(q, x, ldx, w, groups, acc, prefetch); break;
-    case 5: quad_rows<5>(q, x, ldx, w, groups, acc, prefetch); break;
-    case 6: quad_rows<6>(q, x, ldx, w, groups, acc, prefetch); break;
-    case 7: quad_rows<7>(q, x, ldx, w, groups, acc, prefetch); break;
-    default: quad_rows<8>(q, x, ldx, w, groups, acc, prefetch); break;
-  }
-}
 
 // Rows of x (float32 e4m3 values) as bf16 (their top halves, exact for them), [m][k].
 void rows_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* out) {
@@ -439,8 +421,9 @@ void run_quads(const float* xp, int64_t ldx, const uint8_t* wp, int64_t m, int64
         // memory, the others read it from the cache
         const int64_t row_groups = (rows + QROWS - 1) / QROWS, per_group = (rows + row_groups - 1) / row_groups;
         for (int64_t r = 0; r < rows; r += per_group)
-          quad_rows_n(static_cast<int>(std::min<int64_t>(per_group, rows - r)), q, x + r * k_len, k_len, w, groups,
-                      acc + r * CHAINS * PANEL, r == 0);
+          with_count<QROWS>(std::min<int64_t>(per_group, rows - r), [&](auto n) {
+            quad_rows<decltype(n)::value>(q, x + r * k_len, k_len, w, groups, acc + r * CHAINS * PANEL, r == 0);
+          });
         for (int64_t r = 0; r < rows; ++r)
           finish(acc + r * CHAINS * PANEL, yp + (r0 + r) * ldy + c0, cols, 1.0f,
                  panel.row ? panel.row + (r0 + r) * panel.row_step : nullptr, panel.col, panel.col_step,

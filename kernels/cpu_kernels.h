@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 
@@ -73,6 +74,24 @@ inline float exp_shifted(float* p, int64_t count, float top) {
     }
   }
   return sum;
+}
+
+// f(std::integral_constant<int, n>{}) for n in 1..MAX (above MAX: MAX; MAX <= 8): a count known at
+// run time handed to code that wants it at compile time (how many registers of accumulators).
+template <int MAX, class F>
+inline void with_count(int64_t n, F&& f) {
+  static_assert(MAX >= 1 && MAX <= 8, "with_count: 1 to 8");
+  auto call = [&](auto c) { f(std::integral_constant<int, (decltype(c)::value < MAX ? decltype(c)::value : MAX)>{}); };
+  switch (n) {
+    case 1: call(std::integral_constant<int, 1>{}); break;
+    case 2: call(std::integral_constant<int, 2>{}); break;
+    case 3: call(std::integral_constant<int, 3>{}); break;
+    case 4: call(std::integral_constant<int, 4>{}); break;
+    case 5: call(std::integral_constant<int, 5>{}); break;
+    case 6: call(std::integral_constant<int, 6>{}); break;
+    case 7: call(std::integral_constant<int, 7>{}); break;
+    default: call(std::integral_constant<int, 8>{}); break;
+  }
 }
 
 // The tensor itself when its innermost dimension is contiguous, else a contiguous copy.

@@ -129,16 +129,8 @@ void attend(const float* q, const HeadCache& hc, const int64_t* slots, int64_t c
   const int64_t chunks = d / 8;
   for (int64_t c0 = 0; c0 < chunks; c0 += 8) {
     const int64_t off = 8 * c0;
-    switch (std::min<int64_t>(8, chunks - c0)) {
-      case 1: weighted_values<1>(w, hc, slots, count, off, inv, out); break;
-      case 2: weighted_values<2>(w, hc, slots, count, off, inv, out); break;
-      case 3: weighted_values<3>(w, hc, slots, count, off, inv, out); break;
-      case 4: weighted_values<4>(w, hc, slots, count, off, inv, out); break;
-      case 5: weighted_values<5>(w, hc, slots, count, off, inv, out); break;
-      case 6: weighted_values<6>(w, hc, slots, count, off, inv, out); break;
-      case 7: weighted_values<7>(w, hc, slots, count, off, inv, out); break;
-      default: weighted_values<8>(w, hc, slots, count, off, inv, out); break;
-    }
+    with_count<8>(chunks - c0,
+               [&](auto n) { weighted_values<decltype(n)::value>(w, hc, slots, count, off, inv, out); });
   }
   for (int64_t e = 8 * chunks; e < d; ++e) {
     float a = 0.0f;
