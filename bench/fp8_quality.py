@@ -2,8 +2,8 @@
 
 The embedded model (or ``--model``) on held-out text: its high-precision weights, FP8 rounded to
 nearest, and FP8 with GPTQ calibration at each budget (``SAMPLESxLENGTH`` sampled tokens),
-calibrated afresh here (not read from the cache) and timed, each with the lm_head in FP8
-(calibrated with the rest), in int8 (rounded to nearest) and in bf16 (the default). The held-out text is the documentation of Python's
+calibrated afresh here (not read from the cache) and timed, each with the lm_head calibrated
+with the rest (``--head``: int8 or FP8), rounded to nearest in int8, and in bf16. The held-out text is the documentation of Python's
 standard library as installed (the docstrings of a fixed list of modules): real English text,
 and not what calibration sees (the model's own samples).
 
@@ -57,6 +57,8 @@ def main() -> None:
                     help="calibration budgets, SAMPLESxLENGTH")
     ap.add_argument("--tokens", type=int, default=12000, help="held-out tokens scored")
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--head", choices=("int8", "fp8"), default="int8",
+                    help="the lm_head format calibrated with the block linears")
     ap.add_argument("--save", action="store_true")
     args = parse_args(ap)
 
@@ -86,16 +88,15 @@ def main() -> None:
         for budget in args.budgets:
             samples, length = (int(v) for v in budget.lower().split("x"))
             src = TensorSource(path)
-            method = gptq.Fp8OnLoad(cfg, src, samples=samples, length=length, head_format="fp8")
+            method = gptq.Fp8OnLoad(cfg, src, samples=samples, length=length, head_format=args.head)
             method.cached, method.path = None, Path(tmp) / f"{budget}.safetensors"  # calibrate afresh
             model = weights.from_source(cfg, src, "cpu", None, None, method)
             t0 = time.perf_counter()
             method.after_loading(model)
             seconds = time.perf_counter() - t0
-            cases[f"fp8 gptq {budget}, fp8 lm_head"] = {"perplexity": ppl(model), "calibration_s": round(seconds, 1),
+            cases[f"fp8 gptq {budget}, {args.head} lm_head (calibrated)"] = {"perplexity": ppl(model), "calibration_s": round(seconds, 1),
                                                        "calibration_tokens": samples * length}
-            # the same block linears with the lm_head in int8 and in bf16 (the default), neither
-            # calibrated
+            # the same block linears with the lm_head rounded to nearest in int8, and in bf16
             head = model.embed if cfg.tie_word_embeddings else \
                 src.get_shaped("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
             for fmt in ("int8", "bf16"):

@@ -101,8 +101,9 @@ def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
     weights.prepare_cpu_kernel(device, None, progress)
     method = None
     if req.quantize == "fp8":  # calibrated as it will decode: with DMC, through the compressed cache
-        method = gptq.Fp8OnLoad(cfg, src) if dmc is None else \
-            gptq.Fp8OnLoad(cfg, src, calibration_pass(dmc), f"dmc {dmc['init_val']!r} {dmc['window']}")
+        head = gptq.default_head(device)
+        method = gptq.Fp8OnLoad(cfg, src, head_format=head) if dmc is None else \
+            gptq.Fp8OnLoad(cfg, src, calibration_pass(dmc), f"dmc {dmc['init_val']!r} {dmc['window']}", head_format=head)
     elif req.quantize == "bf16":
         method = weights.Bf16OnLoad()
     model = weights.from_source(cfg, src, device, None, fmt, method)

@@ -50,16 +50,20 @@ METHOD = "gptq-e4m3-channel v1"
 SAMPLES, LENGTH, SEED = 48, 128, 0
 DAMP = 0.01  # of the mean of diag(H), added to its diagonal
 BLOCK = 128  # columns rounded per block (the lazy batch update of the GPTQ paper)
+CALIBRATED_HEADS = ("fp8", "int8")  # lm_head formats rounded with GPTQ along with the block linears
 
 
-def gptq_fp8(w: torch.Tensor, h: torch.Tensor, damp: float = DAMP, block: int = BLOCK
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight ``w`` [N, K] and ``h`` = X^T X [K, K] of its inputs -> (e4m3 [N, K], scale [N, 1] fp32),
-    real weight = e4m3 * scale. Columns go in order of decreasing diag(H) ("act order")."""
+def gptq_round(w: torch.Tensor, h: torch.Tensor, fmt: str = "fp8", damp: float = DAMP, block: int = BLOCK
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``w`` [N, K] and ``h`` = X^T X [K, K] of its inputs -> (q [N, K], scale [N, 1] fp32),
+    real weight = q * scale, q e4m3 (``fmt`` "fp8") or int8 ("int8": -127..127, per-channel
+    scale max |row| / 127). Columns go in order of decreasing diag(H) ("act order")."""
+    assert fmt in ("fp8", "int8")
     w = w.float().clone()
     h = h.float().clone()
     n, k = w.shape
-    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    top = FP8_MAX if fmt == "fp8" else 127.0
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / top
     dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights do not matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -73,14 +77,16 @@ def gptq_fp8(w: torch.Tensor, h: torch.Tensor, damp: float = DAMP, block: int = 
         hb = hinv[a:b, a:b]
         for i in range(b - a):
             col = wb[:, i:i + 1]
-            qv = (col / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float()
+            qv = (col / scale).clamp(-top, top)
+            qv = qv.to(FP8).float() if fmt == "fp8" else torch.round(qv)
             q[:, a + i:a + i + 1] = qv
             qc = qv * scale
             e = (col - qc) / hb[i, i]
             wb[:, i:] -= e @ hb[i:i + 1, i:]
             err[:, i:i + 1] = e
         w[:, b:] -= err @ hinv[a:b, b:]
-    return q[:, torch.argsort(perm)].to(FP8), scale  # q holds e4m3 values: the cast is exact
+    # q holds e4m3 values or integers: the cast is exact
+    return q[:, torch.argsort(perm)].to(FP8 if fmt == "fp8" else torch.int8), scale
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -172,13 +178,13 @@ class RoundToNearest:
 
     The lm_head (``head_format``; on a CPU decoding is bound by the bytes of weights read, and a
     small model's lm_head is a large share of them: the embedded model's is 28 M of its 135 M
-    parameters): bf16 by default, half the bytes of float32 at 0.1 % of perplexity or less;
-    "int8" (engine/model/linear's Int8Linear, rounded to nearest) halves it again, a decode step
-    of the embedded model 1 ms faster on our CPUs, but costs it 0.16 % more perplexity (48 x 128:
-    +2.03 % against bf16's +1.87 %, over the +2 % we allow, until it is calibrated like the
-    block linears); "fp8" (calibrated with the block linears) costs 1.5 % more than bf16 at the
-    default calibration budget (+3.1 % against +1.6 % in another run), 3.5 % at 16 x 128
-    (bench/fp8_quality.py). A tied embedding table stays as it is for the lookup."""
+    parameters): bf16, half the bytes of float32 at 0.1 % of perplexity or less; "int8"
+    (engine/model/linear's Int8Linear) halves it again (a decode step of the embedded model 1 ms
+    faster on our CPUs): rounded to nearest it costs up to 0.15 % more than bf16, calibrated with
+    the block linears (Fp8OnLoad) within 0.1 % of bf16 (48 x 128: +1.68 % against +1.71 %, +2.26 %
+    against +2.15 % in two calibration runs); "fp8", even
+    calibrated, costs 1.5 % more than bf16 (bench/fp8_quality.py). A tied embedding table stays
+    as it is for the lookup."""
 
     def __init__(self, head_format: str = "bf16"):
         assert head_format in ("int8", "bf16", "fp8")
@@ -201,6 +207,12 @@ class RoundToNearest:
         pass
 
 
+def default_head(device) -> str:
+    """The lm_head format of ``--quantize fp8``: int8 (calibrated) where our CPU kernel serves
+    int8, else bf16."""
+    return "int8" if Int8Linear.in_panels(device) else "bf16"
+
+
 class Fp8OnLoad(RoundToNearest):
     """``--quantize fp8``: GPTQ-rounded FP8 block linears. With this checkpoint's rounded weights in
     the cache they are read from there (and the high-precision ones are never read); otherwise the
@@ -218,7 +230,11 @@ class Fp8OnLoad(RoundToNearest):
         self.layer_pass, self.pass_name = layer_pass, pass_name
         self.samples, self.length = samples or SAMPLES, length or LENGTH  # (read when called: tests set them)
         self.path = cache_dir() / "fp8" / f"{cache_key(cfg, src, pass_name, self.samples, self.length, head_format)}.safetensors"
-        self.cached = _read_cached(self.path, cfg, head_format == "fp8") if self.path.is_file() else None
+        self.cached = _read_cached(self.path, cfg, self._calibrated_head()) if self.path.is_file() else None
+
+    def _calibrated_head(self) -> str | None:
+        """The lm_head's format when it is calibrated with the block linears (FP8, int8), else None."""
+        return self.head_format if self.head_format in CALIBRATED_HEADS else None
 
     def linear(self, key, weight, bias, device):
         if self.cached is None:
@@ -227,10 +243,12 @@ class Fp8OnLoad(RoundToNearest):
                          None, bias)
 
     def head(self, weight):
-        if self.cached is None or self.head_format != "fp8":
+        if self._calibrated_head() is None:
             return super().head(weight)
-        return Fp8Linear(self.cached["lm_head.weight"].to(weight.device),
-                         self.cached["lm_head.weight_scale"].to(weight.device))
+        if self.cached is None:  # to be calibrated: the samples are drawn through the bf16 lm_head
+            return RoundToNearest("bf16").head(weight)
+        kind = Fp8Linear if self.head_format == "fp8" else Int8Linear
+        return kind(self.cached["lm_head.weight"].to(weight.device), self.cached["lm_head.weight_scale"].to(weight.device))
 
     def after_loading(self, model, progress=lambda msg: None) -> None:
         if self.cached is not None:
@@ -238,7 +256,7 @@ class Fp8OnLoad(RoundToNearest):
         progress("FP8 calibration: rounding the weights with error compensation (once for this checkpoint)")
         t0 = time.time()
         tensors = calibrate(model, self.src, progress, self.layer_pass, self.samples, self.length,
-                            self.head_format == "fp8")
+                            self._calibrated_head())
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -251,10 +269,11 @@ class Fp8OnLoad(RoundToNearest):
 
 
 def calibrate(model, src: TensorSource, progress=lambda msg: None, layer_pass=None, samples: int | None = None,
-              length: int | None = None, fp8_head: bool = False) -> dict[str, torch.Tensor]:
+              length: int | None = None, head: str | None = None) -> dict[str, torch.Tensor]:
     """Round ``model``'s block linears (FP8, rounded to nearest) again with GPTQ, from the
     high-precision weights in ``src``; replaces them in the model and returns them as
-    ``{<linear>.weight, <linear>.weight_scale}``. ``layer_pass``: see Fp8OnLoad."""
+    ``{<linear>.weight, <linear>.weight_scale}``; ``head`` ("fp8", "int8"): the lm_head too, in that
+    format. ``layer_pass``: see Fp8OnLoad."""
     cfg, dev = model.cfg, model.device
     ids = sample_ids(model, samples or SAMPLES, length or LENGTH, SEED, progress)
     out: dict[str, torch.Tensor] = {}
@@ -275,21 +294,21 @@ def calibrate(model, src: TensorSource, progress=lambda msg: None, layer_pass=No
             run(li, replace(layer, **{field[key]: r for key, r in rec.items()}), x)
             new = {}
             for key, w in weights.items():
-                q, scale = gptq_fp8(w, rec[key].h)
+                q, scale = gptq_round(w, rec[key].h)
                 out[key + ".weight"], out[key + ".weight_scale"] = q, scale
                 new[field[key]] = Fp8Linear(q, scale, None, bias[key])
             model.layers[li] = layer = replace(layer, **new)
             x = run(li, layer, x)
             progress(progress_bar(f"FP8 calibration 2/2, layer {li + 1}/{cfg.num_layers}", li + 1, cfg.num_layers, t0))
-        if not fp8_head:
+        if head is None:
             return out
         # the lm_head, on the final-normed outputs of the quantized layers
         hn = model.final_norm(x).reshape(-1, cfg.hidden_size).float()
         tied = cfg.tie_word_embeddings or "lm_head.weight" not in src
         w = model.embed if tied else src.get_shaped("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
-        q, scale = gptq_fp8(w.to(dev, torch.float32), hn.t() @ hn)
+        q, scale = gptq_round(w.to(dev, torch.float32), hn.t() @ hn, head)
         out["lm_head.weight"], out["lm_head.weight_scale"] = q, scale
-        model.lm_head = Fp8Linear(q, scale)
+        model.lm_head = Fp8Linear(q, scale) if head == "fp8" else Int8Linear(q, scale)
     return out
 
 
@@ -297,8 +316,8 @@ def cache_key(cfg: ModelConfig, src: TensorSource, pass_name: str = "dense", sam
               length: int | None = None, head_format: str | None = None) -> str:
     """Names the checkpoint's weights and config and the calibration settings."""
     h = hashlib.sha256(f"{METHOD} {samples or SAMPLES} {length or LENGTH} {SEED} {DAMP} {BLOCK}\n".encode())
-    if head_format == "fp8":
-        h.update(b"fp8 lm_head\n")
+    if head_format in CALIBRATED_HEADS:
+        h.update(f"{head_format} lm_head\n".encode())
     if pass_name != "dense":  # (the dense pass's keys are those of before there was a choice)
         h.update(f"pass {pass_name}\n".encode())
     config = src.model_dir / "config.json"
@@ -313,7 +332,7 @@ def cache_key(cfg: ModelConfig, src: TensorSource, pass_name: str = "dense", sam
     return h.hexdigest()[:32]
 
 
-def _read_cached(path: Path, cfg: ModelConfig, fp8_head: bool = False) -> dict[str, torch.Tensor] | None:
+def _read_cached(path: Path, cfg: ModelConfig, head: str | None = None) -> dict[str, torch.Tensor] | None:
     """The cached rounded weights, or None when the file is missing, unreadable or incomplete."""
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -326,10 +345,10 @@ def _read_cached(path: Path, cfg: ModelConfig, fp8_head: bool = False) -> dict[s
             shape = (sum(p[1][0] for p in parts), parts[0][1][1])
             if w is None or s is None or w.dtype != FP8 or tuple(w.shape) != shape or tuple(s.shape) != (shape[0], 1):
                 return None
-    if not fp8_head:
+    if head is None:
         return tensors
     w, s = tensors.get("lm_head.weight"), tensors.get("lm_head.weight_scale")
-    if w is None or s is None or w.dtype != FP8 or tuple(w.shape) != (cfg.vocab_size, cfg.hidden_size) or \
+    if w is None or s is None or w.dtype != (FP8 if head == "fp8" else torch.int8) or tuple(w.shape) != (cfg.vocab_size, cfg.hidden_size) or \
             tuple(s.shape) != (cfg.vocab_size, 1):
         return None
     return tensors

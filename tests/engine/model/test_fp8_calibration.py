@@ -22,7 +22,7 @@ def test_gptq_rounds_to_e4m3_with_the_row_scales_and_lowers_the_output_error():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(48, 96, generator=g) * 0.05
     x = correlated_inputs(512, 96, g)
-    q, scale = fc.gptq_fp8(w, x.t() @ x)
+    q, scale = fc.gptq_round(w, x.t() @ x)
     assert q.dtype == FP8 and q.shape == w.shape and scale.shape == (48, 1)
     rtn, rtn_scale = quantize_rows_reference(w)
     torch.testing.assert_close(scale, rtn_scale)  # the same scales: max of each row / 448
@@ -33,12 +33,26 @@ def test_gptq_rounds_to_e4m3_with_the_row_scales_and_lowers_the_output_error():
     assert err_gptq < 0.7 * err_rtn
 
 
+def test_gptq_rounds_to_int8_and_lowers_the_output_error():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 96, generator=g) * 0.05
+    x = correlated_inputs(512, 96, g)
+    q, scale = fc.gptq_round(w, x.t() @ x, "int8")
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and scale.shape == (48, 1)
+    torch.testing.assert_close(scale, w.abs().amax(1, keepdim=True) / 127)
+    rtn = torch.round(w / scale)
+    exact = x @ w.t()
+    err_gptq = (x @ (q.float() * scale).t() - exact).norm()
+    err_rtn = (x @ (rtn * scale).t() - exact).norm()
+    assert err_gptq < 0.7 * err_rtn
+
+
 def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
     """H diagonal: no error is carried to other columns, so every weight rounds to nearest."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(16, 40, generator=g)
     h = torch.diag(torch.rand(40, generator=g) + 0.5)
-    q, scale = fc.gptq_fp8(w, h, block=16)
+    q, scale = fc.gptq_round(w, h, block=16)
     rtn, rtn_scale = quantize_rows_reference(w)
     assert torch.equal(q.float(), rtn.float()) and torch.equal(scale, rtn_scale)
 
@@ -48,7 +62,7 @@ def test_inputs_that_were_always_zero_do_not_break_the_rounding():
     w = torch.randn(8, 32, generator=g)
     x = torch.randn(64, 32, generator=g)
     x[:, 5] = 0
-    q, scale = fc.gptq_fp8(w, x.t() @ x)
+    q, scale = fc.gptq_round(w, x.t() @ x)
     assert torch.isfinite(q.float()).all() and q.float()[:, 5].abs().sum() == 0
 
 
