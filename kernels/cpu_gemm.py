@@ -8,6 +8,8 @@ whether it could be built, and callers fall back to the GEMM library where not."
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .cpu_ops import available, why_not  # noqa: F401 (the kernel is usable where the CPU library is)
@@ -35,15 +37,11 @@ def packs(device, dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype in WEIGHT_DTYPES and available()
 
 
+@functools.cache
 def quads() -> bool:
     """Whether this CPU's kernel reads FP8 panels (K a multiple of 4) in QUAD_ORDER
     (``available()`` must be true)."""
-    if "quads" not in _layout:
-        _layout["quads"] = bool(torch.ops.chatapp_cpu.fp8_quads())
-    return _layout["quads"]
-
-
-_layout: dict[str, bool] = {}
+    return bool(torch.ops.chatapp_cpu.fp8_quads())
 
 
 def _in_quads(dtype, k: int) -> bool:

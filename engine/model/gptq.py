@@ -50,7 +50,9 @@ METHOD = "gptq-e4m3-channel v1"
 SAMPLES, LENGTH, SEED = 48, 128, 0
 DAMP = 0.01  # of the mean of diag(H), added to its diagonal
 BLOCK = 128  # columns rounded per block (the lazy batch update of the GPTQ paper)
-CALIBRATED_HEADS = ("fp8", "int8")  # lm_head formats rounded with GPTQ along with the block linears
+# what GPTQ rounds to, by format: the stored dtype and the linear kind (the lm_head formats that are
+# calibrated along with the block linears)
+ROUNDED = {"fp8": (FP8, Fp8Linear), "int8": (torch.int8, Int8Linear)}
 
 
 def gptq_round(w: torch.Tensor, h: torch.Tensor, fmt: str = "fp8", damp: float = DAMP, block: int = BLOCK
@@ -58,7 +60,7 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, fmt: str = "fp8", damp: float =
     """Weight ``w`` [N, K] and ``h`` = X^T X [K, K] of its inputs -> (q [N, K], scale [N, 1] fp32),
     real weight = q * scale, q e4m3 (``fmt`` "fp8") or int8 ("int8": -127..127, per-channel
     scale max |row| / 127). Columns go in order of decreasing diag(H) ("act order")."""
-    assert fmt in ("fp8", "int8")
+    assert fmt in ROUNDED
     w = w.float().clone()
     h = h.float().clone()
     n, k = w.shape
@@ -86,7 +88,7 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, fmt: str = "fp8", damp: float =
             err[:, i:i + 1] = e
         w[:, b:] -= err @ hinv[a:b, b:]
     # q holds e4m3 values or integers: the cast is exact
-    return q[:, torch.argsort(perm)].to(FP8 if fmt == "fp8" else torch.int8), scale
+    return q[:, torch.argsort(perm)].to(ROUNDED[fmt][0]), scale
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -234,7 +236,7 @@ class Fp8OnLoad(RoundToNearest):
 
     def _calibrated_head(self) -> str | None:
         """The lm_head's format when it is calibrated with the block linears (FP8, int8), else None."""
-        return self.head_format if self.head_format in CALIBRATED_HEADS else None
+        return self.head_format if self.head_format in ROUNDED else None
 
     def linear(self, key, weight, bias, device):
         if self.cached is None:
@@ -247,8 +249,9 @@ class Fp8OnLoad(RoundToNearest):
             return super().head(weight)
         if self.cached is None:  # to be calibrated: the samples are drawn through the bf16 lm_head
             return RoundToNearest("bf16").head(weight)
-        kind = Fp8Linear if self.head_format == "fp8" else Int8Linear
-        return kind(self.cached["lm_head.weight"].to(weight.device), self.cached["lm_head.weight_scale"].to(weight.device))
+        kind = ROUNDED[self.head_format][1]
+        return kind(self.cached["lm_head.weight"].to(weight.device),
+                    self.cached["lm_head.weight_scale"].to(weight.device))
 
     def after_loading(self, model, progress=lambda msg: None) -> None:
         if self.cached is not None:
@@ -308,7 +311,7 @@ def calibrate(model, src: TensorSource, progress=lambda msg: None, layer_pass=No
         w = model.embed if tied else src.get_shaped("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
         q, scale = gptq_round(w.to(dev, torch.float32), hn.t() @ hn, head)
         out["lm_head.weight"], out["lm_head.weight_scale"] = q, scale
-        model.lm_head = Fp8Linear(q, scale) if head == "fp8" else Int8Linear(q, scale)
+        model.lm_head = ROUNDED[head][1](q, scale)
     return out
 
 
@@ -316,7 +319,7 @@ def cache_key(cfg: ModelConfig, src: TensorSource, pass_name: str = "dense", sam
               length: int | None = None, head_format: str | None = None) -> str:
     """Names the checkpoint's weights and config and the calibration settings."""
     h = hashlib.sha256(f"{METHOD} {samples or SAMPLES} {length or LENGTH} {SEED} {DAMP} {BLOCK}\n".encode())
-    if head_format in CALIBRATED_HEADS:
+    if head_format in ROUNDED:
         h.update(f"{head_format} lm_head\n".encode())
     if pass_name != "dense":  # (the dense pass's keys are those of before there was a choice)
         h.update(f"pass {pass_name}\n".encode())
@@ -348,7 +351,7 @@ def _read_cached(path: Path, cfg: ModelConfig, head: str | None = None) -> dict[
     if head is None:
         return tensors
     w, s = tensors.get("lm_head.weight"), tensors.get("lm_head.weight_scale")
-    if w is None or s is None or w.dtype != (FP8 if head == "fp8" else torch.int8) or tuple(w.shape) != (cfg.vocab_size, cfg.hidden_size) or \
-            tuple(s.shape) != (cfg.vocab_size, 1):
+    if w is None or s is None or w.dtype != ROUNDED[head][0] or tuple(w.shape) != (cfg.vocab_size, cfg.hidden_size) \
+            or tuple(s.shape) != (cfg.vocab_size, 1):
         return None
     return tensors
