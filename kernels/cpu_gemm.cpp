@@ -310,8 +310,9 @@ constexpr int QUAD = 4;           // k per 64-byte group
 constexpr int QROWS = 8;          // rows per group: 16 accumulators + 2 weights + 4 tables
 constexpr int QPREFETCH = 2048;   // bytes ahead of the widening that the stream is asked for
 // ... and into L2, further ahead: with only the near requests, the arithmetic of a few rows
-// between loads lets the stream stall (the embedded model's FP8 layers, interleaved runs on Zen
-// 4: a 9-token step 14.0 -> 12.5 ms, 3 tokens 7.5 -> 5.9 ms, one token 4.8 -> 4.3 ms)
+// between loads lets the stream stall (the embedded model's FP8 layers, medians of three
+// interleaved runs on Zen 4: a 9-token step 14.0 -> 12.5 ms, 3 tokens 7.1 -> 5.7 ms, one token
+// 4.9 -> 4.3 ms)
 constexpr int QPREFETCH_L2 = 8192;
 
 #pragma GCC push_options
