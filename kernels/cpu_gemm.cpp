@@ -197,13 +197,13 @@ void finish(const float* acc, float* y, int cols, float unscale, const float* ro
   }
 }
 
-// One panel times ``rows`` rows of x: the panel is walked once, a block of KBLOCK k at a
-// time, and every row group (as even as possible: 8 rows as 4 + 4, not 6 + 2) uses the block
-// while it is in L1; narrow weights are widened once per block, by the first group, for all.
+// One panel times ``rows`` rows of x, the two sums of each row left at acc ([rows][CHAINS][16]):
+// the panel is walked once, a block of KBLOCK k at a time, and every row group (as even as
+// possible: 8 rows as 4 + 4, not 6 + 2) uses the block while it is in L1; narrow weights are
+// widened once per block, by the first group, for all.
 template <class W>
-void panel_times_rows(const float* x, int64_t ldx, const typename W::T* w, int64_t k_len, int64_t rows, float* acc,
-                      float* widened, float* y, int64_t ldy, int cols, const Scales& sc, const float* bias,
-                      const float* res, int64_t ldr) {
+void panel_times_rows(const float* x, int64_t ldx, const typename W::T* w, int64_t k_len, int64_t rows, float* acc) {
+  alignas(32) float widened[KBLOCK * PANEL];
   const int64_t groups = (rows + ROWS - 1) / ROWS, per_group = (rows + groups - 1) / groups;
   // the first group of a block streams it from memory and asks for the lines ahead: the arithmetic
   // between loads would let the stream stall (measured with the weights of the embedded model
@@ -235,33 +235,38 @@ void panel_times_rows(const float* x, int64_t ldx, const typename W::T* w, int64
       }
     }
   }
-  for (int64_t r = 0; r < rows; ++r)
-    finish(acc + r * CHAINS * PANEL, y + r * ldy, cols, sc.unscale, sc.row ? sc.row + r * sc.row_step : nullptr,
-           sc.col, sc.col_step, bias, res ? res + r * ldr : nullptr);
+}
+
+// The tasks of a GEMM over packed panels, and its epilogue: the panels split among the threads
+// (enough panels per task that scheduling costs little, and a few tasks per thread), each panel
+// times the rows of x MAX_ROWS at a time: ``rows_times_panel(p, r0, rows, acc)`` leaves the two
+// sums of each of rows r0.. at acc ([rows][CHAINS][16]), which ``finish`` makes outputs.
+template <class F>
+void for_each_panel(int64_t m, int64_t panels, int64_t n, float* yp, int64_t ldy, const Scales& sc, const float* bp,
+                    const float* rp, int64_t ldr, const F& rows_times_panel) {
+  const int64_t grain = std::max<int64_t>(1, panels / (8 * at::get_num_threads()));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[MAX_ROWS * CHAINS * PANEL];
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c0 = p * PANEL;
+      const int cols = static_cast<int>(std::min<int64_t>(PANEL, n - c0));
+      for (int64_t r0 = 0; r0 < m; r0 += MAX_ROWS) {
+        const int64_t rows = std::min<int64_t>(MAX_ROWS, m - r0);
+        rows_times_panel(p, r0, rows, acc);
+        for (int64_t r = r0; r < r0 + rows; ++r)
+          finish(acc + (r - r0) * CHAINS * PANEL, yp + r * ldy + c0, cols, sc.unscale,
+                 sc.row ? sc.row + r * sc.row_step : nullptr, sc.col ? sc.col + c0 * sc.col_step : nullptr,
+                 sc.col_step, bp ? bp + c0 : nullptr, rp ? rp + r * ldr + c0 : nullptr);
+      }
+    }
+  });
 }
 
 template <class W>
 void run_panels(const float* xp, int64_t ldx, const typename W::T* wp, int64_t m, int64_t k_len, int64_t panels,
                 int64_t n, float* yp, int64_t ldy, const Scales& sc, const float* bp, const float* rp, int64_t ldr) {
-  // panels per task: enough work per task that scheduling costs little, and a few tasks per thread
-  const int64_t grain = std::max<int64_t>(1, panels / (8 * at::get_num_threads()));
-  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-    alignas(32) float acc[MAX_ROWS * CHAINS * PANEL];
-    alignas(32) float widened[KBLOCK * PANEL];
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t c0 = p * PANEL;
-      const int cols = static_cast<int>(std::min<int64_t>(PANEL, n - c0));
-      const typename W::T* w = wp + p * k_len * PANEL;
-      Scales panel = sc;
-      if (panel.col) panel.col += c0 * panel.col_step;
-      for (int64_t r0 = 0; r0 < m; r0 += MAX_ROWS) {
-        const int64_t rows = std::min<int64_t>(MAX_ROWS, m - r0);
-        Scales part = panel;
-        if (part.row) part.row += r0 * part.row_step;
-        panel_times_rows<W>(xp + r0 * ldx, ldx, w, k_len, rows, acc, widened, yp + r0 * ldy + c0, ldy, cols, part,
-                            bp ? bp + c0 : nullptr, rp ? rp + r0 * ldr + c0 : nullptr, ldr);
-      }
-    }
+  for_each_panel(m, panels, n, yp, ldy, sc, bp, rp, ldr, [&](int64_t p, int64_t r0, int64_t rows, float* acc) {
+    panel_times_rows<W>(xp + r0 * ldx, ldx, wp + p * k_len * PANEL, k_len, rows, acc);
   });
 }
 
@@ -405,32 +410,17 @@ void run_quads(const float* xp, int64_t ldx, const uint8_t* wp, int64_t m, int64
   std::vector<uint16_t> xb(m * k_len);
   rows_to_bf16(xp, ldx, m, k_len, xb.data());
   const int64_t groups = k_len / QUAD;
-  const int64_t grain = std::max<int64_t>(1, panels / (8 * at::get_num_threads()));
-  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+  for_each_panel(m, panels, n, yp, ldy, sc, bp, rp, ldr, [&](int64_t p, int64_t r0, int64_t rows, float* acc) {
     const Quads q;
-    alignas(64) float acc[MAX_ROWS * CHAINS * PANEL];
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t c0 = p * PANEL;
-      const int cols = static_cast<int>(std::min<int64_t>(PANEL, n - c0));
-      const uint8_t* w = wp + p * k_len * PANEL;
-      Scales panel = sc;
-      if (panel.col) panel.col += c0 * panel.col_step;
-      for (int64_t r0 = 0; r0 < m; r0 += MAX_ROWS) {
-        const int64_t rows = std::min<int64_t>(MAX_ROWS, m - r0);
-        const uint16_t* x = xb.data() + r0 * k_len;
-        // row groups as even as possible (9 rows as 5 + 4); the first streams the panel from
-        // memory, the others read it from the cache
-        const int64_t row_groups = (rows + QROWS - 1) / QROWS, per_group = (rows + row_groups - 1) / row_groups;
-        for (int64_t r = 0; r < rows; r += per_group)
-          with_count<QROWS>(std::min<int64_t>(per_group, rows - r), [&](auto n) {
-            quad_rows<decltype(n)::value>(q, x + r * k_len, k_len, w, groups, acc + r * CHAINS * PANEL, r == 0);
-          });
-        for (int64_t r = 0; r < rows; ++r)
-          finish(acc + r * CHAINS * PANEL, yp + (r0 + r) * ldy + c0, cols, 1.0f,
-                 panel.row ? panel.row + (r0 + r) * panel.row_step : nullptr, panel.col, panel.col_step,
-                 bp ? bp + c0 : nullptr, rp ? rp + (r0 + r) * ldr + c0 : nullptr);
-      }
-    }
+    const uint8_t* w = wp + p * k_len * PANEL;
+    const uint16_t* x = xb.data() + r0 * k_len;
+    // row groups as even as possible (9 rows as 5 + 4); the first streams the panel from memory,
+    // the others read it from the cache
+    const int64_t row_groups = (rows + QROWS - 1) / QROWS, per_group = (rows + row_groups - 1) / row_groups;
+    for (int64_t r = 0; r < rows; r += per_group)
+      with_count<QROWS>(std::min<int64_t>(per_group, rows - r), [&](auto n) {
+        quad_rows<decltype(n)::value>(q, x + r * k_len, k_len, w, groups, acc + r * CHAINS * PANEL, r == 0);
+      });
   });
 }
 
