@@ -93,7 +93,6 @@ at::Tensor dmc_tree_attention(const at::Tensor& q_in, const at::Tensor& k_new_in
   at::parallel_for(0, rows, std::max<int64_t>(1, rows / (2 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
     std::vector<float> weight;  // per visible slot: its score, then its e^(score - max)
     std::vector<const float*> keys, values;
-    std::vector<float> acc(d);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t bi = row / (h * m), hi = (row / m) % h, i = row % m;
       const int64_t kv = hi / groups;
@@ -116,17 +115,9 @@ at::Tensor dmc_tree_attention(const at::Tensor& q_in, const at::Tensor& k_new_in
       }
       const int64_t count = static_cast<int64_t>(keys.size());
       weight.resize(count);
-      float top = -INFINITY;
-      for (int64_t s = 0; s < count; ++s) {
-        weight[s] = dot(qrow, keys[s], d) * sc;
-        top = std::max(top, weight[s]);
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      const float total = count ? exp_shifted(weight.data(), count, top) : 0.0f;
-      for (int64_t s = 0; s < count; ++s) axpy(weight[s], values[s], acc.data(), d);
-      const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // no visible slot: zeros (callers give each query one)
-      float* orow = op + ((bi * m + i) * h + hi) * d;
-      for (int64_t c = 0; c < d; ++c) orow[c] = acc[c] * inv;
+      // no visible slot: zeros (callers give each query one)
+      attend(qrow, SlotPointers{keys.data(), values.data()}, count, d, sc, weight.data(),
+             op + ((bi * m + i) * h + hi) * d);
     }
   });
   return out.transpose(1, 2);

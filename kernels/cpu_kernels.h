@@ -1,5 +1,6 @@
 // What the CPU kernels (cpu_gemm.cpp, cpu_dmc.cpp, cpu_layer.cpp) share: AVX2 helpers for
-// attention (dot products, exponentials, axpy) and the small-M GEMM and FP8 activation
+// attention (exponentials; one query row's softmax-weighted sum over the slots it sees) and the
+// small-M GEMM and FP8 activation
 // quantizer as functions on raw pointers, for kernels that call them inside one operation.
 
 #pragma once
@@ -14,21 +15,6 @@
 #include <ATen/ATen.h>
 
 namespace chatapp_kernels {
-
-inline float dot(const float* a, const float* b, int64_t d) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= d; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
-  float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  for (; i < d; ++i) s += a[i] * b[i];
-  return s;
-}
 
 // e^x for x <= 0 (scores minus their max), 8 lanes: the Cephes single-precision polynomial on
 // x - n ln 2, times 2^n; within 2 ulp of expf, and 0 below -87.
@@ -94,15 +80,103 @@ inline void with_count(int64_t n, F&& f) {
   }
 }
 
+// Where one query head's attention finds the keys and values it may see, slot j of count:
+// rows of its KV head's cache picked by slot numbers (SlotRows, the causal or tree-masked cache
+// of cpu_layer.cpp), or pointers gathered beforehand (SlotPointers, cpu_dmc.cpp's pages).
+struct SlotRows {
+  const float* keys;
+  int64_t ks1;  // slot s's key at keys + s * ks1
+  const float* values;
+  int64_t vs1;
+  const int64_t* slots;
+  const float* key(int64_t j) const { return keys + slots[j] * ks1; }
+  const float* value(int64_t j) const { return values + slots[j] * vs1; }
+};
+
+struct SlotPointers {
+  const float* const* keys;
+  const float* const* values;
+  const float* key(int64_t j) const { return keys[j]; }
+  const float* value(int64_t j) const { return values[j]; }
+};
+
+constexpr int64_t KEYS = 4;  // keys per block of the score loop: 4 sums in flight, reduced together
+
+// w[j] = q . key(j) * scale for j < count, a block of KEYS keys at a time: the 8-lane sums of a
+// block's keys are reduced together (two rounds of pairwise adds, then the two halves), the same
+// adds in the same order for every key whatever its place in the block; a last, short block
+// repeats its last key and keeps only the scores it needs. Any head size d (8-lane chunks, then
+// the rest one by one).
+template <class KV>
+void scores(const float* q, const KV& kv, int64_t count, int64_t d, float scale, float* w) {
+  const int64_t chunks = d / 8;
+  for (int64_t j = 0; j < count; j += KEYS) {
+    const float* k[KEYS];
+    for (int64_t b = 0; b < KEYS; ++b) k[b] = kv.key(std::min(j + b, count - 1));
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m256 qc = _mm256_loadu_ps(q + 8 * c);
+      a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[0] + 8 * c), a0);
+      a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[1] + 8 * c), a1);
+      a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[2] + 8 * c), a2);
+      a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[3] + 8 * c), a3);
+    }
+    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    alignas(16) float sum[KEYS];
+    _mm_store_ps(sum, _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)));
+    for (int64_t b = 0; b < KEYS && j + b < count; ++b) {
+      float v = sum[b];
+      for (int64_t e = 8 * chunks; e < d; ++e) v += q[e] * k[b][e];
+      w[j + b] = v * scale;
+    }
+  }
+}
+
+// out[off..off + 8 N) = inv * sum over j of p[j] * value(j)[off..off + 8 N), in order of j, in N
+// registers.
+template <int N, class KV>
+void weighted_values(const float* p, const KV& kv, int64_t count, int64_t off, float inv, float* out) {
+  __m256 acc[N];
+#pragma GCC unroll 8
+  for (int c = 0; c < N; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < count; ++j) {
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    const float* v = kv.value(j) + off;
+#pragma GCC unroll 8
+    for (int c = 0; c < N; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * c), acc[c]);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < N; ++c) _mm256_storeu_ps(out + off + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+}
+
+// out [d] = softmax(scores) @ values for one query row over the count slots of kv (none: zeros);
+// w: room for count scores. The weighted sum runs over the slots in order, 64 lanes of the head
+// at a time in registers.
+template <class KV>
+void attend(const float* q, const KV& kv, int64_t count, int64_t d, float scale, float* w, float* out) {
+  if (count == 0) {
+    std::fill(out, out + d, 0.0f);
+    return;
+  }
+  scores(q, kv, count, d, scale, w);
+  float top = -INFINITY;
+  for (int64_t j = 0; j < count; ++j) top = std::max(top, w[j]);
+  const float total = exp_shifted(w, count, top);
+  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+  const int64_t chunks = d / 8;
+  for (int64_t c0 = 0; c0 < chunks; c0 += 8) {
+    const int64_t off = 8 * c0;
+    with_count<8>(chunks - c0, [&](auto n) { weighted_values<decltype(n)::value>(w, kv, count, off, inv, out); });
+  }
+  for (int64_t e = 8 * chunks; e < d; ++e) {
+    float a = 0.0f;
+    for (int64_t j = 0; j < count; ++j) a += w[j] * kv.value(j)[e];
+    out[e] = a * inv;
+  }
+}
+
 // The tensor itself when its innermost dimension is contiguous, else a contiguous copy.
 inline at::Tensor inner_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-inline void axpy(float p, const float* x, float* y, int64_t d) {
-  const __m256 pv = _mm256_set1_ps(p);
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < d; ++i) y[i] += p * x[i];
-}
 
 // The FP8 scales of a product: per row of x ([M], row_step 1) or one ([1], row_step 0), and per
 // column of W or one; none for float weights.

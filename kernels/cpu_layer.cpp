@@ -54,91 +54,6 @@ void swiglu(const float* gate, const float* up, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
-constexpr int64_t KEYS = 4;  // keys per block of the score loop: 4 sums in flight, reduced together
-
-// One head's view of its KV head's cache: keys and values of slot j at keys + j * ks1 and
-// values + j * vs1.
-struct HeadCache {
-  const float* keys;
-  int64_t ks1;
-  const float* values;
-  int64_t vs1;
-};
-
-// The scores q . k * scale of the keys of slots[0..count), a block of KEYS at a time: the 8-lane
-// sums of a block's keys are reduced together (two rounds of pairwise adds, then the two halves),
-// the same adds in the same order for every key whatever its place in the block; a last, short
-// block repeats its last key and keeps only the scores it needs. Any head size d (8-lane chunks,
-// then the rest one by one).
-void scores(const float* q, const HeadCache& hc, const int64_t* slots, int64_t count, int64_t d, float scale,
-            float* w) {
-  const int64_t chunks = d / 8;
-  for (int64_t j = 0; j < count; j += KEYS) {
-    const float* k[KEYS];
-    for (int64_t b = 0; b < KEYS; ++b) k[b] = hc.keys + slots[std::min(j + b, count - 1)] * hc.ks1;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m256 qc = _mm256_loadu_ps(q + 8 * c);
-      a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[0] + 8 * c), a0);
-      a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[1] + 8 * c), a1);
-      a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[2] + 8 * c), a2);
-      a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[3] + 8 * c), a3);
-    }
-    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    alignas(16) float sum[KEYS];
-    _mm_store_ps(sum, _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)));
-    for (int64_t b = 0; b < KEYS && j + b < count; ++b) {
-      float v = sum[b];
-      for (int64_t e = 8 * chunks; e < d; ++e) v += q[e] * k[b][e];
-      w[j + b] = v * scale;
-    }
-  }
-}
-
-// out[0..8 N) += sum over j of p[j] * value(slots[j])[0..8 N), in order of j, in N registers.
-template <int N>
-void weighted_values(const float* p, const HeadCache& hc, const int64_t* slots, int64_t count, int64_t off,
-                     float inv, float* out) {
-  __m256 acc[N];
-#pragma GCC unroll 8
-  for (int c = 0; c < N; ++c) acc[c] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < count; ++j) {
-    const __m256 pj = _mm256_set1_ps(p[j]);
-    const float* v = hc.values + slots[j] * hc.vs1 + off;
-#pragma GCC unroll 8
-    for (int c = 0; c < N; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * c), acc[c]);
-  }
-#pragma GCC unroll 8
-  for (int c = 0; c < N; ++c) _mm256_storeu_ps(out + off + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
-}
-
-// out = softmax(scores) @ values for one query row over the keys and values of slots[0..count);
-// w: room for count scores. The weighted sum runs over the keys in order, 64 lanes of the head
-// at a time in registers.
-void attend(const float* q, const HeadCache& hc, const int64_t* slots, int64_t count, int64_t d, float scale,
-            float* w, float* out) {
-  if (count == 0) {
-    std::fill(out, out + d, 0.0f);
-    return;
-  }
-  scores(q, hc, slots, count, d, scale, w);
-  float top = -INFINITY;
-  for (int64_t j = 0; j < count; ++j) top = std::max(top, w[j]);
-  const float total = exp_shifted(w, count, top);
-  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-  const int64_t chunks = d / 8;
-  for (int64_t c0 = 0; c0 < chunks; c0 += 8) {
-    const int64_t off = 8 * c0;
-    with_count<8>(chunks - c0,
-               [&](auto n) { weighted_values<decltype(n)::value>(w, hc, slots, count, off, inv, out); });
-  }
-  for (int64_t e = 8 * chunks; e < d; ++e) {
-    float a = 0.0f;
-    for (int64_t j = 0; j < count; ++j) a += w[j] * hc.values[slots[j] * hc.vs1 + e];
-    out[e] = a * inv;
-  }
-}
-
 // One linear layer's weights and scales, as Fp8Linear / Linear hold them for the CPU kernel.
 struct Proj {
   const at::Tensor* packed;
@@ -277,8 +192,8 @@ void run_layer(const LayerWeights& lw, const Shape& sh, float eps, const float* 
       int64_t count = 0;
       for (int64_t j = 0; j < start + t; ++j)
         if (j < start || (visible ? visible[i * t + j - start] : j - start <= i)) slots[count++] = j;
-      attend(sc.qkv.data() + i * qkv_n + hi * d, HeadCache{kc + g * ks0, ks1, vc + g * vs0, vs1}, slots.data(), count,
-             d, scale, w.data(), sc.attn.data() + i * q_size + hi * d);
+      attend(sc.qkv.data() + i * qkv_n + hi * d, SlotRows{kc + g * ks0, ks1, vc + g * vs0, vs1, slots.data()}, count, d,
+             scale, w.data(), sc.attn.data() + i * q_size + hi * d);
     }
   });
 

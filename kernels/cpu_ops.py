@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-VERSION = 15  # of the kernels: step costs measured with another version are measured again
+VERSION = 16  # of the kernels: step costs measured with another version are measured again
 _SOURCES = [Path(__file__).with_name(name) for name in ("cpu_gemm.cpp", "cpu_dmc.cpp", "cpu_layer.cpp")]
 _HEADER = Path(__file__).with_name("cpu_kernels.h")  # included by the sources
 _lock = threading.Lock()
@@ -76,4 +76,12 @@ def _build() -> tuple[bool, str | None]:
         torch.ops.chatapp_cpu.dmc_update  # noqa: B018
         return True, None
     except Exception as e:  # no compiler, no ninja, a failed build: PyTorch it is
-        return False, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        return False, f"{type(e).__name__}: {_first_error(str(e))}"
+
+
+def _first_error(message: str) -> str:
+    """A build failure's first compiler error (file:line: error: ...), else the message's start."""
+    for line in message.splitlines():
+        if " error: " in line or line.startswith("error:"):
+            return " ".join(line.split())[:300]
+    return " ".join(message.split())[:200]
