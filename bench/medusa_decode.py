@@ -80,7 +80,8 @@ def shape_8b(args) -> dict:
 
     from engine.config import config_from_dict
     from engine.decoding.medusa.heads import MedusaHeads, Profile
-    from engine.decoding.medusa.plan import TREE_SIZES, measure_step_ms
+    from engine.decoding.medusa.plan import TREE_SIZES, medusa_step
+    from engine.decoding.speculative.step_costs import measure_step_ms
     from engine.formats.random_weights import RandomSource
     from engine.hub.layout import SHIPPED_MEDUSA
     from engine.model.gptq import RoundToNearest
@@ -99,7 +100,7 @@ def shape_8b(args) -> dict:
                                  torch.zeros(h, device=device, dtype=dtype))] for _ in range(3)], None)
     profile = Profile.read(SHIPPED_MEDUSA / "SmolLM2-135M-Instruct.json")
     sizes = [n for n in TREE_SIZES if 2 <= n <= (8 if args.smoke else 64)]
-    costs = measure_step_ms(model, heads, sizes, profile, context=args.context)
+    costs = measure_step_ms(model, sizes, medusa_step(model, heads, profile), heads.num_heads + 1, context=args.context)
     rows = []
     for n in sizes:
         e = profile.expected_tokens(profile.tree_paths(n, 3))

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from engine.errors import EngineError
 
-# The decodings, named once for every front end: a proposer (Medusa heads, or none) over a KV
-# cache (dense, or DMC), written "proposer+cache" when both are chosen.
-DECODINGS = ("plain", "medusa", "dmc", "medusa+dmc")
-PROPOSERS = ("medusa",)
+# The decodings, named once for every front end: proposers (Medusa heads, lookup in the
+# conversation, both, or none) over a KV cache (dense, or DMC), written "proposers+cache".
+PROPOSERS = ("medusa", "lookup")
 CACHES = ("dmc",)
+DECODINGS = ("plain", "medusa", "lookup", "medusa+lookup", "dmc", "medusa+dmc", "lookup+dmc", "medusa+lookup+dmc")
 
 
 def decoding_name(text: str) -> str:
@@ -23,16 +23,17 @@ def decoding_name(text: str) -> str:
         raise EngineError(f"decoding {text!r}: not a decoding (supported: {', '.join(DECODINGS)})")
     if "plain" in terms and len(terms) > 1:
         raise EngineError(f"decoding {text!r}: plain is a decoding of its own, not a part of one")
-    if len(set(terms)) != len(terms) or sum(t in PROPOSERS for t in terms) > 1 or sum(t in CACHES for t in terms) > 1:
-        raise EngineError(f"decoding {text!r}: at most one proposer ({', '.join(PROPOSERS)}) and one cache "
+    if len(set(terms)) != len(terms) or sum(t in CACHES for t in terms) > 1:
+        raise EngineError(f"decoding {text!r}: each proposer ({', '.join(PROPOSERS)}) at most once and one cache "
                           f"({', '.join(CACHES)})")
-    return "+".join([t for t in terms if t in PROPOSERS] + [t for t in terms if t in CACHES]) or "plain"
+    return "+".join([t for t in (*PROPOSERS, *CACHES) if t in terms]) or "plain"
 
 
-def decoding_parts(decoding: str) -> tuple[str | None, str | None]:
-    """(proposer, cache) of a decoding name: "medusa+dmc" -> ("medusa", "dmc"), "plain" -> (None, None)."""
+def decoding_parts(decoding: str) -> tuple[tuple[str, ...], str | None]:
+    """(proposers, cache) of a decoding name: "medusa+lookup+dmc" -> (("medusa", "lookup"), "dmc"),
+    "plain" -> ((), None)."""
     terms = decoding.split("+")
-    return (next((t for t in terms if t in PROPOSERS), None), next((t for t in terms if t in CACHES), None))
+    return tuple(t for t in PROPOSERS if t in terms), next((t for t in terms if t in CACHES), None)
 QUANTIZE = ("fp8", "bf16")  # what --quantize accepts: FP8 weights rounded on load, or bfloat16 weights
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63): what torch.Generator.manual_seed takes on every device
 DEFAULT_CONTEXT = 8192  # KV cache length when none is asked for: min(the model's context, this)
@@ -69,8 +70,10 @@ class LoadModel:
     context: int | None = None  # KV cache length; None = min(model's context, DEFAULT_CONTEXT)
     quantize: str | None = None  # "fp8": quantize a high-precision checkpoint's linear layers on load
     decoding: str = "plain"  # plain | medusa (the checkpoint's Medusa heads, or the ones shipped for it)
+    #                          | lookup (drafts from earlier in the conversation; any model)
+    #                          | medusa+lookup (both in one tree)
     #                          | dmc (Dynamic Memory Compression: a Megatron DMC checkpoint, or a shipped retrofit)
-    #                          | medusa+dmc (Medusa's proposals verified over the DMC cache)
+    #                          | medusa+dmc, lookup+dmc, medusa+lookup+dmc (the drafts verified over the DMC cache)
     medusa_choices: str | None = None  # Medusa tree: "auto" (None: best for this device), "card", or a JSON file
     tokenizer: str | None = None  # for a checkpoint without one (Megatron DMC): a tokenizer.model or a folder
 
@@ -112,6 +115,8 @@ class Token:
     text: str  # new text; may be "" while a multi-byte character is incomplete
     token_ids: list[int]
     n_accepted: int  # tokens this step produced (1 for plain decoding)
+    drafted_chars: int = 0  # how many of ``text``'s last characters came from accepted drafts
+    drafted_by: list[str] = field(default_factory=list)  # per token: the proposer that drafted it ("" for none)
 
 
 @dataclass
@@ -144,6 +149,7 @@ class GenerationStats:
     kv_cache_bytes: int = 0  # K/V bytes the cache holds at the end
     kv_cache_bytes_dense: int = 0  # a plain cache for the same tokens
     kv_compression: float = 1.0  # dense / held (1.0 unless DMC)
+    speculation: dict | None = None  # drafts, acceptance by position, per proposer (speculative/counters.py)
 
     def to_dict(self) -> dict:
         return asdict(self)

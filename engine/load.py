@@ -9,8 +9,9 @@ decoding asked for. Every branch on what is loaded happens here, in ``load``:
     --quantize bf16       bfloat16 weights                     engine/model/weights.py
     the tokenizer         the checkpoint's, or for Megatron    engine/tokenizer.py
                           the SentencePiece file beside it
-    the decoder           a proposer (none / Medusa heads +    engine/decoding/
-                          tree plan) over a cache (dense / DMC)
+    the decoder           proposers (none / Medusa heads +     engine/decoding/
+                          tree plan / lookup / both) over a
+                          cache (dense / DMC)
 
 The decodings a model offers are the ones engine/hub/layout.py lists for it (the picker's
 choices); asking for another is a one-line error that says what is missing."""
@@ -26,9 +27,12 @@ from engine import memory
 from engine.config import load_config
 from engine.decoding.base import Decoder
 from engine.decoding.dmc import DMCDecoder, calibration_pass, dmc_settings
-from engine.decoding.medusa.decoder import MedusaDecoder
 from engine.decoding.medusa.heads import load_heads, shipped_heads
 from engine.decoding.medusa.plan import plan
+from engine.decoding.medusa.proposer import MedusaProposer
+from engine.decoding.lookup.proposer import LookupBeside, LookupProposer, cost_sizes
+from engine.decoding.speculative.decoder import SpeculativeDecoder
+from engine.decoding.speculative.step_costs import step_costs
 from engine.decoding.plain import PlainDecoder
 from engine.errors import EngineError
 from engine.events import DEFAULT_CONTEXT, QUANTIZE, LoadModel, decoding_name, decoding_parts
@@ -69,7 +73,8 @@ def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
     device = pick_device(req.device)
     name, path = resolve(req.model, progress)
     progress(f"loading {name} on {device.type}")
-    proposer, cache_kind = decoding_parts(decoding_name(req.decoding))
+    decoding = decoding_name(req.decoding)
+    proposers, cache_kind = decoding_parts(decoding)
     if req.quantize not in (None, *QUANTIZE):
         raise EngineError(f"quantize {req.quantize!r} is not supported (supported: {', '.join(QUANTIZE)})")
 
@@ -113,8 +118,8 @@ def load(req: LoadModel, progress=lambda msg: None) -> LoadedModel:
     tokenizer = ChatTokenizer(tokenizer_dir, model.cfg)
     context = _context(req.context, name, model)
     decoder = DMCDecoder(model, context, **dmc) if cache_kind == "dmc" else PlainDecoder(model, context)
-    if proposer == "medusa":
-        decoder = _medusa(name, path, decoder, src, fmt, req.medusa_choices, progress)
+    if proposers:
+        decoder = _speculative(name, path, decoder, decoding, proposers, src, fmt, req.medusa_choices, progress)
     weights.check_all_used(src, path, progress)
     return LoadedModel(name, path, model, tokenizer, decoder, req.quantize)
 
@@ -137,12 +142,35 @@ def _context(asked: int | None, name: str, model: LlamaModel) -> int:
     return asked
 
 
+def _speculative(name: str, path: Path, base: Decoder, decoding: str, proposers: tuple[str, ...], src: TensorSource,
+                 fmt: Fp8Format | None, choices: str | None, progress) -> SpeculativeDecoder:
+    """``proposers`` (medusa, lookup, or both joined in one tree) over ``base`` (the plain or the
+    DMC decoder)."""
+    model = base.model
+    dmc = {"init_val": base.dmc.init_val, "window": base.dmc.window} if isinstance(base, DMCDecoder) else None
+    proposer, tree_plan = None, None
+    if "medusa" in proposers:
+        heads, tree_plan = _medusa(name, path, base, src, fmt, choices, dmc, progress)
+        if tree_plan.tree is not None:
+            proposer = MedusaProposer(model, heads, tree_plan.tree)
+    if "lookup" in proposers:
+        progress("measuring the verify steps of lookup drafts on this device")
+        first = proposer.max_nodes if proposer is not None else 1
+        costs = step_costs(model, name, cost_sizes(first), dmc=dmc, proposer=f"lookup{first}")
+        proposer = LookupProposer(model.device, costs) if proposer is None else \
+            LookupBeside(proposer, model.device, costs, tree_plan.expected_tokens_per_step)
+    if proposer is not None and proposer.max_nodes >= base.context:
+        raise EngineError(f"{decoding}: its trees have up to {proposer.max_nodes} nodes, which do not fit a context "
+                          f"of {base.context} tokens with a prompt; choose a smaller tree or a longer --context")
+    return SpeculativeDecoder(base, proposer, decoding, tree_plan)
+
+
 def _medusa(name: str, path: Path, base: Decoder, src: TensorSource, fmt: Fp8Format | None,
-            choices: str | None, progress) -> MedusaDecoder:
-    """Medusa over ``base`` (the plain or the DMC decoder): the checkpoint's own Medusa heads (in
-    ``src``, FP8 like its layers when ``fmt`` says so), else the ones chatapp ships for it, and the
-    tree to verify."""
-    model, context = base.model, base.context
+            choices: str | None, dmc: dict | None, progress):
+    """(heads, plan): the checkpoint's own Medusa heads (in ``src``, FP8 like its layers when
+    ``fmt`` says so), else the ones chatapp ships for it, and the tree to verify over ``base``'s
+    cache."""
+    model = base.model
     cfg = model.cfg
     heads = load_heads(path, cfg.medusa, src, cfg.hidden_size, cfg.vocab_size, model.device, model.dtype, fmt)
     profile = None
@@ -153,12 +181,7 @@ def _medusa(name: str, path: Path, base: Decoder, src: TensorSource, fmt: Fp8For
         raise EngineError(f"{name}: the checkpoint has no Medusa heads (config.json 'medusa' entry or "
                           "medusa_lm_head.safetensors) and chatapp ships none for it")
     progress("choosing the Medusa tree for this device")
-    dmc = {"init_val": base.dmc.init_val, "window": base.dmc.window} if isinstance(base, DMCDecoder) else None
-    tree_plan = plan(model, heads, name, choices, profile, dmc)
-    if tree_plan.tree is not None and tree_plan.tree.num_nodes >= context:
-        raise EngineError(f"the Medusa tree has {tree_plan.tree.num_nodes} nodes, which do not fit a context of "
-                          f"{context} tokens with a prompt; choose a smaller tree or a longer --context")
-    return MedusaDecoder(base, heads, tree_plan)
+    return heads, plan(model, heads, name, choices, profile, dmc)
 
 
 def _megatron_tokenizer(path: Path, tokenizer: Path | None = None) -> Path:

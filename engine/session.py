@@ -17,6 +17,7 @@ import torch
 from engine import memory
 from engine.decoding.base import Decoder
 from engine.decoding.sampling import Sampler
+from engine.decoding.speculative.counters import Counters
 from engine.cpu_threads import ThreadTuner
 from engine.errors import EngineError
 from engine.events import Done, GenerationStats, LoadModel, ModelInfo, SamplingParams, Step, Token
@@ -103,6 +104,7 @@ class Session:
         out_ids: list[int] = []
         pieces: list[str] = []
         accepted: list[int] = []
+        counters = Counters()
         t0 = time.perf_counter()
         t_first = t_last = None
         with torch.inference_mode():
@@ -120,10 +122,13 @@ class Session:
                     self.threads.step(now - t_last)
                 t_last = now
                 accepted.append(len(ids))
+                counters.add(ids)
                 out_ids += ids
-                text = "".join(detok.step(t) for t in ids)
+                parts = [detok.step(t) for t in ids]
+                text = "".join(parts)
                 pieces.append(text)
-                yield Token(text, ids, len(ids))
+                by = list(getattr(ids, "drafted_by", [""] * len(ids)))
+                yield Token(text, list(ids), len(ids), sum(len(p) for p, b in zip(parts, by) if b), by)
                 used, total = memory.in_use(self.device)
                 after_first = len(out_ids) - accepted[0]
                 rate = after_first / (t_last - t_first) if after_first else 0.0
@@ -146,5 +151,6 @@ class Session:
             peak_memory_bytes=memory.peak(self.device), device=self.device.type, model=self.name,
             decoding=self.decoding, quantization=self.quantization,
             medusa_tree=self.decoder.setup,
-            kv_cache_bytes=kv, kv_cache_bytes_dense=kv_dense, kv_compression=kv_dense / kv if kv else 1.0)
+            kv_cache_bytes=kv, kv_cache_bytes_dense=kv_dense, kv_compression=kv_dense / kv if kv else 1.0,
+            speculation=counters.to_dict() if counters.drafts else None)
         yield Done(reason, stats)

@@ -1,8 +1,9 @@
 """What every decoding offers the session: one object per decoding that owns its cache.
 
     decoder.generate(prompt, params, sampler, eos)   # a generator of the tokens accepted per step
-                                                     # (lists of ids); its return value is why it
-                                                     # stopped: "eos" or "length"
+                                                     # (lists of ids, ``Accepted`` where drafted);
+                                                     # its return value is why it stopped: "eos"
+                                                     # or "length"
     decoder.prefill(prompt)                          # the cache brought to hold the prompt, the
                                                      # longest prefix it already holds reused
     decoder.kv_bytes()                               # (K/V bytes held, what a dense cache holds)
@@ -10,7 +11,8 @@
     decoder.free()                                   # drop the cache's memory
 
 ``cached_ids`` are the tokens whose keys/values the cache holds, in order. The decodings are
-engine/decoding/plain.py, dmc.py and medusa/decoder.py; their names are events.DECODINGS."""
+engine/decoding/plain.py, dmc.py and speculative/decoder.py (a proposer over one of the first two);
+their names are events.DECODINGS."""
 
 from __future__ import annotations
 
@@ -20,6 +22,19 @@ import torch
 
 from engine.decoding.sampling import Sampler
 from engine.events import SamplingParams
+
+
+class Accepted(list):
+    """The tokens one step of a decoding produced (a list of ids) and, per token, the proposer
+    that drafted it ("" for the base model's own choice: every token of a one-token step, the
+    first of a speculative one; "medusa+lookup" where both drafted it). ``draft_nodes``: the
+    tokens drafted for the step (its tree's nodes after the root), ``draft_depth``: the longest
+    drafted path."""
+
+    def __init__(self, ids, drafted_by: list[str] | None = None, draft_nodes: int = 0, draft_depth: int = 0):
+        super().__init__(ids)
+        self.drafted_by = drafted_by if drafted_by is not None else [""] * len(self)
+        self.draft_nodes, self.draft_depth = draft_nodes, draft_depth
 
 
 class Decoder:

@@ -156,4 +156,7 @@ def decodings(name: str, path: Path | None, catalog_format: str = "") -> list[st
             offered.add("dmc")
     if "medusa" in offered and "dmc" in offered:  # the heads' proposals verified over the DMC cache
         offered.add("medusa+dmc")
+    # lookup drafts from the conversation for any model, alone or beside the heads, over either cache
+    offered |= {"lookup" if d == "plain" else d.replace("dmc", "lookup+dmc") if d.startswith("dmc") else
+                d.replace("medusa", "medusa+lookup") for d in offered}
     return [d for d in DECODINGS if d in offered]

@@ -62,7 +62,7 @@ def test_parse_model_sampling_and_choices():
 
 
 @pytest.mark.parametrize("spec, words", [
-    ("medusa,fp9", ["compare set-up 'medusa,fp9': unknown term 'fp9'", "expected plain, medusa, dmc, fp8, bf16, stored",
+    ("medusa,fp9", ["compare set-up 'medusa,fp9': unknown term 'fp9'", "expected plain, medusa, lookup, dmc, fp8, bf16, stored",
                     "max_new_tokens"]),
     ("", ["is empty"]),
     ("plain,medusa", ["plain is a decoding of its own"]),

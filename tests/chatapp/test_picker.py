@@ -71,11 +71,12 @@ async def test_the_catalog_with_sizes_and_fit(hub):
         assert "--remote" in detail and app.screen is screen  # the way to run it; nothing loaded
 
         await goto(pilot, screen, "nvidia/Llama-3.1-8B-Medusa-FP8")
-        assert offered(screen) == ["plain", "medusa"]
+        assert offered(screen) == ["plain", "medusa", "lookup", "medusa+lookup"]  # lookup: every model
         await goto(pilot, screen, "SmolLM2-135M-Instruct")  # the heads and the DMC retrofit chatapp ships
-        assert offered(screen) == ["plain", "medusa", "dmc", "medusa+dmc"]
+        assert offered(screen) == ["plain", "medusa", "lookup", "medusa+lookup", "dmc", "medusa+dmc", "lookup+dmc",
+                                   "medusa+lookup+dmc"]
         await goto(pilot, screen, "nvidia/Llama-2-7B-DMC-8x")  # a Megatron DMC checkpoint: DMC only
-        assert offered(screen) == ["dmc"] and screen.query_one("#decoding").value == "dmc"
+        assert offered(screen) == ["dmc", "lookup+dmc"] and screen.query_one("#decoding").value == "dmc"
 
 
 async def test_the_estimate_follows_the_chosen_set_up(hub):
@@ -211,7 +212,7 @@ def test_the_decodings_offered_are_the_ones_the_loader_accepts(embedded_session,
     _in_hf_cache(_with_heads_and_delta(tiny_checkpoint, tmp_path / "speculating"), tmp_path / "hub",
                  "someone/tiny-speculating")
     entries = {e.id: e for e in list_models()}
-    for model_id, expected in (("SmolLM2-135M-Instruct", list(DECODINGS)), ("someone/tiny-llama", ["plain"]),
+    for model_id, expected in (("SmolLM2-135M-Instruct", list(DECODINGS)), ("someone/tiny-llama", ["plain", "lookup"]),
                                ("someone/tiny-speculating", list(DECODINGS))):
         entry = entries[model_id]
         assert entry.downloaded

@@ -157,7 +157,7 @@ def test_save_refuses_bad_values_and_keeps_the_old_file(path):
     ("[sampling]\ntop_k = 2.5\n", "[sampling] top_k", "expected an integer ≥ 0, got 2.5"),
     ("[sampling]\nmax_new_tokens = 0\n", "[sampling] max_new_tokens", "expected an integer ≥ 1"),
     ("[sampling]\nseed = true\n", "[sampling] seed", "got true"),
-    ('[model]\ndecoding = "fast"\n', "[model] decoding", "expected one of 'plain', 'medusa', 'dmc', 'medusa+dmc', got 'fast'"),
+    ('[model]\ndecoding = "fast"\n', "[model] decoding", "expected one of 'plain', 'medusa', 'lookup', 'medusa+lookup', 'dmc', 'medusa+dmc', 'lookup+dmc', 'medusa+lookup+dmc', got 'fast'"),
     ('[model]\ndevice = "tpu"\n', "[model] device", "got 'tpu'"),
     ('[model]\nquantize = "int4"\n', "[model] quantize", "got 'int4'"),
     ("[model]\ncontext = -1\n", "[model] context", "expected an integer ≥ 1"),

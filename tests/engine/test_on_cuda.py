@@ -62,7 +62,7 @@ def test_decode_step_replayed_as_a_cuda_graph_equals_eager(quantize):
 
 def test_medusa_verify_pass_replayed_as_a_cuda_graph_equals_eager():
     from engine.decoding.medusa.tree import build_tree
-    from engine.decoding.medusa.verify import TreeGraph
+    from engine.decoding.speculative.verify import TreeGraph
 
     model = random_model()
     tree = build_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]).to(CUDA)

@@ -3,26 +3,20 @@ step needs.
 
 A choice is a path ``(a, b, c)``: the a-th most likely token of head 0, then the b-th of head 1,
 then the c-th of head 2. Node 0 is the root (the base model's own next token); node k > 0 is a
-path. The buffers:
+path. Besides the draft tree's buffers (engine/decoding/speculative/tree.py):
 
 - ``tree_indices`` [N]: where each node's token is in the candidate vector
   ``[root, head0 top-k0, head1 top-k1, ...]`` (each head contributes only the ranks used);
-- ``position_offsets`` [N]: the node's depth (its position after the last accepted token);
-- ``attn_mask`` [N, N] bool: a node attends to itself and its ancestors (and to the whole cache);
-- ``retrieve_indices`` [R, D + 1]: one row per leaf, the node ids from the root down, padded
-  with -1 (``valid`` marks the real entries, so padding can never be accepted);
-- ``parents`` [N]: the parent node (-1 for the root);
-- ``inner`` [I]: the nodes with children (only their logits are needed to judge the proposals);
-  ``parent_slot`` [N - 1]: for nodes 1.., the row of their parent in ``inner``;
 - ``levels``: per depth d, what heads whose input depends on the path (``MedusaHeads.path_proj``)
   need to propose the nodes of depth d + 1 parent by parent (see ``Level``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from engine.decoding.speculative.tree import DraftTree, tree_buffers
 from engine.errors import EngineError
 
 MAX_NODES = 256  # the largest tree verified (the card's has 64 nodes; a step's cost grows with the size)
@@ -57,35 +51,20 @@ class Level:
 
 
 @dataclass
-class MedusaTree:
+class MedusaTree(DraftTree):
+    """A Medusa tree: the draft tree of ``paths`` and what the heads need to fill its nodes."""
+
     paths: list[tuple[int, ...]]  # node k (k >= 1) is paths[k - 1]; breadth-first, then lexicographic
     topk: list[int]  # ranks used per head
     tree_indices: torch.Tensor
-    position_offsets: torch.Tensor
-    attn_mask: torch.Tensor
-    retrieve_indices: torch.Tensor
-    valid: torch.Tensor
-    parents: torch.Tensor
-    inner: torch.Tensor
-    parent_slot: torch.Tensor
-    retrieve_rows: list[list[int]]  # retrieve_indices on the host, without the padding
-    inner_rows: dict[int, int]  # node id -> its row in ``inner``
     levels: list[Level]
-
-    @property
-    def num_nodes(self) -> int:
-        return len(self.paths) + 1
 
     @property
     def depth(self) -> int:
         return len(self.topk)
 
     def to(self, device) -> "MedusaTree":
-        move = {k: getattr(self, k).to(device) for k in
-                ("tree_indices", "position_offsets", "attn_mask", "retrieve_indices", "valid", "parents", "inner",
-                 "parent_slot")}
-        return MedusaTree(self.paths, self.topk, **move, retrieve_rows=self.retrieve_rows,
-                          inner_rows=self.inner_rows, levels=[lv.to(device) for lv in self.levels])
+        return replace(super().to(device), levels=[lv.to(device) for lv in self.levels])
 
 
 def build_tree(choices, num_heads: int | None = None) -> MedusaTree:
@@ -114,29 +93,12 @@ def build_tree(choices, num_heads: int | None = None) -> MedusaTree:
     n = len(ordered) + 1
 
     tree_indices = torch.zeros(n, dtype=torch.long)
-    position = torch.zeros(n, dtype=torch.long)
-    parents = torch.full((n,), -1, dtype=torch.long)
-    mask = torch.eye(n, dtype=torch.bool)
-    mask[:, 0] = True
+    parents = [-1] * n
     for p, i in node.items():
         tree_indices[i] = offsets[len(p) - 1] + p[-1]
-        position[i] = len(p)
         parents[i] = node[p[:-1]] if len(p) > 1 else 0
-        for d in range(1, len(p)):
-            mask[i, node[p[:d]]] = True
-
-    leaves = [p for p in ordered if not any(q[:len(p)] == p and len(q) > len(p) for q in ordered)]
-    retrieve = torch.full((len(leaves), depth + 1), -1, dtype=torch.long)
-    retrieve[:, 0] = 0
-    for r, leaf in enumerate(leaves):
-        for d in range(1, len(leaf) + 1):
-            retrieve[r, d] = node[leaf[:d]]
-    inner = sorted(set(parents[1:].tolist()))
-    slot = {node_id: i for i, node_id in enumerate(inner)}
-    parent_slot = torch.tensor([slot[int(q)] for q in parents[1:]], dtype=torch.long)
-    return MedusaTree(ordered, topk, tree_indices, position, mask, retrieve, retrieve >= 0, parents,
-                      torch.tensor(inner, dtype=torch.long), parent_slot,
-                      [[i for i in row if i >= 0] for row in retrieve.tolist()], slot, _levels(ordered, node, depth))
+    return MedusaTree(**tree_buffers(parents), paths=ordered, topk=topk, tree_indices=tree_indices,
+                      levels=_levels(ordered, node, depth))
 
 
 def _levels(ordered: list[tuple[int, ...]], node: dict[tuple[int, ...], int], depth: int) -> list[Level]:

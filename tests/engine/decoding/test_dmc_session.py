@@ -201,6 +201,12 @@ def test_megatron_dmc_checkpoint(dmc_checkpoint, tmp_path, fake_megatron):
         own.append(int(logits[0].argmax()))
         logits = dmc.step(torch.tensor([own[-1]]))
     assert stats.token_ids == own
+    # lookup drafts verified over the DMC cache: DMC's own greedy output, fewer steps
+    lookup = Session.load(LoadModel(str(root), "cpu", decoding="lookup+dmc"))
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    session.reset()
+    want, got = (list(s.generate(chat, params))[-1].stats for s in (session, lookup))
+    assert got.decoding == "lookup+dmc" and got.token_ids == want.token_ids and got.steps < want.steps
 
 
 def llama2_style_sentencepiece(folder) -> Path:

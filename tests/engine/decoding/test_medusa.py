@@ -6,7 +6,8 @@ import torch
 from engine.events import SamplingParams
 from engine.model.linear import Linear
 from engine.decoding.medusa.heads import MedusaHeads
-from engine.decoding.medusa.verify import TypicalAcceptance, accepted_lengths, prefill_and_generate
+from engine.decoding.medusa.proposer import MedusaProposer
+from engine.decoding.speculative.verify import TypicalAcceptance, accepted_lengths, prefill_and_generate
 from engine.decoding.medusa.tree import CARD_CHOICES, build_tree
 
 
@@ -42,7 +43,7 @@ def test_medusa_greedy_equals_plain_greedy(embedded_session, prompt, heads):
     model = s.model
     tree = build_tree(CARD_CHOICES, num_heads=3)
     cache = model.new_cache(512)
-    steps = list(prefill_and_generate(model, heads(model), tree, cache, ids, n, s.tokenizer.eos_ids))
+    steps = list(prefill_and_generate(model, MedusaProposer(model, heads(model), tree), cache, ids, n, s.tokenizer.eos_ids))
     tokens = [t for step in steps for t in step]
     assert tokens == plain
     if prompt.startswith("Give me"):
@@ -57,7 +58,7 @@ def test_compaction_leaves_the_cache_as_plain_decoding_would(embedded_session):
     ids = s.tokenizer.encode_chat([{"role": "user", "content": "Give me three tips for learning to cook."}])
     tree = build_tree(CARD_CHOICES, num_heads=3)
     cache = model.new_cache(512)
-    tokens = [t for step in prefill_and_generate(model, identity_heads(model), tree, cache, ids, 24) for t in step]
+    tokens = [t for step in prefill_and_generate(model, MedusaProposer(model, identity_heads(model), tree), cache, ids, 24) for t in step]
     # every accepted token is in the cache (a last step cut at max_new_tokens may hold a few more)
     n = len(ids) + len(tokens)
     assert cache.length >= n
@@ -98,7 +99,7 @@ def test_typical_sampling_is_seeded_and_accepts(embedded_session):
 
     def run(seed):
         sampler = Sampler(SamplingParams(temperature=0.7, seed=seed), model.device)
-        steps = list(prefill_and_generate(model, identity_heads(model), tree, model.new_cache(512), ids, 30,
+        steps = list(prefill_and_generate(model, MedusaProposer(model, identity_heads(model), tree), model.new_cache(512), ids, 30,
                               sampler=sampler, accept=TypicalAcceptance(temperature=0.7)))
         return steps
 

@@ -12,7 +12,10 @@ from engine.errors import EngineError
 from engine.decoding.medusa.heads import MedusaHeads
 from engine.decoding.medusa.heads import load_fasterdecoding
 from engine.decoding.medusa.heads import Profile
-from engine.decoding.medusa.plan import measure_step_ms, plan
+from engine.decoding.medusa.plan import medusa_step, plan
+from engine.decoding.medusa.proposer import MedusaProposer
+from engine.decoding.speculative import step_costs as costs_table
+from engine.decoding.speculative.step_costs import measure_step_ms
 from engine.decoding.medusa.tree import CARD_CHOICES, build_tree
 from engine.model.weights import from_dir
 
@@ -96,8 +99,8 @@ def test_heads_on_a_token_subset(tmp_path, tiny_checkpoint):
         want = ids[(y @ w.t()).topk(n).indices]
         got = proposals[:2] if k == 0 else proposals[2:]
         assert got.tolist() == want.tolist()
-    costs = measure_step_ms(model, heads, [2, 3], Profile([((0,), 0.5), ((0, 0), 0.3)]), warmup=0, reps=1,
-                            context=8)
+    costs = measure_step_ms(model, [2, 3], medusa_step(model, heads, Profile([((0,), 0.5), ((0, 0), 0.3)])),
+                            heads.num_heads + 1, warmup=0, reps=1, context=8)
     assert set(costs) == {0, 2, 3} and all(ms > 0 for ms in costs.values())
     tensors["token_ids"] = torch.tensor([3, 49152])  # past the vocabulary
     save_file(tensors, str(tmp_path / "bad.safetensors"))
@@ -107,10 +110,10 @@ def test_heads_on_a_token_subset(tmp_path, tiny_checkpoint):
 
 def assert_medusa_equals_plain(model, heads, tree, ids=(1, 50, 60, 70), n=20):
     """Medusa greedy decoding with ``heads`` and ``tree`` gives the model's plain greedy tokens."""
-    from engine.decoding.medusa.verify import prefill_and_generate
+    from engine.decoding.speculative.verify import prefill_and_generate
 
     with torch.inference_mode():
-        got = [t for step in prefill_and_generate(model, heads, tree, model.new_cache(128), list(ids), n) for t in step]
+        got = [t for step in prefill_and_generate(model, MedusaProposer(model, heads, tree), model.new_cache(128), list(ids), n) for t in step]
         cache, want = model.new_cache(128), []
         logits = model.forward(torch.tensor([list(ids)]), cache, 0)
         for _ in range(n):
@@ -205,7 +208,7 @@ def test_auto_falls_back_to_plain_where_no_tree_pays(monkeypatch, tiny_checkpoin
 
 
 def test_measured_tree_costs_are_made_non_decreasing_by_pooling():
-    from engine.decoding.medusa.plan import non_decreasing
+    from engine.decoding.speculative.step_costs import non_decreasing
 
     assert non_decreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
     assert non_decreasing([30.0, 40.0, 36.0, 50.0]) == [30.0, 38.0, 38.0, 50.0]
@@ -233,21 +236,21 @@ def test_a_profile_is_read_for_the_cache_the_tree_is_verified_over(tmp_path):
 def test_a_stored_step_table_from_a_busier_machine_is_measured_again(monkeypatch, tmp_path, tiny_checkpoint):
     monkeypatch.setenv("CHATAPP_CACHE_DIR", str(tmp_path))
     model = from_dir(tiny_checkpoint)
-    assert medusa_plan.quick_plain_ms(model) > 0
+    assert costs_table.quick_plain_ms(model) > 0
     measured = []
-    monkeypatch.setattr(medusa_plan, "quick_plain_ms", lambda *a: 10.0)  # the machine as it is now
-    monkeypatch.setattr(medusa_plan, "measure_step_ms", lambda *a, **k: measured.append(1) or {0: 10.0, 2: 11.0, 3: 12.0})
-    first = medusa_plan.step_costs(model, FakeHeads(), "tiny", [2, 3], PROFILE)
-    assert medusa_plan.step_costs(model, FakeHeads(), "tiny", [2, 3], PROFILE) == first  # read back, not measured
+    monkeypatch.setattr(costs_table, "quick_plain_ms", lambda *a: 10.0)  # the machine as it is now
+    monkeypatch.setattr(costs_table, "measure_step_ms", lambda *a, **k: measured.append(1) or {0: 10.0, 2: 11.0, 3: 12.0})
+    first = costs_table.step_costs(model, "tiny", [2, 3])
+    assert costs_table.step_costs(model, "tiny", [2, 3]) == first  # read back, not measured
     assert len(measured) == 1
     file = tmp_path / "medusa_step_ms.json"
     table = json.loads(file.read_text())
     (key,) = table
     table[key] = {n: ms * 1.8 for n, ms in table[key].items()}  # a little busier when stored: kept
     file.write_text(json.dumps(table))
-    medusa_plan.step_costs(model, FakeHeads(), "tiny", [2, 3], PROFILE)
+    costs_table.step_costs(model, "tiny", [2, 3])
     assert len(measured) == 1
     table[key] = {n: ms * 30 for n, ms in table[key].items()}  # stored while another process held the cores
     file.write_text(json.dumps(table))
-    assert medusa_plan.step_costs(model, FakeHeads(), "tiny", [2, 3], PROFILE) == first
+    assert costs_table.step_costs(model, "tiny", [2, 3]) == first
     assert len(measured) == 2 and json.loads(file.read_text())[key]["0"] == 10.0

@@ -7,9 +7,10 @@ import pytest
 
 from engine.events import LoadModel, SamplingParams
 from engine.decoding.medusa.heads import shipped_heads
-from engine.decoding.medusa.decoder import MedusaDecoder
-from engine.decoding.plain import PlainDecoder
 from engine.decoding.medusa.plan import Plan
+from engine.decoding.medusa.proposer import MedusaProposer
+from engine.decoding.speculative.decoder import SpeculativeDecoder
+from engine.decoding.plain import PlainDecoder
 from engine.decoding.medusa.tree import CARD_CHOICES, build_tree
 from engine.session import Session
 
@@ -30,7 +31,7 @@ def test_greedy_medusa_equals_plain_greedy_on_chat_prompts(embedded_session, shi
     plain = embedded_session
     tree = build_tree(profile.tree_paths(8, heads.num_heads), heads.num_heads)
     medusa = Session(plain.name, plain.path, plain.model, plain.tokenizer,
-                     MedusaDecoder(PlainDecoder(plain.model, 1024), heads, Plan(tree, "test")))
+                     SpeculativeDecoder(PlainDecoder(plain.model, 1024), MedusaProposer(plain.model, heads, tree), "medusa"))
     params = SamplingParams(max_new_tokens=32)
     tokens = steps = 0
     assert len(PROMPTS) >= 20
@@ -50,7 +51,7 @@ def test_card_tree_and_a_second_turn_reuse_the_cache(embedded_session, shipped):
     heads, _ = shipped
     plain = embedded_session
     medusa = Session(plain.name, plain.path, plain.model, plain.tokenizer,
-                     MedusaDecoder(PlainDecoder(plain.model, 1024), heads, Plan(build_tree(CARD_CHOICES, 3), "card")))
+                     SpeculativeDecoder(PlainDecoder(plain.model, 1024), MedusaProposer(plain.model, heads, build_tree(CARD_CHOICES, 3)), "medusa", Plan(None, "card")))
     params = SamplingParams(max_new_tokens=24)
     chat = [{"role": "user", "content": PROMPTS[0]}]
     first = list(medusa.generate(chat, params))[-1].stats

@@ -1,6 +1,7 @@
-"""Medusa verification: one forward pass that verifies a whole candidate tree (proposed by the
-heads, engine/decoding/medusa/heads.py), greedy acceptance (the output is exactly the base
-model's greedy output) or typical acceptance (sampling), and in-place compaction of the
+"""Tree verification, for every proposer: one forward pass that verifies a whole draft tree
+(engine/decoding/speculative/tree.py; drafted by Medusa heads, engine/decoding/medusa/, by lookup
+in the conversation, engine/decoding/lookup/, or both), greedy acceptance (the output is exactly
+the base model's greedy output) or typical acceptance (sampling), and in-place compaction of the
 accepted path's KV entries."""
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.decoding.medusa.heads import MedusaHeads
-from engine.decoding.medusa.tree import MedusaTree
+from engine.decoding.speculative.tree import DraftTree
+from engine.decoding.base import Accepted
 from engine.model.cuda_graph import capture
 from engine.model.kv_cache import KVCache
 from engine.model.llama import LlamaModel
@@ -33,7 +34,7 @@ class DenseTarget:
     def max_len(self) -> int:
         return self.cache.max_len
 
-    def tree_hidden(self, tokens: torch.Tensor, tree: MedusaTree) -> torch.Tensor:
+    def tree_hidden(self, tokens: torch.Tensor, tree: DraftTree) -> torch.Tensor:
         return self.model.tree_hidden(tokens[None], self.cache, self.cache.length, tree.position_offsets,
                                       tree.attn_mask)[0]
 
@@ -57,7 +58,7 @@ class DMCTarget:
     def max_len(self) -> int:
         return self.dmc.max_len
 
-    def tree_hidden(self, tokens: torch.Tensor, tree: MedusaTree) -> torch.Tensor:
+    def tree_hidden(self, tokens: torch.Tensor, tree: DraftTree) -> torch.Tensor:
         return self.dmc.tree_hidden(tokens[None], tree.parents, tree.position_offsets)
 
     def commit(self, start: int, path: torch.Tensor) -> None:
@@ -101,7 +102,7 @@ class TypicalAcceptance:
         return p[parent, tokens] > limit[parent]
 
 
-def accepted_lengths(ok: torch.Tensor, tree: MedusaTree) -> torch.Tensor:
+def accepted_lengths(ok: torch.Tensor, tree: DraftTree) -> torch.Tensor:
     """ok [N - 1] (per proposal node) -> accepted proposals per tree path [R]: the run of
     accepted nodes from the root down (padding never counts)."""
     ok = torch.cat([ok.new_ones(1), ok])
@@ -112,7 +113,7 @@ class TreeGraph:
     """The verify pass of one tree over one cache as a CUDA graph (``LlamaModel.tree_step`` and
     the inner nodes' logits): one launch per step instead of hundreds of kernel launches."""
 
-    def __init__(self, model: LlamaModel, tree: MedusaTree, cache: KVCache):
+    def __init__(self, model: LlamaModel, tree: DraftTree, cache: KVCache):
         self.model, self.tree, self.cache = model, tree, cache
         self.tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=model.device)
         self.pos = torch.zeros((), dtype=torch.long, device=model.device)
@@ -127,7 +128,7 @@ class TreeGraph:
         self.graph, (self.hidden, self.logits) = capture(run)
 
     @classmethod
-    def for_device(cls, model: LlamaModel, tree: MedusaTree, cache: KVCache) -> "TreeGraph | None":
+    def for_device(cls, model: LlamaModel, tree: DraftTree, cache: KVCache) -> "TreeGraph | None":
         """A graph on a GPU; None elsewhere (the verify pass runs eagerly)."""
         return cls(model, tree, cache) if model.device.type == "cuda" else None
 
@@ -139,11 +140,11 @@ class TreeGraph:
         return self.hidden, self.logits
 
 
-def verify(model: LlamaModel, tree: MedusaTree, target, root: int | torch.Tensor, proposals: torch.Tensor,
+def verify(model: LlamaModel, tree: DraftTree, target, root: int | torch.Tensor, proposals: torch.Tensor,
            accept=accept_greedy, graph: TreeGraph | None = None) -> StepResult:
-    """One Medusa step at batch 1. ``root`` is the next token (chosen from the base model's
+    """One verification step at batch 1. ``root`` is the next token (chosen from the base model's
     logits after the last accepted token, which the cache holds); ``proposals`` are the tokens of
-    the tree's other nodes (``MedusaHeads.propose``). The root and the proposals are verified in
+    the tree's other nodes (drafted by a proposer). The root and the proposals are verified in
     one pass over the tree; the longest accepted path wins (ties: the first). Only the nodes with
     children go through the lm_head (plus the last accepted node when it is a leaf); on a CPU, a
     small tree's nodes all do, in one pass. The caller then keeps the accepted tokens it uses in
@@ -187,37 +188,41 @@ def _compact(cache: KVCache, start: int, path: torch.Tensor) -> None:
     cache.length = start + len(path)
 
 
-def generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, target, root_logits: torch.Tensor,
-             hidden: torch.Tensor, max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy,
-             graph: TreeGraph | None = None):
-    """Medusa decoding after a prefill (the cache holds the prompt; ``root_logits`` and
+def generate(model: LlamaModel, proposer, target, root_logits: torch.Tensor, hidden: torch.Tensor,
+             max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy):
+    """Speculative decoding after a prefill (the cache holds the prompt; ``root_logits`` and
     ``hidden`` are the base model's logits and final-normed hidden state after its last token):
-    yields the tokens accepted at each step (at least one), ending at EOS (not yielded), at
-    ``max_new_tokens``, or where the context is full. Every yielded token's keys/values are in
-    the cache, in order. ``target``: what the tree is verified over (``DenseTarget`` over a KV
-    cache, ``DMCTarget`` over a DMC cache). ``sampler`` picks each root (argmax when None).
-    ``graph``: the verify pass of this tree and a dense cache as a CUDA graph
-    (``TreeGraph.for_device``), or None (eager)."""
+    yields the tokens accepted at each step (at least one) as ``Accepted``, ending at EOS (not
+    yielded), at ``max_new_tokens``, or where the context is full. Every yielded token's
+    keys/values are in the cache, in order. ``proposer`` drafts each step's tree
+    (engine/decoding/speculative/proposer.py); ``target``: what the tree is verified over
+    (``DenseTarget`` over a KV cache, ``DMCTarget`` over a DMC cache). ``sampler`` picks each
+    root (argmax when None)."""
     pick = sampler if sampler is not None else (lambda logits: logits.argmax())
     produced = 0
-    while produced < max_new_tokens and target.length + tree.num_nodes <= target.max_len:
+    while produced < max_new_tokens and target.length + proposer.max_nodes <= target.max_len:
         root = pick(root_logits)
-        step = verify(model, tree, target, root, heads.propose(hidden, model, tree, root), accept, graph)
+        draft = proposer.propose(hidden, root)
+        step = verify(model, draft.tree, target, root, draft.proposals, accept, draft.graph)
         tokens = step.tokens[:max_new_tokens - produced]
         stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
-        step.keep(target, len(tokens) if stop is None else stop)  # the cache holds what is yielded, no more
+        kept = len(tokens) if stop is None else stop
+        step.keep(target, kept)  # the cache holds what is yielded, no more
+        proposer.accepted(draft, step.path, step.tokens[:kept])
+        drafted = draft.tree.num_nodes - 1, draft.tree.depth
         if stop is not None:
             if stop:
-                yield tokens[:stop]
+                yield Accepted(tokens[:stop], draft.drafted_by(step.path[:stop]), *drafted)
             return
         produced += len(tokens)
-        yield tokens
+        yield Accepted(tokens, draft.drafted_by(step.path[:len(tokens)]), *drafted)
         root_logits, hidden = step.root_logits, step.hidden
 
 
-def prefill_and_generate(model: LlamaModel, heads: MedusaHeads, tree: MedusaTree, cache: KVCache, prompt: list[int],
-                         max_new_tokens: int, eos_ids=frozenset(), sampler=None, accept=accept_greedy):
+def prefill_and_generate(model: LlamaModel, proposer, cache: KVCache, prompt: list[int], max_new_tokens: int,
+                         eos_ids=frozenset(), sampler=None, accept=accept_greedy):
     """``generate`` after one prefill pass of ``prompt`` from an empty cache (tests, benchmarks)."""
     hidden = model.last_hidden(torch.tensor([prompt], device=model.device), cache, 0)[0]
-    yield from generate(model, heads, tree, DenseTarget(model, cache), model.logits(hidden), hidden, max_new_tokens,
-                        eos_ids, sampler, accept, TreeGraph.for_device(model, tree, cache))
+    proposer.begin(prompt, DenseTarget(model, cache))
+    yield from generate(model, proposer, DenseTarget(model, cache), model.logits(hidden), hidden, max_new_tokens,
+                        eos_ids, sampler, accept)
