@@ -18,7 +18,8 @@ from engine.decoding.speculative.tree import draft_tree
 from engine.decoding.speculative.verify import DenseTarget, DMCTarget, verify
 from engine.paths import cache_dir
 
-TIMING = 3  # of how step times are measured: those measured another way are measured again
+TIMING = 4  # of how step times are measured: those measured another way are measured again (4: a step with
+# nothing drafted is a plain one-token step)
 CLOSE, CLOSE_REPS = 2.0, 10  # the sizes timed again (up to CLOSE one-token steps), and how often
 STALE = 2.0  # a stored table is measured again when a one-token step now differs from it by this factor
 FILE = "medusa_step_ms.json"  # (named when Medusa was the only proposer)

@@ -150,8 +150,11 @@ def verify(model: LlamaModel, tree: DraftTree, target, root: int | torch.Tensor,
     small tree's nodes all do, in one pass. The caller then keeps the accepted tokens it uses in
     the cache (``StepResult.keep``): a DMC cache cannot take back a token it was given."""
     root = torch.as_tensor(root, device=proposals.device).reshape(1)  # a device tensor stays there: no sync
-    tokens = torch.cat([root, proposals])  # [N]
     start = target.length
+    if tree.num_nodes == 1 and isinstance(target, DenseTarget):  # nothing drafted: a plain decoding step
+        hidden = model.last_hidden(root[None], target.cache, start)  # [1, H]
+        return StepResult([int(root)], model.logits(hidden)[0], hidden[0], [0], start)
+    tokens = torch.cat([root, proposals])  # [N]
     node_logits = None
     if graph is not None:
         hidden, logits = graph(tokens, start)
