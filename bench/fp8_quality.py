@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--head", choices=("int8", "fp8"), default="int8",
                     help="the lm_head format calibrated with the block linears")
+    ap.add_argument("--seed", type=int, nargs="+", default=None,
+                    help="calibration sampling seeds, each calibrated in turn (default: the shipped one)")
+    ap.add_argument("--damp", type=float, default=None, help="GPTQ damping (default: the shipped one)")
     ap.add_argument("--save", action="store_true")
     args = parse_args(ap)
 
@@ -84,31 +87,35 @@ def main() -> None:
     rtn = weights.from_source(cfg, TensorSource(path), "cpu", None, None, gptq.RoundToNearest("bf16"))
     cases["fp8 round to nearest, bf16 lm_head"] = {"perplexity": ppl(rtn)}
     del rtn
+    if args.damp is not None:
+        gptq.DAMP = args.damp
+    seeds = args.seed or [gptq.SEED]
     with tempfile.TemporaryDirectory() as tmp:
-        for budget in args.budgets:
+        for budget, seed in ((b, s) for b in args.budgets for s in seeds):
+            gptq.SEED = seed
             samples, length = (int(v) for v in budget.lower().split("x"))
             src = TensorSource(path)
             method = gptq.Fp8OnLoad(cfg, src, samples=samples, length=length, head_format=args.head)
-            method.cached, method.path = None, Path(tmp) / f"{budget}.safetensors"  # calibrate afresh
+            method.cached, method.path = None, Path(tmp) / f"{budget}-{seed}.safetensors"  # calibrate afresh
             model = weights.from_source(cfg, src, "cpu", None, None, method)
             t0 = time.perf_counter()
             method.after_loading(model)
             seconds = time.perf_counter() - t0
-            cases[f"fp8 gptq {budget}, {args.head} lm_head (calibrated)"] = {"perplexity": ppl(model), "calibration_s": round(seconds, 1),
+            cases[f"fp8 gptq {budget} seed {seed}, {args.head} lm_head (calibrated)"] = {"perplexity": ppl(model), "calibration_s": round(seconds, 1),
                                                        "calibration_tokens": samples * length}
             # the same block linears with the lm_head rounded to nearest in int8, and in bf16
             head = model.embed if cfg.tie_word_embeddings else \
                 src.get_shaped("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
             for fmt in ("int8", "bf16"):
                 model.lm_head = gptq.RoundToNearest(fmt).head(head)
-                cases[f"fp8 gptq {budget}, {fmt} lm_head"] = {"perplexity": ppl(model)}
+                cases[f"fp8 gptq {budget} seed {seed}, {fmt} lm_head"] = {"perplexity": ppl(model)}
             del model
     ref = cases["high precision"]["perplexity"]
     for c in cases.values():
         c["perplexity"] = round(c["perplexity"], 4)
         c["vs_high_precision"] = round(c["perplexity"] / ref - 1, 4)
         print(c, file=sys.stderr)
-    record("fp8_quality", {"model": name, "held_out_tokens": len(ids), "window": args.window,
+    record("fp8_quality", {"model": name, "held_out_tokens": len(ids), "window": args.window, "damp": gptq.DAMP,
                            "threads": torch.get_num_threads(), "cases": cases}, args, args.save)
 
 

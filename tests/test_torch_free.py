@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH_FREE = (
     "engine.events", "engine.errors", "engine.paths", "engine.units",
     "engine.hub.catalog", "engine.hub.layout", "engine.hub.download", "engine.hub.resolve",
-    "engine.serving.client", "engine.serving.worker", "engine.serving.remote",
+    "engine.serving.client", "engine.decoding.speculative.counters", "engine.serving.worker", "engine.serving.remote",
     "chatapp.cli", "chatapp.store.history", "chatapp.store.settings", "chatapp.compare.spec",
     "chatapp.tui.app", "chatapp.tui.picker", "chatapp.server",
 )

@@ -32,6 +32,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from engine.decoding.speculative.counters import Counters
 from engine.errors import EngineError
 from engine.events import SamplingParams
 
@@ -344,7 +345,7 @@ class Server:
             "id": ident, "object": "chat.completion", "created": int(time.time()), "model": self.model_id(),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                          "finish_reason": end.finish_reason}],
-            "usage": _usage(end), "system_fingerprint": None})
+            "usage": _usage(end), "system_fingerprint": None, **_request_figures(end)})
 
     async def completions(self, request: Request) -> Response:
         self._check_key(request)
@@ -378,7 +379,7 @@ class Server:
         return await self._complete(request, job, q, lambda text, end: {
             "id": ident, "object": "text_completion", "created": int(time.time()), "model": self.model_id(),
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": end.finish_reason}],
-            "usage": _usage(end), "system_fingerprint": None})
+            "usage": _usage(end), "system_fingerprint": None, **_request_figures(end)})
 
     async def metrics_text(self, request: Request) -> Response:
         s = self.session
@@ -440,10 +441,12 @@ class Server:
             elif isinstance(item, Failed):
                 yield _engine_error(item).body()
             elif item.finish_reason != "cancelled":
-                yield chunk({}, item.finish_reason)
-                if include_usage:
+                if not include_usage:
+                    yield {**chunk({}, item.finish_reason), **_request_figures(item)}
+                else:
+                    yield chunk({}, item.finish_reason)
                     yield {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "system_fingerprint": None, "choices": [], "usage": _usage(item)}
+                           "system_fingerprint": None, "choices": [], "usage": _usage(item), **_request_figures(item)}
 
     async def _completion_chunks(self, ident: str, job: Job, q: asyncio.Queue, include_usage: bool):
         created, model = int(time.time()), self.model_id()
@@ -462,10 +465,12 @@ class Server:
             elif isinstance(item, Failed):
                 yield _engine_error(item).body()
             elif item.finish_reason != "cancelled":
-                yield chunk("", item.finish_reason)
-                if include_usage:
+                if not include_usage:
+                    yield {**chunk("", item.finish_reason), **_request_figures(item)}
+                else:
+                    yield chunk("", item.finish_reason)
                     yield {"id": ident, "object": "text_completion", "created": created, "model": model,
-                           "system_fingerprint": None, "choices": [], "usage": _usage(item)}
+                           "system_fingerprint": None, "choices": [], "usage": _usage(item), **_request_figures(item)}
 
 
 def _engine_error(failed: Failed) -> ApiError:
@@ -477,6 +482,18 @@ def _engine_error(failed: Failed) -> ApiError:
 def _usage(end: Finished) -> dict:
     return {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
             "total_tokens": end.prompt_tokens + end.completion_tokens}
+
+
+def _request_figures(end: Finished) -> dict:
+    """A speculating reply's own figures, for the response or its final chunk: vLLM's per-request
+    ``metrics`` object and the draft counts of llama.cpp's server ``timings``. Nothing otherwise."""
+    spec = end.stats.speculation if end.stats is not None else None
+    if not spec:
+        return {}
+    counters = Counters.from_dict(spec)
+    return {"metrics": counters.vllm_request_metrics(),
+            "timings": {"predicted_n": end.completion_tokens, "draft_n": counters.draft_tokens,
+                        "draft_n_accepted": counters.accepted_tokens}}
 
 
 def _sse(chunks) -> StreamingResponse:

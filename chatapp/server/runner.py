@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.events import Done, GenerationStats, SamplingParams, Token
+from engine.decoding.speculative.counters import Counters
+from engine.events import PROPOSERS, Done, GenerationStats, SamplingParams, Token
 from engine.serving.worker import Jobs, Worker, describe
 
 
@@ -115,6 +116,7 @@ class Metrics:
         self.medusa_tokens = 0
         self.last_accepted_per_step = 0.0
         self.last_kv_compression = 1.0
+        self.speculation = Counters()  # over the server's life
 
     def count_request(self, path: str, status: int) -> None:
         endpoint = path if path in ENDPOINTS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
@@ -137,6 +139,8 @@ class Metrics:
             if stats.n_generated > 1:
                 self.last_decode_tps = stats.decode_tokens_per_s
             self.last_kv_compression = getattr(stats, "kv_compression", 1.0)
+            if stats.speculation:
+                self.speculation.merge(Counters.from_dict(stats.speculation))
             if stats.steps:
                 self.medusa_steps += stats.steps
                 self.medusa_tokens += stats.n_generated
@@ -182,6 +186,8 @@ class Metrics:
                        "Medusa: tokens accepted per verify step, mean over the last generation.",
                        [("", self.last_accepted_per_step)])
                 metric("chatapp_medusa_steps_total", "counter", "Medusa verify steps.", [("", self.medusa_steps)])
+            if model is not None and any(p in decoding.split("+") for p in PROPOSERS):
+                self._speculation(metric, f'model_name="{_label(model)}"')
             if "dmc" in decoding.split("+"):
                 metric("chatapp_last_kv_compression_ratio", "gauge",
                        "DMC: K/V bytes a plain cache would hold over the bytes held, at the end of the last "
@@ -190,6 +196,22 @@ class Metrics:
                 metric("chatapp_model_info", "gauge", "The served model.",
                        [(f'{{model="{_label(model)}",decoding="{decoding}"}}', 1)])
         return "\n".join(lines) + "\n"
+
+
+    def _speculation(self, metric, label: str) -> None:
+        """The speculative-decoding counters under vLLM's names (its dashboards and our own
+        remote_metrics read them): drafts are steps that verified drafted tokens; a draft is a tree,
+        its draft tokens the tree's nodes."""
+        c = self.speculation
+        metric("vllm:spec_decode_num_drafts_total", "counter", "Steps that verified drafted tokens.",
+               [(f"{{{label}}}", c.drafts)])
+        metric("vllm:spec_decode_num_draft_tokens_total", "counter", "Draft tokens verified (tree nodes).",
+               [(f"{{{label}}}", c.draft_tokens)])
+        metric("vllm:spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted.",
+               [(f"{{{label}}}", c.accepted_tokens)])
+        metric("vllm:spec_decode_num_accepted_tokens_per_pos_total", "counter",
+               "Draft tokens accepted, by their position in the draft (0: the first drafted token).",
+               [(f'{{{label},position="{k}"}}', n) for k, n in enumerate(c.accepted_per_position)])
 
 
 def _label(value: str) -> str:

@@ -55,7 +55,7 @@ BLOCK = 128  # columns rounded per block (the lazy batch update of the GPTQ pape
 ROUNDED = {"fp8": (FP8, Fp8Linear), "int8": (torch.int8, Int8Linear)}
 
 
-def gptq_round(w: torch.Tensor, h: torch.Tensor, fmt: str = "fp8", damp: float = DAMP, block: int = BLOCK
+def gptq_round(w: torch.Tensor, h: torch.Tensor, fmt: str = "fp8", damp: float | None = None, block: int = BLOCK
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight ``w`` [N, K] and ``h`` = X^T X [K, K] of its inputs -> (q [N, K], scale [N, 1] fp32),
     real weight = q * scale, q e4m3 (``fmt`` "fp8") or int8 ("int8": -127..127, per-channel
@@ -71,7 +71,7 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, fmt: str = "fp8", damp: float =
     w[:, dead] = 0.0
     perm = torch.argsort(torch.diagonal(h), descending=True)
     w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_cholesky(h, damp)
+    hinv = _inverse_cholesky(h, DAMP if damp is None else damp)  # (DAMP read when called)
     q = torch.empty_like(w)
     for a in range(0, k, block):
         b = min(a + block, k)

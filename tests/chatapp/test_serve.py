@@ -433,3 +433,46 @@ def test_metrics_render_medusa_and_histogram():
     assert 'endpoint="/v1/models/{id}",status="404"} 1' in text
     assert 'model="a \\"quoted\\" name"' in text
     assert "chatapp_medusa" not in m.render(waiting=0, running=0, model="m", decoding="plain")
+
+
+def test_speculative_figures_in_vllm_and_llama_cpp_terms(tiny_checkpoint):
+    """A lookup-decoding server: /metrics carries vLLM's speculative-decoding counters, and the final
+    chunk of a stream (and a whole response) vLLM's per-request ``metrics`` object and llama.cpp's
+    draft ``timings``; the counters grow by what the response reports."""
+    from engine.events import LoadModel
+    from engine.session import Session
+    from engine.serving.remote_metrics import parse
+
+    session = Session.load(LoadModel(str(tiny_checkpoint), "cpu", decoding="lookup"))
+    s = LiveServer(session, api_key=KEY)
+    try:
+        def counters() -> dict[str, float]:  # each metric summed over its label sets
+            return parse(s.get("/metrics")[2])
+
+        assert counters()["vllm:spec_decode_num_drafts_total"] == 0
+        stream = s.client().chat.completions.create(
+            model=session.name, messages=QUESTION, max_tokens=40, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        last = list(stream)[-1].model_dump()
+        spec = last["metrics"]["speculative_decoding"]
+        assert spec["num_spec_steps"] > 0 and 0 < spec["num_accepted_draft_tokens"] <= spec["num_draft_tokens"]
+        assert sum(spec["acceptance_histogram"]) == spec["num_spec_steps"]
+        assert spec["mean_acceptance_length"] == 1 + spec["num_accepted_draft_tokens"] / spec["num_spec_steps"]
+        assert last["timings"]["draft_n"] == spec["num_draft_tokens"]
+        assert last["timings"]["draft_n_accepted"] == spec["num_accepted_draft_tokens"]
+        text = s.get("/metrics")[2]
+        c = parse(text)
+        assert c["vllm:spec_decode_num_drafts_total"] == spec["num_spec_steps"]
+        assert c["vllm:spec_decode_num_draft_tokens_total"] == spec["num_draft_tokens"]
+        assert c["vllm:spec_decode_num_accepted_tokens_total"] == spec["num_accepted_draft_tokens"]
+        assert c["vllm:spec_decode_num_accepted_tokens_per_pos_total"] == spec["num_accepted_draft_tokens"]
+        assert "# TYPE vllm:spec_decode_num_drafts_total counter" in text
+        assert f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="{session.name}",position="0"}}' in text
+        whole = s.client().chat.completions.create(model=session.name, messages=QUESTION, max_tokens=20,
+                                                   temperature=0, extra_body={"ignore_eos": True}).model_dump()
+        assert whole["metrics"]["speculative_decoding"]["num_spec_steps"] > 0
+        assert counters()["vllm:spec_decode_num_drafts_total"] == \
+            spec["num_spec_steps"] + whole["metrics"]["speculative_decoding"]["num_spec_steps"]
+    finally:
+        s.close()
+        session.close()

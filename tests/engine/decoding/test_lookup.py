@@ -60,6 +60,12 @@ def test_counters_in_the_fields_terms():
     assert (d["drafts"], d["draft_tokens"], d["accepted_tokens"], d["tokens"]) == (1, 6, 2, 4)
     assert d["acceptance_by_position"] == [1.0, 1.0, 0.0, 0.0] and d["by_proposer"] == {"lookup": 2, "medusa": 1}
     assert d["draft_share"] == 0.5
+    assert d["accepted_histogram"] == [0, 0, 1, 0, 0]  # one draft of depth 4, two of its tokens accepted
+    assert Counters.from_dict(d) == c
+    v = c.vllm_request_metrics()["speculative_decoding"]
+    assert (v["num_spec_steps"], v["num_draft_tokens"], v["num_accepted_draft_tokens"], v["num_spec_tokens"]) == \
+        (1, 6, 2, 4)
+    assert v["mean_acceptance_length"] == 3.0 and v["draft_acceptance_rate"] == pytest.approx(2 / 6)
 
 
 def _greedy(session, prompts, n=48):
