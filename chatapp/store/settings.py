@@ -22,6 +22,7 @@
     [ui]
     theme = "textual-dark"
     show_stats = true
+    show_drafts = false        # the reply as plain text, accepted drafts highlighted (F4)
 
     [[remote]]                 # OpenAI-compatible servers the model picker lists
     name = "lab"
@@ -96,6 +97,7 @@ class ChatSettings:
 class UISettings:
     theme: str = "textual-dark"  # a Textual theme name
     show_stats: bool = True  # tokens/s etc. under each reply
+    show_drafts: bool = False  # replies as plain text with the accepted drafts highlighted
 
 
 @dataclass
@@ -235,6 +237,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
     "ui": (UISettings, {
         "theme": _theme,
         "show_stats": _boolean,
+        "show_drafts": _boolean,
     }),
 }
 

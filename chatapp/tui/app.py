@@ -29,7 +29,8 @@ from chatapp.store.settings import Settings, SettingsError, keep_invalid, read_s
 from chatapp.tui.chat_settings import ChatSettingsScreen
 from chatapp.tui.compare import CompareScreen
 from chatapp.tui.stats import StatsPanel
-from chatapp.tui.widgets import AssistantMessage, ErrorMessage, Note, ReplyStream, StatusBar, UserMessage
+from chatapp.tui.widgets import (AssistantMessage, Drafted, DraftView, ErrorMessage, Note, ReplyStream, StatusBar,
+                                 UserMessage)
 
 SAVE_EVERY_S = 0.5  # a streaming reply is written to the history this often (a crash loses at most this)
 STATE_LABELS = {"loading": "loading…", "ready": "ready", "generating": "generating…",
@@ -50,11 +51,14 @@ def server_figures(stats) -> str:
     return "".join(f"  ·  {p}" for p in parts)
 
 
-def stats_record(stats, reason: str) -> dict:
-    """What the history keeps of a reply's figures."""
-    return {"reason": reason, "tokens": stats.n_generated, "tok_per_s": round(stats.decode_tokens_per_s, 2),
-            "ttft_s": round(stats.time_to_first_token_s, 3), "steps": stats.steps, "decoding": stats.decoding,
-            "model": stats.model, "device": stats.device}
+def stats_record(stats, reason: str, drafted: Drafted | None = None) -> dict:
+    """What the history keeps of a reply's figures (and which of its characters were accepted drafts)."""
+    out = {"reason": reason, "tokens": stats.n_generated, "tok_per_s": round(stats.decode_tokens_per_s, 2),
+           "ttft_s": round(stats.time_to_first_token_s, 3), "steps": stats.steps, "decoding": stats.decoding,
+           "model": stats.model, "device": stats.device}
+    if drafted is not None and drafted.spans:
+        out["drafted"] = drafted.spans
+    return out
 
 
 class ChatApp(App):
@@ -67,6 +71,7 @@ class ChatApp(App):
         Binding("ctrl+t", "compare", "Compare"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("f3", "chat_settings", "Chat settings"),
+        Binding("f4", "toggle_drafts", "Drafts", show=False),
         Binding("ctrl+b", "chats", "Chats"),
         Binding("ctrl+g", "toggle_stats", "Stats", show=False),
         Binding("ctrl+y", "copy_reply", "Copy reply", show=False),
@@ -140,6 +145,7 @@ class ChatApp(App):
     def on_mount(self) -> None:
         self.theme = self.settings.ui.theme
         self.stats.display = self.settings.ui.show_stats
+        self.chat.set_class(self.settings.ui.show_drafts, "-drafts")
         self.chat.anchor()
         self.status_bar.set(model=self.load_request.model or EMBEDDED_ID, state=STATE_LABELS["loading"])
         self.refresh_sidebar()
@@ -275,13 +281,14 @@ class ChatApp(App):
             if m.role == "user":
                 widgets.append(UserMessage(m.content))
             elif m.role == "assistant":
-                widgets.append(AssistantMessage(m.content))
+                widgets.append(AssistantMessage(m.content, Drafted(m.content, (m.stats or {}).get("drafted", ()))))
                 if not m.complete:
                     reason = (m.stats or {}).get("reason")
                     widgets.append(Note("(cancelled)" if reason == "cancelled" else "(incomplete)"))
             if m.role in ("user", "assistant") and i not in failed:
                 self.conversation.append({"role": m.role, "content": m.content})
         await self.chat.mount_all(widgets)
+        await self._sync_draft_views()
         self.chat.anchor()
         self.sub_title = record.title
         if self.info is not None and self.state in ("cancelled", "error"):
@@ -338,6 +345,7 @@ class ChatApp(App):
     async def reply(self, user_id: int | None = None) -> None:
         reply = AssistantMessage()
         await self.chat.mount(reply)
+        await self._sync_draft_views()
         self.chat.anchor()
         record = self.chat_record
         saved = self.history.add_message(record.id, "assistant", "", complete=False) if record is not None else None
@@ -353,9 +361,13 @@ class ChatApp(App):
                     if not received:
                         self.stats.first_token()
                     received.append(event.text)
+                    reply.drafted.add(event.text, event.drafted_chars)
+                    self.stats.token(event)
                     stream.add(event.text)
                     if stream.due:
                         await stream.flush()
+                        if reply.draft_view is not None:
+                            reply.draft_view.show()
                     now = time.monotonic()
                     if saved is not None and now - saved_at >= SAVE_EVERY_S:
                         self.history.update_message(saved.id, content="".join(received))
@@ -374,7 +386,7 @@ class ChatApp(App):
             if saved is not None:
                 if isinstance(end, Done):
                     self.history.update_message(saved.id, content=text, complete=end.reason != "cancelled",
-                                                stats=stats_record(end.stats, end.reason))
+                                                stats=stats_record(end.stats, end.reason, reply.drafted))
                 elif isinstance(end, Error) and not received:
                     self.history.delete_messages_from(record.id, user_id if user_id is not None else saved.id)
                 else:  # an error, or the reply was abandoned (the app is closing)
@@ -385,6 +397,8 @@ class ChatApp(App):
             return
         if isinstance(end, Done):
             await reply.update(text)  # the whole text once more: a stream can leave a fence half-drawn
+            if reply.draft_view is not None:
+                reply.draft_view.show()
             self.status_bar.set(speed=f"{end.stats.decode_tokens_per_s:.1f} tok/s" + server_figures(end.stats))
             self.stats.finished(end.stats)
             self.conversation.append({"role": "assistant", "content": text})
@@ -456,6 +470,24 @@ class ChatApp(App):
         self.stats.display = not self.stats.display
         self.settings.ui.show_stats = self.stats.display
         self.save_settings()
+
+    async def action_toggle_drafts(self) -> None:
+        """Replies as plain text with the tokens that arrived as accepted drafts highlighted, or as
+        Markdown (the default)."""
+        self.settings.ui.show_drafts = not self.settings.ui.show_drafts
+        self.chat.set_class(self.settings.ui.show_drafts, "-drafts")
+        await self._sync_draft_views()
+        self.save_settings()
+
+    async def _sync_draft_views(self) -> None:
+        """A DraftView after each reply while drafts are shown, none otherwise."""
+        for message in list(self.chat.query(AssistantMessage)):
+            if self.settings.ui.show_drafts and message.draft_view is None:
+                message.draft_view = DraftView(message)
+                await self.chat.mount(message.draft_view, after=message)
+            elif not self.settings.ui.show_drafts and message.draft_view is not None:
+                await message.draft_view.remove()
+                message.draft_view = None
 
     def action_chat_settings(self) -> None:
         record = self.chat_record

@@ -1,8 +1,10 @@
 """The stats panel: what the running reply costs, live from the engine's Step events.
 
 Accepted tokens per step as a sparkline (1 every step for plain decoding, more with Medusa),
-decode speed, time to first token, memory in use against the device's total, and the KV cache's
-size with its compression against a plain cache (DMC). Repainted at most ``FPS`` times a second
+decode speed, time to first token, memory in use against the device's total, the KV cache's
+size with its compression against a plain cache (DMC), and, when the decoding speculates, the share
+of the tokens that arrived as accepted drafts, per proposer, and the acceptance rate by draft
+position. Repainted at most ``FPS`` times a second
 whatever the rate of events."""
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from engine.units import binary_size
 
 FPS = 8
 HISTORY = 64  # steps shown in the sparkline
+POSITIONS = 5  # draft positions whose acceptance is shown
 BAR = 24  # cells of the memory bar
 
 
@@ -38,6 +41,8 @@ class StatsPanel(Vertical):
         self._dirty = False
         self._timer: Timer | None = None
         self._started = 0.0
+        self.tokens = self.from_drafts = 0  # tokens of the running reply, and those that were accepted drafts
+        self.drafted: dict[str, int] = {}  # ... by proposer (a token both drafted counts for both)
 
     def compose(self) -> ComposeResult:
         yield Label("tokens per step", classes="stats-heading")
@@ -53,8 +58,26 @@ class StatsPanel(Vertical):
     def reply_started(self) -> None:
         self.accepted.clear()
         self._started = time.monotonic()
-        self.fields.update({"speed": "", "ttft": "", "steps": ""})
+        self.tokens = self.from_drafts = 0
+        self.drafted = {}
+        self.fields.update({"speed": "", "ttft": "", "steps": "", "drafted": "", "drafted_by": "", "positions": ""})
         self._changed()
+
+    def token(self, ev) -> None:
+        """One engine Token event: which of its tokens were accepted drafts, and whose."""
+        self.tokens += len(ev.token_ids)
+        for src in ev.drafted_by:
+            self.from_drafts += bool(src)
+            for name in filter(None, src.split("+")):
+                self.drafted[name] = self.drafted.get(name, 0) + 1
+        if self.from_drafts:
+            self._drafted_fields(self.from_drafts, self.drafted, self.tokens)
+            self._changed()
+
+    def _drafted_fields(self, from_drafts: int, by: dict[str, int], tokens: int) -> None:
+        self.fields["drafted"] = f"{from_drafts / tokens:.0%} of {tokens} tokens"
+        self.fields["drafted_by"] = " · ".join(f"{name} {n / tokens:.0%}" for name, n in sorted(by.items())) \
+            if len(by) > 1 else ""
 
     def first_token(self) -> None:
         if self._started and not self.fields.get("ttft"):
@@ -86,6 +109,10 @@ class StatsPanel(Vertical):
             self.fields["kv"] = binary_size(stats.kv_cache_bytes) + (
                 f" ({stats.kv_compression:.1f}x smaller)" if stats.kv_compression > 1.0 else "")
         self.fields["peak"] = binary_size(stats.peak_memory_bytes)
+        spec = getattr(stats, "speculation", None)
+        if spec and spec.get("tokens"):
+            self._drafted_fields(spec["accepted_tokens"], spec["by_proposer"], spec["tokens"])
+            self.fields["positions"] = " ".join(f"{a:.2f}" for a in spec["acceptance_by_position"][:POSITIONS])
         self._paint_now()
 
     def model_loaded(self, info) -> None:
@@ -120,6 +147,9 @@ class StatsPanel(Vertical):
         lines = [
             ("decoding", f.get("decoding", "")),
             ("tokens/step", f.get("steps", "")),
+            ("drafted", f.get("drafted", "")),
+            ("", f.get("drafted_by", "")),
+            ("by position", f.get("positions", "")),
             ("speed", f.get("speed", "")),
             ("first token", f.get("ttft", "")),
             ("memory", f.get("memory", "")),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+from rich.text import Text
 from textual.timer import Timer
 from textual.widgets import Markdown, Static
 
 REPLY_FPS = 15  # how often a streaming reply is rendered, at most, a second
+DRAFTED = "bold #9ad07a"  # the style of the characters that arrived as accepted drafts
 
 
 class UserMessage(Static):
@@ -17,8 +19,64 @@ class UserMessage(Static):
         super().__init__(text, markup=False)
 
 
+class Drafted:
+    """Which characters of a reply arrived as accepted drafts (speculative decoding: tokens a
+    proposer drafted and the model verified), as [start, end) spans of its text, from the Token
+    events' ``drafted_chars`` (the last characters of each step's text)."""
+
+    def __init__(self, text: str = "", spans=()):
+        self._parts = [text]
+        self.length = len(text)
+        self.spans: list[list[int]] = [[a, b] for a, b in spans if 0 <= a < b <= self.length]
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def add(self, text: str, drafted_chars: int) -> None:
+        self._parts.append(text)
+        self.length += len(text)
+        if drafted_chars:
+            start = self.length - min(drafted_chars, len(text))
+            if self.spans and self.spans[-1][1] == start:
+                self.spans[-1][1] = self.length
+            else:
+                self.spans.append([start, self.length])
+
+    @property
+    def share(self) -> float:
+        """The share of the characters that arrived as accepted drafts."""
+        return sum(b - a for a, b in self.spans) / self.length if self.length else 0.0
+
+    def styled(self) -> Text:
+        out = Text(self.text)
+        for a, b in self.spans:
+            out.stylize(DRAFTED, a, b)
+        return out
+
+
 class AssistantMessage(Markdown):
-    """A reply of the model, streamed in as Markdown."""
+    """A reply of the model, streamed in as Markdown; ``drafted``: its accepted drafts, which a
+    DraftView shows in place of the Markdown while the chat shows drafts."""
+
+    def __init__(self, markdown: str = "", drafted: Drafted | None = None, **kwargs):
+        super().__init__(markdown, **kwargs)
+        self.drafted = drafted or Drafted(markdown)
+        self.draft_view: DraftView | None = None
+
+
+class DraftView(Static):
+    """A reply as plain text with its accepted drafts in the DRAFTED style (F4 toggles it)."""
+
+    def __init__(self, message: AssistantMessage):
+        super().__init__("", markup=False)
+        self.message = message
+
+    def on_mount(self) -> None:
+        self.show()
+
+    def show(self) -> None:
+        self.update(self.message.drafted.styled())
 
 
 class ReplyStream:

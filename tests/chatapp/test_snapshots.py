@@ -84,3 +84,17 @@ def test_chat_settings_dialog(snap_compare):
         await steady(pilot)
 
     assert snap_compare(chat_app(), terminal_size=SIZE, run_before=open_dialog)
+
+
+def test_accepted_drafts_highlighted(snap_compare):
+    """F4: the reply as plain text with the tokens that arrived as accepted drafts (here the second and
+    third of each step) in their own style; the stats panel's share drafted and acceptance by position."""
+    worker = FakeWorker(max_tokens=12, interval=0.005, token="word{} ", accepted=3, proposer="lookup")
+
+    async def drafts_shown(pilot) -> None:
+        await answered(pilot)
+        await pilot.press("f4")
+        await wait_for(pilot, lambda: pilot.app.query("DraftView"), 2, "the drafts view")
+        await steady(pilot)
+
+    assert snap_compare(ChatApp(client=EngineClient(worker)), terminal_size=SIZE, run_before=drafts_shown)

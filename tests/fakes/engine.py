@@ -9,6 +9,8 @@ import zlib
 
 import pytest
 
+from engine.decoding.base import Accepted
+from engine.decoding.speculative.counters import Counters
 from engine.events import Done, Error, GenerationStats, Loaded, LoadModel, ModelInfo, Step, Token
 
 INFO = ModelInfo(name="fake-model", path="/fake", device="cpu", dtype="float32", n_params=1000,
@@ -23,14 +25,18 @@ class FakeWorker:
     ``per_decoding`` scripts set-ups apart (compare mode): {"medusa": {"accepted": 3, ...}} overrides
     these settings for a LoadModel with that decoding and the Generates after it. Keys: load_error,
     generate_error (sent after three tokens, every time), max_tokens, interval, token, accepted,
-    decode_tokens_per_s, load_gate, kv_compression (a plain cache's bytes over the cache's: DMC's)."""
+    decode_tokens_per_s, load_gate, kv_compression (a plain cache's bytes over the cache's: DMC's),
+    proposer (with accepted > 1: the tokens after a step's first are that proposer's accepted drafts,
+    from a draft of ``accepted`` tokens)."""
 
     def __init__(self, load_error: str | None = None, generate_error: str | None = None,
                  max_tokens: int = 400, interval: float = 0.05, load_gate: threading.Event | None = None,
                  token: str = "word{} ", accepted: int = 1, decode_tokens_per_s: float = 19.5,
-                 per_decoding: dict[str, dict] | None = None, kv_compression: float = 1.0):
+                 per_decoding: dict[str, dict] | None = None, kv_compression: float = 1.0,
+                 proposer: str | None = None):
         self.load_error = load_error
         self.kv_compression = kv_compression
+        self.proposer = proposer
         self.load_gate = load_gate  # loading waits for it when given
         self.generate_error = generate_error  # sent after three tokens, by the first Generate only
         self.max_tokens = max_tokens
@@ -74,6 +80,7 @@ class FakeWorker:
         ids: list[int] = []
         accepted: list[int] = []
         max_tokens, token, k = setting("max_tokens"), setting("token"), setting("accepted")
+        proposer, counters = setting("proposer"), Counters()
         if getattr(request, "params", None) is not None:
             max_tokens = min(max_tokens, request.params.max_new_tokens)
         while not cancel.is_set() and len(words) < max_tokens:
@@ -91,7 +98,10 @@ class FakeWorker:
             words += new
             ids += new_ids
             accepted.append(len(new))
-            sink(Token("".join(new), new_ids, len(new)))
+            by = [""] + [proposer or ""] * (len(new) - 1)
+            if proposer and k > 1:
+                counters.add(Accepted(new_ids, by, draft_nodes=k - 1, draft_depth=k - 1))
+            sink(Token("".join(new), new_ids, len(new), sum(len(w) for w, b in zip(new, by) if b), by))
             sink(Step(len(new), 20.0, 3 * 2**29, 8 * 2**30, 1024 * len(words),
                       int(1024 * len(words) * setting("kv_compression"))))
         stats = GenerationStats(
@@ -100,7 +110,7 @@ class FakeWorker:
             accepted_per_step=accepted, peak_memory_bytes=2**30, device="cpu", model="fake-model",
             decoding=decoding, kv_cache_bytes=1024 * len(words),
             kv_cache_bytes_dense=int(1024 * len(words) * setting("kv_compression")),
-            kv_compression=setting("kv_compression"))
+            kv_compression=setting("kv_compression"), speculation=counters.to_dict() if counters.drafts else None)
         sink(Done("cancelled" if cancel.is_set() else "length", stats))
 
 
