@@ -23,6 +23,10 @@ from engine.decoding.speculative.tree import draft_tree
 MAX_DRAFT = 10  # tokens per chain
 BRANCHES = 3  # distinct earlier continuations drafted at most (where extra nodes cost nothing)
 FREE = 1.02  # extra branches are drafted while the tree costs at most this times the chain alone
+# a draft must promise this much more tokens per unit of step time than a plain step: the cost
+# table and the acceptance estimate are both noisy, and a draft that only breaks even loses on
+# ordinary chat, where most matches are short and wrong (bench/lookup_decode.py)
+MARGIN = 1.1
 PRIOR = (1.0, 1.0)  # (accepted, rejected) counts every n-gram length starts from: p = 0.5
 
 
@@ -94,7 +98,9 @@ class LookupProposer(Proposer):
         """The chain length with the most expected tokens per unit of step time (0: none); the
         step yields what the chain or the tree it joins yields, whichever is more."""
         base, nodes = self.beside()
-        best, best_rate, expected, term = 0, base / interpolate(self.costs, nodes), 1.0, 1.0
+        # with nothing drafted beside, a step is the plain one-token pass (size 0 in the table)
+        alone = interpolate(self.costs, 0 if nodes == 1 and 0 in self.costs else nodes)
+        best, best_rate, expected, term = 0, MARGIN * base / alone, 1.0, 1.0
         for length in range(1, self.max_draft + 1):
             term *= p
             expected += term
